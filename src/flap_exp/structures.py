@@ -1,0 +1,157 @@
+"""How scores become a selection: per-layer/per-module standardization and the global threshold.
+
+    ul_um  uniform layers, uniform modules: every layer drops floor(p*groups) groups, floor(p*I) channels
+    ul_mm  uniform layers, manual modules: remove_groups // L groups per layer, MLP channels fill the budget
+    al_mm  adaptive layers, manual modules: remove_groups groups globally, MLP channels globally
+    al_am  adaptive layers and modules: one ranking of groups and channels, weighted by parameter cost (FLAP)
+
+UL structures rank raw scores within a layer, a group scoring the SUM of its channels; AL structures
+z-score each (layer, module) row of channel scores and give a group the MEAN of its standardized channels.
+Ties follow the official code: UL keeps score >= the k-th smallest, AL-AM keeps score > tau.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .arch import ArchView
+from .errors import FlapError
+from .selection import Selection
+
+Scores = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (attention channel scores, MLP channel scores)
+
+
+@dataclass(frozen=True)
+class StructureOptions:
+    min_groups: int = 0  # per layer; 0 as in the official code (a layer may lose all its attention)
+    min_channels: int = 0  # per layer
+    # MM structures only: groups removed over the whole model. None: 3/4 of the ratio's share of groups,
+    # the proportion of the official ablation script (384 of 1024 heads at p = 0.5).
+    remove_groups: int | None = None
+
+
+def standardize(rows: torch.Tensor) -> torch.Tensor:
+    """Z-score each row with the Bessel-corrected std (torch default); a constant row becomes 0."""
+    mean = rows.mean(-1, keepdim=True)
+    std = rows.std(-1, keepdim=True)
+    return torch.where(std > 0, (rows - mean) / torch.where(std > 0, std, 1), torch.zeros_like(rows))
+
+
+def group_scores(attn_channels: torch.Tensor, arch: ArchView, reduce: str) -> torch.Tensor:
+    """Aggregate attention channel scores [..., H*hd] into k/v-group scores [..., num_kv_heads]."""
+    g = attn_channels.reshape(*attn_channels.shape[:-1], arch.num_kv_heads, arch.group_size * arch.head_dim)
+    return g.sum(-1) if reduce == "sum" else g.mean(-1)
+
+
+def standardized_units(scores: Scores, arch: ArchView) -> tuple[torch.Tensor, torch.Tensor]:
+    """AL scores: (groups [L, kv], channels [L, I]) after per-layer, per-module standardization."""
+    attn = standardize(torch.stack([a for a, _ in scores]))
+    mlp = standardize(torch.stack([m for _, m in scores]))
+    return group_scores(attn, arch, "mean"), mlp
+
+
+def keep_top(scores: torch.Tensor, n_remove: int) -> torch.Tensor:
+    """Official UL rule: threshold = the n_remove-th smallest score, keep score >= threshold."""
+    if n_remove <= 0:
+        return torch.ones_like(scores, dtype=torch.bool)
+    if n_remove >= scores.numel():
+        return torch.zeros_like(scores, dtype=torch.bool)
+    return scores >= scores.sort().values[n_remove]
+
+
+def remove_lowest(scores: torch.Tensor, n_remove: int) -> torch.Tensor:
+    """Keep-mask removing exactly the n_remove lowest scores (over all elements)."""
+    keep = torch.ones(scores.numel(), dtype=torch.bool)
+    keep[scores.flatten().argsort()[:max(0, min(n_remove, scores.numel()))]] = False
+    return keep.view(scores.shape)
+
+
+def enforce_minimum(keep: torch.Tensor, scores: torch.Tensor, minimum: int) -> torch.Tensor:
+    """Per row of [L, n], keep at least `minimum` units: the best-scoring ones."""
+    if minimum <= 0:
+        return keep
+    keep = keep.clone()
+    top = scores.topk(min(minimum, scores.shape[-1]), dim=-1).indices
+    keep.scatter_(-1, top, True)
+    return keep
+
+
+def _mm_channels(arch: ArchView, ratio: float, groups_removed: int, layers: int) -> int:
+    budget = layers * ratio * arch.layer_params - groups_removed * arch.group_params
+    return max(0, min(layers * arch.intermediate_size, math.floor(budget / arch.channel_params)))
+
+
+def _remove_groups(opts: StructureOptions, arch: ArchView, ratio: float) -> int:
+    if opts.remove_groups is not None:
+        return opts.remove_groups
+    return math.floor(0.75 * ratio * arch.num_layers * arch.num_kv_heads)
+
+
+def ul_layer(attn: torch.Tensor, mlp: torch.Tensor, arch: ArchView, ratio: float, opts: StructureOptions,
+             n_groups: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Selection inside one layer (UL-UM, or UL-MM when n_groups is given); usable sequentially."""
+    g = group_scores(attn, arch, "sum")
+    if n_groups is None:
+        keep_g, keep_c = keep_top(g, math.floor(ratio * arch.num_kv_heads)), keep_top(mlp, math.floor(ratio * arch.intermediate_size))
+    else:
+        keep_g, keep_c = keep_top(g, n_groups), keep_top(mlp, _mm_channels(arch, ratio, n_groups, 1))
+    return (enforce_minimum(keep_g[None], g[None], opts.min_groups)[0],
+            enforce_minimum(keep_c[None], mlp[None], opts.min_channels)[0])
+
+
+def ul_um(scores: Scores, arch: ArchView, ratio: float, opts: StructureOptions) -> Selection:
+    sel = [ul_layer(a, m, arch, ratio, opts) for a, m in scores]
+    return Selection([g for g, _ in sel], [c for _, c in sel])
+
+
+def ul_mm(scores: Scores, arch: ArchView, ratio: float, opts: StructureOptions) -> Selection:
+    per_layer = _remove_groups(opts, arch, ratio) // arch.num_layers
+    sel = [ul_layer(a, m, arch, ratio, opts, per_layer) for a, m in scores]
+    return Selection([g for g, _ in sel], [c for _, c in sel])
+
+
+def al_mm(scores: Scores, arch: ArchView, ratio: float, opts: StructureOptions) -> Selection:
+    groups, channels = standardized_units(scores, arch)
+    n_groups = _remove_groups(opts, arch, ratio)
+    keep_g = enforce_minimum(remove_lowest(groups, n_groups), groups, opts.min_groups)
+    keep_c = remove_lowest(channels, _mm_channels(arch, ratio, n_groups, arch.num_layers))
+    keep_c = enforce_minimum(keep_c, channels, opts.min_channels)
+    return Selection(list(keep_g), list(keep_c))
+
+
+def al_am(scores: Scores, arch: ArchView, ratio: float, opts: StructureOptions) -> Selection:
+    """FLAP: rank all groups and channels together, each weighted by its exact parameter cost."""
+    groups, channels = standardized_units(scores, arch)
+    if ratio == 0:  # the official search would still drop the lowest unit (keep > tau)
+        return Selection(list(torch.ones_like(groups, dtype=torch.bool)), list(torch.ones_like(channels, dtype=torch.bool)))
+    units = torch.cat([groups.flatten(), channels.flatten()])
+    cost = torch.cat([torch.full((groups.numel(),), arch.group_params / arch.channel_params, dtype=torch.float64),
+                      torch.ones(channels.numel(), dtype=torch.float64)])
+    order = units.argsort(descending=True, stable=True)
+    cum = cost[order].cumsum(0)
+    k = int((cum - (1 - ratio) * cum[-1]).abs().argmin())
+    tau = units[order[k]]
+    keep_g = enforce_minimum(groups > tau, groups, opts.min_groups)
+    keep_c = enforce_minimum(channels > tau, channels, opts.min_channels)
+    return Selection(list(keep_g), list(keep_c))
+
+
+StructureFn = Callable[[Scores, ArchView, float, StructureOptions], Selection]
+STRUCTURES: dict[str, StructureFn] = {"ul_um": ul_um, "ul_mm": ul_mm, "al_mm": al_mm, "al_am": al_am}
+#: Structures that decide each layer on its own, so they can run during a sequential calibration pass.
+PER_LAYER = {"ul_um", "ul_mm"}
+
+
+def get_structure(name: str) -> StructureFn:
+    if name not in STRUCTURES:
+        raise FlapError(f"unknown structure {name!r}; known structures: {', '.join(STRUCTURES)}")
+    return STRUCTURES[name]
+
+
+def check_ratio(ratio: float) -> float:
+    if not (isinstance(ratio, (int, float)) and 0 <= ratio < 1):
+        raise FlapError(f"pruning ratio must be in [0, 1), got {ratio!r}")
+    return float(ratio)

