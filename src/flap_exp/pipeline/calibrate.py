@@ -1,0 +1,22 @@
+"""Stage calibrate: dense per-channel statistics of the prepared model on N x T calibration windows."""
+from __future__ import annotations
+
+from .io import sha256_tensor
+from .records import checked_text, load_prepared_model
+from .stage import versions
+
+
+def calibrate(model_params: dict, calib: dict, record: dict):
+    """(stats tensors, windows [N, T], manifest). The manifest is also the stats file's metadata."""
+    from ..calibrate import collect_stats
+    from ..data import calibration_windows, tokenize
+    from ..stats import stats_to_tensors
+    lm = load_prepared_model(model_params, record)
+    text = checked_text(calib, record["calib"], join=" ")
+    windows = calibration_windows(tokenize(lm.tokenizer, text.text), calib["nsamples"], calib["seqlen"], calib["seed"])
+    stats = collect_stats(lm.model, windows, calib.get("batch_size", 8), progress=False)
+    manifest = {"model": record["model"]["identity"], "weights_sha256": record["model"]["weights_sha256"],
+                "data": record["calib"], "nsamples": int(windows.shape[0]), "seqlen": int(windows.shape[1]),
+                "seed": calib["seed"], "dtype": model_params.get("dtype", "float32"),
+                "windows_sha256": sha256_tensor(windows), "versions": versions()}
+    return stats_to_tensors(stats), windows, manifest

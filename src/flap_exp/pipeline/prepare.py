@@ -1,0 +1,46 @@
+"""Stage prepare: convert/cache the base model, fetch the corpora, record what they are."""
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from .io import sha256_bytes
+from .records import model_dtype
+from .stage import versions
+
+
+def weights_sha256(model) -> str:
+    """Content hash of the state dict (names, dtypes, shapes, bytes): independent of paths and files."""
+    import hashlib
+
+    import torch
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.detach().contiguous().cpu().view(-1).view(dtype=torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _text_record(corpus: dict, join: str) -> dict:
+    from ..data import Corpus, load_text
+    text = load_text(Corpus(corpus["corpus"], corpus.get("split", "test"), corpus.get("path")), join=join)
+    return {**text.identity, "text_sha256": sha256_bytes(text.text.encode("utf-8")), "chars": len(text.text)}
+
+
+def prepare(model_params: dict, data_params: dict) -> dict:
+    """The base model's record and the calibration corpus's (results/prepare.json); evaluation corpora
+    are recorded apart (prepare_eval) so that adding one never invalidates calibration."""
+    from ..models import load_model
+    lm = load_model(model_params["name"], model_dtype(model_params.get("dtype", "float32")), "cpu")
+    model = {"spec": model_params["name"], "identity": lm.identity, "arch": asdict(lm.arch),
+             "weights_sha256": weights_sha256(lm.model), "dtype": model_params.get("dtype", "float32"),
+             "params": sum(p.numel() for p in lm.model.parameters())}
+    return {"model": model,
+            "calib": _text_record(data_params["calib"], join=" "),  # the official calibration join
+            "versions": versions()}
+
+
+def prepare_eval(data_params: dict) -> dict:
+    """The perplexity corpora's records (results/prepare_eval.json): data.eval and data.eval_extra."""
+    return {"eval": _text_record(data_params["eval"], join="\n\n"),  # the perplexity join
+            "eval_extra": {name: _text_record(c, join="\n\n")
+                           for name, c in (data_params.get("eval_extra") or {}).items()}}

@@ -1,0 +1,96 @@
+"""The prepared model and data, and statistics checked against them (refuses mismatched or tampered files).
+
+`results/prepare.json` records what the model and corpora are (identity, weights sha256, text sha256).
+Every later stage that loads the model or reads text or statistics checks them against that record.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import FlapError
+from .io import load_tensors, read_json, sha256_bytes
+
+PREPARE = "results/prepare.json"
+PREPARE_EVAL = "results/prepare_eval.json"
+CAL_DIR = Path("results/calibrate")
+STATS = CAL_DIR / "stats.safetensors"
+MANIFEST = CAL_DIR / "manifest.json"
+WINDOWS = CAL_DIR / "windows.safetensors"
+
+
+def eval_record() -> dict:
+    """prepare.json merged with prepare_eval.json: what the evaluate and track stages check against."""
+    return {**read_json(PREPARE), **read_json(PREPARE_EVAL)}
+
+
+def model_dtype(name: str):
+    import torch
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise FlapError(f"unknown dtype {name!r}; use float32, bfloat16 or float16")
+    return dtype
+
+
+def load_prepared_model(model_params: dict, record: dict):
+    """Load the model named in params and check it is the one `prepare` recorded."""
+    from ..models import load_model
+    lm = load_model(model_params["name"], model_dtype(model_params.get("dtype", "float32")),
+                    model_params.get("device", "cpu"))
+    want = record["model"]["identity"]
+    if lm.identity != want:
+        raise FlapError(f"model {model_params['name']!r} is not the one prepare recorded ({want.get('name')}, "
+                        f"{want.get('source')}); rerun: dvc repro -f prepare")
+    return lm
+
+
+def checked_text(corpus: dict, record: dict, join: str):
+    """The corpus text, refused if it is not byte-identical to what prepare recorded."""
+    from ..data import Corpus, load_text
+    text = load_text(Corpus(corpus["corpus"], corpus.get("split", "test"), corpus.get("path")), join=join)
+    got = sha256_bytes(text.text.encode("utf-8"))
+    if got != record["text_sha256"]:
+        raise FlapError(f"corpus {corpus['corpus']!r} changed since prepare recorded it (sha256 {got[:12]} != "
+                        f"{record['text_sha256'][:12]}); rerun: dvc repro -f prepare")
+    return text
+
+
+def check_stats_origin(meta: dict, record: dict, where: str) -> None:
+    m, d = record["model"], record["calib"]
+    if meta.get("model") != m["identity"] or meta.get("weights_sha256") != m["weights_sha256"]:
+        raise FlapError(f"{where}: statistics were computed for model {meta.get('model', {}).get('name')!r} "
+                        f"(weights {str(meta.get('weights_sha256'))[:12]}), not the prepared model "
+                        f"{m['identity'].get('name')!r} (weights {m['weights_sha256'][:12]}); refusing them")
+    if (meta.get("data") or {}).get("text_sha256") != d["text_sha256"]:
+        raise FlapError(f"{where}: statistics were computed on other calibration data (sha256 "
+                        f"{str((meta.get('data') or {}).get('text_sha256'))[:12]} != {d['text_sha256'][:12]}); "
+                        "refusing them")
+
+
+def load_checked_stats(path: str | Path, record: dict, manifest: str | Path | None = None):
+    """LayerStats from `path`, refused unless they match the prepared model/data (and their manifest)."""
+    from ..sources import sha256_file
+    from ..stats import stats_from_tensors
+    tensors, meta = load_tensors(path)
+    if manifest is not None:
+        mj = read_json(manifest)
+        if mj.get("stats_sha256") != sha256_file(path):
+            raise FlapError(f"{path} does not match its manifest {manifest} (sha256 differs); "
+                            "refusing tampered statistics: rerun dvc repro -f calibrate")
+        core = {k: v for k, v in mj.items() if k in meta}
+        if core != meta:
+            bad = sorted(k for k in meta if mj.get(k) != meta[k])
+            raise FlapError(f"{manifest} disagrees with the statistics it describes on {', '.join(bad)}; "
+                            "refusing tampered statistics: rerun dvc repro -f calibrate")
+    check_stats_origin(meta, record, str(path))
+    stats = stats_from_tensors(tensors)
+    arch = record["model"]["arch"]
+    attn = arch["num_heads"] * arch["head_dim"]
+    if len(stats) != arch["num_layers"] or any(s.attn.mean.numel() != attn or
+                                               s.mlp.mean.numel() != arch["intermediate_size"] for s in stats):
+        raise FlapError(f"{path}: statistics shapes do not fit the prepared model; refusing them")
+    return stats, meta
+
+
+def arch_of(record: dict):
+    from ..arch import ArchView
+    return ArchView(**record["model"]["arch"])

@@ -1,0 +1,127 @@
+"""Stage report: paper-style tables (markdown + csv) and figures from the evaluate stages' numbers.
+
+ablation.csv: one row per evaluated cell (and dense), every number the evaluate stage wrote.
+ablation.md: per ratio, rows = method (metric, compensation), columns = structure; then rows = method
+(metric/structure), columns = ratio. Cells: perplexity, and the zero-shot average when evaluated.
+Then, when zero-shot was evaluated, the paper's zero-shot table: one row per method and ratio, one
+column per task (its paper metric, acc or acc_norm, in %) plus the average; and, when throughput was
+measured, the speedup over the dense model.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .results import method_name
+
+COLUMNS = ["key", "metric", "structure", "ratio", "compensate", "perplexity", "zeroshot_avg", "achieved_ratio",
+           "params_kept", "params_total", "ppl_windows"]
+
+
+def _extra_columns(rows: list[dict]) -> list[str]:
+    """Per-task zero-shot scores, extra corpora's perplexities and throughput, as evaluated."""
+    cols: dict[str, None] = {}
+    for r in rows:
+        cols |= {f"ppl.{k}": None for k in r.get("perplexity_extra") or {}}
+        cols |= {f"zeroshot.{k}": None for k in (r.get("zeroshot") or {}).get("tasks", {})}
+        cols |= {f"tokens_per_s.{k}": None for k in r.get("throughput_tokens_per_s") or {}}
+        cols |= {f"speedup.{k}": None for k in r.get("speedup") or {}}
+    return list(cols)
+
+
+def _flat_row(r: dict) -> dict:
+    out = dict(r)
+    out |= {f"ppl.{k}": v for k, v in (r.get("perplexity_extra") or {}).items()}
+    out |= {f"zeroshot.{k}": t["score"] for k, t in (r.get("zeroshot") or {}).get("tasks", {}).items()}
+    out |= {f"tokens_per_s.{k}": v for k, v in (r.get("throughput_tokens_per_s") or {}).items()}
+    out |= {f"speedup.{k}": v for k, v in (r.get("speedup") or {}).items()}
+    return out
+
+
+def zeroshot_table(rows: list[dict], dense: dict) -> list[str]:
+    """The paper's zero-shot layout: rows = method and ratio, columns = tasks + average (in %)."""
+    evaluated = [r for r in [dense] + rows if r.get("zeroshot")]
+    if not evaluated:
+        return []
+    tasks = list(evaluated[0]["zeroshot"]["tasks"])
+    head = ["method", "ratio"] + [f"{t} ({evaluated[0]['zeroshot']['tasks'][t]['metric']})" for t in tasks]
+    body = []
+    for r in evaluated:
+        zs = r["zeroshot"]["tasks"]
+        name = "dense" if r is dense else method_name(r)
+        body.append([name, f"{r.get('ratio', 0):g}"] + [f"{100 * zs[t]['score']:.2f}" if t in zs else "" for t in tasks]
+                    + [f"{100 * r['zeroshot_avg']:.2f}"])
+    limit = evaluated[0]["zeroshot"].get("limit")
+    note = f"first {limit} documents per task" if limit else "full splits"
+    return ["## Zero-shot accuracy (%)", "", f"lm-eval {evaluated[0]['zeroshot'].get('lm_eval_version')}, "
+            f"{note}, data source {evaluated[0]['zeroshot'].get('source')}.", ""] + _table(head + ["average"], body) + [""]
+
+
+def speedup_table(rows: list[dict]) -> list[str]:
+    """Median speedup over the dense model, measured in the same process (see evaluation.throughput)."""
+    timed = [r for r in rows if r.get("speedup")]
+    if not timed:
+        return []
+    work = list(timed[0]["speedup"])
+    return ["## Speedup over dense (median of paired runs)", ""] + _table(
+        ["method", "ratio"] + work,
+        [[method_name(r), f"{r['ratio']:g}"] + [f"{r['speedup'][w]:.2f}x" for w in work] for r in timed]) + [""]
+
+
+def _cell(r: dict | None) -> str:
+    if r is None:
+        return ""
+    zs = f" / {100 * r['zeroshot_avg']:.2f}%" if r.get("zeroshot_avg") is not None else ""
+    return f"{r['perplexity']:.2f}{zs}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return out + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def tables(rows: list[dict], dense: dict) -> str:
+    zs = any(r.get("zeroshot_avg") is not None for r in rows + [dense])
+    lines = ["# FLAP pipeline results", "",
+             f"Perplexity on {dense['eval_data'].get('name')} ({dense['ppl_windows']} windows of {dense['seqlen']} "
+             f"tokens){'; zero-shot average accuracy after the slash' if zs else ''}. Dense model: {_cell(dense)}.", ""]
+    by = {(r["metric"], r["compensate"], r["structure"], r["ratio"]): r for r in rows}
+    for ratio in sorted({r["ratio"] for r in rows}):
+        structs = sorted({r["structure"] for r in rows if r["ratio"] == ratio})
+        methods = sorted({(r["metric"], r["compensate"]) for r in rows if r["ratio"] == ratio})
+        lines += [f"## Ratio {ratio:g}: metric x structure", ""]
+        lines += _table(["metric"] + structs, [[m + ("" if c else " (no bias)")] +
+                                              [_cell(by.get((m, c, s, ratio))) for s in structs] for m, c in methods])
+        lines.append("")
+    ratios = sorted({r["ratio"] for r in rows})
+    meths = sorted({method_name(r) for r in rows})
+    lines += ["## Method x ratio", ""]
+    lines += _table(["method"] + [f"{x:g}" for x in ratios],
+                    [[m] + [_cell(next((r for r in rows if method_name(r) == m and r["ratio"] == x), None))
+                            for x in ratios] for m in meths])
+    lines.append("")
+    lines += zeroshot_table(rows, dense) + speedup_table(rows)
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def report(rows: list[dict], dense: dict, sels: dict, out_dir: str | Path = "reports") -> None:
+    import csv
+    import io
+
+    from ..atomic import atomic_dir, atomic_file
+    from .plots import kept_heatmap, ppl_vs_ratio
+    out = Path(out_dir)
+    with atomic_file(out / "ablation.md") as tmp:
+        tmp.write_text(tables(rows, dense), encoding="utf-8")
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, COLUMNS + _extra_columns([dense] + rows), extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    dense_row = {**dense, "key": "dense", "metric": "dense", "structure": "", "ratio": 0, "compensate": ""}
+    for r in [dense_row] + rows:
+        w.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in _flat_row(r).items()})
+    with atomic_file(out / "ablation.csv") as tmp:
+        tmp.write_text(buf.getvalue(), encoding="utf-8")
+    with atomic_dir(out / "figures") as tmp:
+        ppl_vs_ratio([{**r, "method": method_name(r)} for r in rows], dense["perplexity"], tmp / "ppl_vs_ratio.png")
+        adaptive = {k: s for k, s in sels.items() if s["structure"].startswith("al_")}
+        if adaptive:
+            kept_heatmap(adaptive, tmp / "kept_adaptive_heatmap.png")

@@ -1,0 +1,23 @@
+"""Read back what the evaluate and search stages wrote for the cells of the current grid (stale
+outputs of cells no longer in params.yaml are ignored): one row per evaluated cell, plus dense."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .io import read_json
+
+EVAL_DIR = Path("results/evaluate")
+SEARCH_DIR = Path("results/search")
+
+
+def method_name(row: dict) -> str:
+    return f"{row['metric']}/{row['structure']}{'' if row['compensate'] else ' (no bias)'}"
+
+
+def collect(cells: dict, root: str | Path = ".") -> tuple[list[dict], dict, dict[str, dict]]:
+    """cells: params cells.evaluate. Returns (rows, dense metrics, selections by search cell key)."""
+    root = Path(root)
+    rows = [{**read_json(root / EVAL_DIR / key / "metrics.json"), "key": key} for key in sorted(cells)]
+    dense = read_json(root / EVAL_DIR / "dense" / "metrics.json")
+    sels = {c["cell"]: read_json(root / SEARCH_DIR / c["cell"] / "selection.json") for c in cells.values()}
+    return rows, dense, sels

@@ -1,0 +1,67 @@
+"""What every stage script shares: params.yaml, one-line errors, wall time and peak memory, versions."""
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Iterator
+
+from ..errors import FlapError
+
+PACKAGES = ("flap-exp", "torch", "transformers", "tokenizers", "safetensors", "numpy", "dvc", "mlflow",
+            "hydra-core", "lm-eval")
+
+
+def load_params(path: str | Path = "params.yaml") -> dict:
+    import yaml
+    p = Path(path)
+    if not p.exists():
+        raise FlapError(f"{p} not found: compose it first (python -m flap_exp.pipeline.compose experiment=quick)")
+    return yaml.safe_load(p.read_text(encoding="utf-8"))
+
+
+def versions() -> dict:
+    out = {"python": sys.version.split()[0]}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+class Usage:
+    """Wall time since creation and the process's peak resident memory (MiB)."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def to_dict(self) -> dict:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        return {"seconds": round(time.perf_counter() - self.t0, 3), "peak_rss_mib": round(peak, 1)}
+
+
+USAGE_DIR = Path("results/usage")
+
+
+def write_usage(name: str, usage: Usage) -> None:
+    """Wall time / peak memory of one stage run, kept apart from the outputs later stages depend on
+    (so that a rerun with identical results does not invalidate everything downstream)."""
+    from .io import write_json
+    write_json(USAGE_DIR / f"{name}.json", usage.to_dict())
+
+
+@contextlib.contextmanager
+def stage(name: str) -> Iterator[Usage]:
+    """Run a stage body: FlapError becomes one line on stderr and exit status 2."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    usage = Usage()
+    try:
+        yield usage
+    except FlapError as err:
+        print(f"{name}: error: {err}", file=sys.stderr)
+        sys.exit(2)

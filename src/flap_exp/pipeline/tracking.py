@@ -1,0 +1,172 @@
+"""MLflow: one run per evaluated cell and one for the dense model, in one experiment per model.
+
+Tracking URI: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the project root. `preflight` fails
+fast (before any expensive stage) when it is unreachable. Runs are keyed by the tag `flap.cell`:
+re-logging an unchanged cell keeps its run, a changed one replaces it (never two active runs per cell).
+`python -m flap_exp.pipeline.tracking --check` runs the preflight alone.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from ..errors import FlapError
+from .io import sha256_text
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+def preflight(uri: str | None = None) -> str:
+    uri = uri or tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as r:
+                if r.status != 200:
+                    raise FlapError(f"MLflow server {uri} answered {r.status} on /health")
+        except (urllib.error.URLError, OSError) as err:
+            raise FlapError(f"MLflow tracking server {uri} is unreachable ({getattr(err, 'reason', err)}); "
+                            "start it (make mlflow-ui) or set MLFLOW_TRACKING_URI") from None
+    elif uri.startswith("sqlite:///"):
+        folder = Path(uri[len("sqlite:///"):]).resolve().parent
+        if not (folder.is_dir() and os.access(folder, os.W_OK)):
+            raise FlapError(f"MLflow database folder {folder} is missing or not writable (MLFLOW_TRACKING_URI={uri})")
+    return uri
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except OSError:
+        return None
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        elif v is not None and not isinstance(v, list):
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def run_params(cell: dict | None, params: dict, record: dict, manifest: dict) -> dict:
+    calib = params["data"]["calib"]
+    p = {"model": params["model"]["name"], "model.weights_sha256": record["model"]["weights_sha256"],
+         "calib.corpus": calib["corpus"], "calib.sha256": record["calib"]["text_sha256"],
+         "N": manifest["nsamples"], "T": manifest["seqlen"], "seed": manifest["seed"], "dtype": manifest["dtype"],
+         "eval.corpus": params["data"]["eval"]["corpus"], "eval.sha256": record["eval"]["text_sha256"],
+         "eval.max_windows": params["eval"].get("max_windows"), "eval.seqlen": params["eval"]["seqlen"],
+         "git_commit": _git_commit(), "dvc_exp_name": os.environ.get("DVC_EXP_NAME"),
+         **{f"version.{k}": v for k, v in record["versions"].items()}}
+    if cell is not None:
+        p.update({"cell": cell["key"], "metric": cell["metric"], "structure": cell["structure"],
+                  "ratio": cell["ratio"], "compensation": cell["compensate"]})
+        p.update(_flat(params["metrics"][cell["metric"]], f"metric.{cell['metric']}."))
+        p.update(_flat(params["structures"][cell["structure"]], f"structure.{cell['structure']}."))
+    else:
+        p.update({"cell": "dense", "metric": "dense", "structure": "dense", "ratio": 0.0, "compensation": False})
+    return {k: v for k, v in p.items() if v is not None}
+
+
+def run_metrics(m: dict, usage: dict) -> dict:
+    """Evaluation numbers, plus wall time / peak memory of every stage behind the cell."""
+    out = {k: float(m[k]) for k in ("perplexity", "achieved_ratio", "params_kept", "model_params") if k in m}
+    for stage, u in {**usage, **(m.get("usage") or {})}.items():
+        out[f"{stage}_seconds"], out[f"{stage}_peak_rss_mib"] = u["seconds"], u["peak_rss_mib"]
+    if m.get("zeroshot_avg") is not None:
+        out["zeroshot_avg"] = m["zeroshot_avg"]
+        for task, t in m["zeroshot"]["tasks"].items():
+            out[f"zeroshot.{task}"] = t["score"]
+            out |= {f"zeroshot.{task}.{k}": t[k] for k in ("acc", "acc_norm") if t.get(k) is not None}
+    for name, v in (m.get("perplexity_extra") or {}).items():
+        out[f"perplexity.{name}"] = v
+    for w, v in (m.get("throughput_tokens_per_s") or {}).items():
+        out[f"tokens_per_s.{w}"] = v
+    for w, v in (m.get("speedup") or {}).items():
+        out[f"speedup.{w}"] = v
+    return out
+
+
+def cell_usage(row: dict, root: str | Path = ".") -> dict:
+    """The recorded usage of the stages behind one cell (results/usage/*.json), by stage name."""
+    from .stage import USAGE_DIR
+    names = {"calibrate": "calibrate", "search": f"search@{row['cell']}", "compensate": f"compensate@{row['cell']}"}
+    out = {}
+    for stage, name in names.items():
+        f = Path(root) / USAGE_DIR / f"{name}.json"
+        if f.exists():
+            out[stage] = json.loads(f.read_text())
+    return out
+
+
+def _upsert(client, exp_id: str, key: str, params: dict, metrics: dict, selection: dict | None, title: str) -> str:
+    """The cell's run: kept if nothing changed, else the old one is deleted and a new one logged."""
+    from .plots import kept_per_layer
+    fp = sha256_text(json.dumps([params | {"git_commit": None, "dvc_exp_name": None}, metrics,
+                                 selection], sort_keys=True, default=str))
+    old = client.search_runs([exp_id], filter_string=f"tags.`flap.cell` = '{key}'")
+    if len(old) == 1 and old[0].data.tags.get("flap.fingerprint") == fp:
+        return old[0].info.run_id
+    for r in old:
+        client.delete_run(r.info.run_id)
+    run = client.create_run(exp_id, run_name=key, tags={"flap.cell": key, "flap.fingerprint": fp})
+    rid = run.info.run_id
+    from mlflow.entities import Metric, Param
+    import time
+    now = int(time.time() * 1000)
+    client.log_batch(rid, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()],
+                     params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+    if selection is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "selection.json").write_text(json.dumps(selection, indent=1))
+            kept_per_layer(selection, title, Path(tmp) / "kept_per_layer.png")
+            client.log_artifacts(rid, tmp)
+    client.set_terminated(rid)
+    return rid
+
+
+def track(params: dict, record: dict, manifest: dict, rows: list[dict], dense: dict, sels: dict) -> dict:
+    """Log every cell (and dense); returns {cell key: run id} and where they went."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+    uri = preflight()
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    name = params.get("mlflow", {}).get("experiment") or f"flap-{record['model']['identity'].get('name', 'model')}"
+    exp = client.get_experiment_by_name(name)
+    exp_id = exp.experiment_id if exp else client.create_experiment(name)
+    runs = {"dense": _upsert(client, exp_id, "dense", run_params(None, params, record, manifest),
+                             run_metrics(dense, {}), None, "dense")}
+    for row in rows:
+        runs[row["key"]] = _upsert(client, exp_id, row["key"], run_params(row, params, record, manifest),
+                                   run_metrics(row, cell_usage(row)), sels[row["cell"]], row["key"])
+    return {"tracking_uri": uri, "experiment": name, "experiment_id": exp_id, "runs": runs}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args != ["--check"]:
+        print("usage: python -m flap_exp.pipeline.tracking --check", file=sys.stderr)
+        return 2
+    try:
+        print(f"mlflow: {preflight()} reachable")
+    except FlapError as err:
+        print(f"mlflow: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
