@@ -37,8 +37,8 @@ def test_nan_activations_refused(model, windows):
 
 
 def test_unknown_corpus_and_missing_files(tmp_path):
-    with pytest.raises(FlapError, match="known corpora: wikitext2, wiki, c4, text"):
-        load_text(Corpus("ptb"))
+    with pytest.raises(FlapError, match="known corpora: wikitext2, ptb, wiki, c4, text"):
+        load_text(Corpus("penn"))
     with pytest.raises(FlapError, match="wiki.test.raw not found"):
         load_text(Corpus("wikitext2", "test", str(tmp_path)))
     with pytest.raises(FlapError, match="not a pruned model directory"):
