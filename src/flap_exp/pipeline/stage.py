@@ -65,3 +65,16 @@ def stage(name: str) -> Iterator[Usage]:
     except FlapError as err:
         print(f"{name}: error: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+def cell_args() -> tuple[str, dict]:
+    """The command line of a search cell, `METRIC STRUCTURE RATIO`: its key and {metric, structure, ratio}."""
+    import argparse
+
+    from .cells import cell_key
+    ap = argparse.ArgumentParser()
+    ap.add_argument("metric")
+    ap.add_argument("structure")
+    ap.add_argument("ratio", type=float)
+    a = ap.parse_args()
+    return cell_key(a.metric, a.structure, a.ratio), {"metric": a.metric, "structure": a.structure, "ratio": a.ratio}
