@@ -71,7 +71,9 @@ def _cell(r: dict | None) -> str:
     if r is None:
         return ""
     zs = f" / {100 * r['zeroshot_avg']:.2f}%" if r.get("zeroshot_avg") is not None else ""
-    return f"{r['perplexity']:.2f}{zs}"
+    # Per-layer structures round units down (floor(p * units) per layer): say when the ratio was missed.
+    off = abs(r.get("achieved_ratio", 0) - r.get("ratio", 0)) > 0.005
+    return f"{r['perplexity']:.2f}{zs}" + (f" (removed {r['achieved_ratio']:.3f})" if off else "")
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -83,7 +85,9 @@ def tables(rows: list[dict], dense: dict) -> str:
     zs = any(r.get("zeroshot_avg") is not None for r in rows + [dense])
     lines = ["# FLAP pipeline results", "",
              f"Perplexity on {dense['eval_data'].get('name')} ({dense['ppl_windows']} windows of {dense['seqlen']} "
-             f"tokens){'; zero-shot average accuracy after the slash' if zs else ''}. Dense model: {_cell(dense)}.", ""]
+             f"tokens){'; zero-shot average accuracy after the slash' if zs else ''}. Dense model: {_cell(dense)}. "
+             "\"(removed x)\" marks a cell whose achieved ratio of removed attention+MLP weights is not the target "
+             "(per-layer structures keep floor(ratio x units) per layer).", ""]
     by = {(r["metric"], r["compensate"], r["structure"], r["ratio"]): r for r in rows}
     for ratio in sorted({r["ratio"] for r in rows}):
         structs = sorted({r["structure"] for r in rows if r["ratio"] == ratio})
