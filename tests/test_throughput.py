@@ -4,6 +4,8 @@ from __future__ import annotations
 import copy
 import inspect
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -80,12 +82,23 @@ def test_smaller_model_prefills_faster(dense, smaller):
 
 def test_peak_memory_sees_a_large_activation():
     # One MLP activation of 8 x 256 x 8192 float32 = 64 MiB: above glibc's largest mmap threshold
-    # (32 MiB), so it is fresh memory on CPU however the allocator was used before.
-    wide = _llama(8192, 1, 1, hidden=64, layers=1)
-    out = compare_throughput({"wide": wide}, prefill_shapes=((8, 256),), decode_batches=(), warmup=1, repeats=2)
-    # Measured 66.8 MB of the 67.1 MB: the CPU figure is a lower bound (pages the allocator already
-    # held are not counted), so ask for most of the activation, far above what a blind probe reads (0).
-    assert out["models"]["wide"]["workloads"]["prefill_b8_s256"]["peak_mem_delta_bytes"] >= 0.9 * 8 * 256 * 8192 * 4
+    # (32 MiB), so it is fresh memory on CPU. Run in a fresh interpreter: in a long test session the
+    # allocator may serve it from pages it already holds, which the CPU figure (a lower bound) cannot see
+    # (measured once: 0 after the whole suite, 66.8 of 67.1 MB alone).
+    code = (
+        "import torch\n"
+        "from transformers import LlamaConfig, LlamaForCausalLM\n"
+        "from flap_exp.evaluation.throughput import compare_throughput\n"
+        "torch.manual_seed(0)\n"
+        "cfg = LlamaConfig(vocab_size=1024, hidden_size=64, intermediate_size=8192, num_hidden_layers=1,\n"
+        "                  num_attention_heads=1, num_key_value_heads=1, head_dim=64, max_position_embeddings=512)\n"
+        "out = compare_throughput({'wide': LlamaForCausalLM(cfg).eval()}, prefill_shapes=((8, 256),),\n"
+        "                         decode_batches=(), warmup=1, repeats=2)\n"
+        "print(out['models']['wide']['workloads']['prefill_b8_s256']['peak_mem_delta_bytes'])\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    peak = int(r.stdout.strip().splitlines()[-1])
+    assert 0.9 * 8 * 256 * 8192 * 4 <= peak < 2 * 10**9  # most of the activation, and nothing absurd
 
 
 def test_decode_runs_exactly_new_tokens_even_past_eos(smaller):
