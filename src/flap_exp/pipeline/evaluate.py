@@ -70,7 +70,7 @@ def evaluate(lm, selection: dict | None, biases: list | None, eval_params: dict,
         known = record.get("eval_extra") or {}
         missing = sorted(set(extra) - set(known))
         if missing:
-            raise FlapError(f"corpora {', '.join(missing)} are not in results/prepare.json; rerun: dvc repro prepare")
+            raise FlapError(f"corpora {', '.join(missing)} are not in results/prepare_eval.json; rerun: dvc repro prepare_eval")
         out["perplexity_extra"] = {name: _perplexity(lm, c, known[name], eval_params).ppl for name, c in extra.items()}
     zs = eval_params.get("zeroshot") or {}
     if zs.get("enabled"):

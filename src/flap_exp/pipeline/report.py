@@ -17,24 +17,12 @@ COLUMNS = ["key", "metric", "structure", "ratio", "compensate", "perplexity", "z
            "params_kept", "params_total", "ppl_windows"]
 
 
-def _extra_columns(rows: list[dict]) -> list[str]:
-    """Per-task zero-shot scores, extra corpora's perplexities and throughput, as evaluated."""
-    cols: dict[str, None] = {}
-    for r in rows:
-        cols |= {f"ppl.{k}": None for k in r.get("perplexity_extra") or {}}
-        cols |= {f"zeroshot.{k}": None for k in (r.get("zeroshot") or {}).get("tasks", {})}
-        cols |= {f"tokens_per_s.{k}": None for k in r.get("throughput_tokens_per_s") or {}}
-        cols |= {f"speedup.{k}": None for k in r.get("speedup") or {}}
-    return list(cols)
-
-
-def _flat_row(r: dict) -> dict:
-    out = dict(r)
-    out |= {f"ppl.{k}": v for k, v in (r.get("perplexity_extra") or {}).items()}
+def _extras(r: dict) -> dict:
+    """Per-task zero-shot scores, extra corpora's perplexities and throughput, as flat CSV columns."""
+    out = {f"ppl.{k}": v for k, v in (r.get("perplexity_extra") or {}).items()}
     out |= {f"zeroshot.{k}": t["score"] for k, t in (r.get("zeroshot") or {}).get("tasks", {}).items()}
     out |= {f"tokens_per_s.{k}": v for k, v in (r.get("throughput_tokens_per_s") or {}).items()}
-    out |= {f"speedup.{k}": v for k, v in (r.get("speedup") or {}).items()}
-    return out
+    return out | {f"speedup.{k}": v for k, v in (r.get("speedup") or {}).items()}
 
 
 def zeroshot_table(rows: list[dict], dense: dict) -> list[str]:
@@ -117,11 +105,11 @@ def report(rows: list[dict], dense: dict, sels: dict, out_dir: str | Path = "rep
     with atomic_file(out / "ablation.md") as tmp:
         tmp.write_text(tables(rows, dense), encoding="utf-8")
     buf = io.StringIO()
-    w = csv.DictWriter(buf, COLUMNS + _extra_columns([dense] + rows), extrasaction="ignore", lineterminator="\n")
+    w = csv.DictWriter(buf, COLUMNS + list(dict.fromkeys(k for r in [dense] + rows for k in _extras(r))), extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     dense_row = {**dense, "key": "dense", "metric": "dense", "structure": "", "ratio": 0, "compensate": ""}
     for r in [dense_row] + rows:
-        w.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in _flat_row(r).items()})
+        w.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in (r | _extras(r)).items()})
     with atomic_file(out / "ablation.csv") as tmp:
         tmp.write_text(buf.getvalue(), encoding="utf-8")
     with atomic_dir(out / "figures") as tmp:
