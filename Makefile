@@ -19,9 +19,10 @@ $(VENV_OK): pyproject.toml
 	touch $@
 
 run: $(VENV_OK)
-	$(PY) -m flap_exp.pipeline.compose experiment=$(EXP) $(OVERRIDES)
+	$(PY) -m flap_exp.pipeline.compose protocol=$(PROTOCOL) experiment=$(EXP) $(OVERRIDES)
 	$(VENV_PATH) $(PY) -m flap_exp.pipeline.tracking --check
 	$(VENV_PATH) .venv/bin/dvc repro
+	$(PY) -m flap_exp.pipeline.summary
 
 test: $(VENV_OK)
 	$(PY) -m pytest -q -p no:cacheprovider
@@ -32,14 +33,16 @@ bench: $(VENV_OK)
 clean:
 	rm -rf out .pytest_cache
 
-# --- experiment pipeline (dvc.yaml, conf/): `make run EXP=ablation OVERRIDES="eval.max_windows=32"`
-EXP       ?= quick
+# --- the study pipeline (dvc.yaml, conf/): `make run` (every table, quick protocol), `make run PROTOCOL=paper`,
+# `make run EXP=ablation OVERRIDES="eval.max_windows=32"` (one table, a smaller subset)
+PROTOCOL  ?= quick
+EXP       ?= study
 OVERRIDES ?=
 VENV_PATH := PATH=$(CURDIR)/.venv/bin:$$PATH
 
 # params.yaml from conf/ (Hydra); `make run` always recomposes, so conf/ edits are never missed.
 compose: $(VENV_OK)
-	$(PY) -m flap_exp.pipeline.compose experiment=$(EXP) $(OVERRIDES)
+	$(PY) -m flap_exp.pipeline.compose protocol=$(PROTOCOL) experiment=$(EXP) $(OVERRIDES)
 
 MLFLOW_PORT ?= 5000
 mlflow-ui: $(VENV_OK)

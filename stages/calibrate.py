@@ -1,17 +1,27 @@
-"""calibrate: dense statistics + windows + manifest (model/data identity, N, T, seed, dtype, versions)."""
+"""calibrate CALIB CORPUS N: dense statistics + windows + manifest (model/data identity, N, T, seed, dtype,
+versions) -> results/calibrate/CALIB/."""
+import argparse
+
+from flap_exp.pipeline import paths
 from flap_exp.pipeline.calibrate import calibrate
 from flap_exp.pipeline.io import read_json, save_tensors, write_json
-from flap_exp.pipeline.records import MANIFEST, PREPARE, STATS, WINDOWS
 from flap_exp.pipeline.stage import load_params, stage, write_usage
 from flap_exp.pipeline.tracking import preflight
 from flap_exp.sources import sha256_file
 
 if __name__ == "__main__":
-    with stage("calibrate") as usage:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("calib")
+    ap.add_argument("corpus")
+    ap.add_argument("nsamples", type=int)
+    a = ap.parse_args()
+    with stage(f"calibrate@{a.calib}") as usage:
         preflight()  # the first expensive stage: an unreachable MLflow fails here, not at the end
         p = load_params()
-        stats, windows, manifest = calibrate(p["model"], p["data"]["calib"], read_json(PREPARE))
-        save_tensors(STATS, stats, manifest)
-        save_tensors(WINDOWS, {"windows": windows}, {"windows_sha256": manifest["windows_sha256"]})
-        write_json(MANIFEST, {**manifest, "stats_sha256": sha256_file(STATS)})
-        write_usage("calibrate", usage)
+        print(f"calibrate@{a.calib}: {a.nsamples} windows of {a.corpus}", flush=True)
+        stats, windows, manifest = calibrate(p["model"], p["data"]["calib"], a.corpus, a.nsamples,
+                                             read_json(paths.PREPARE))
+        save_tensors(paths.stats(a.calib), stats, manifest)
+        save_tensors(paths.windows(a.calib), {"windows": windows}, {"windows_sha256": manifest["windows_sha256"]})
+        write_json(paths.manifest(a.calib), {**manifest, "stats_sha256": sha256_file(paths.stats(a.calib))})
+        write_usage(f"calibrate@{a.calib}", usage)

@@ -1,36 +1,43 @@
-"""compensate KEY --cell CELL --method {none,bias,lsq} [--stats STATS]: one cell's compensation
--> results/compensate/KEY.safetensors. bias reads statistics (dense, or a sequential cell's own); lsq runs
-its own pass over the calibration windows; none reads nothing but the selection."""
+"""compensate KEY --cell CELL --compensation NAME --calib CALIB [--stats FILE]: one cell's compensation
+(NAME a conf/compensation/ entry, its method from the registry) -> results/compensate/KEY.safetensors.
+bias reads statistics (the calibration's, or a sequential cell's own); lsq runs its own pass over the
+calibration's windows; none reads nothing but the selection."""
 import argparse
 
 from flap_exp.compensation import get_compensation
+from flap_exp.pipeline import paths
 from flap_exp.pipeline.compensate import compensate
 from flap_exp.pipeline.io import read_json, save_tensors
-from flap_exp.pipeline.records import (MANIFEST, PREPARE, STATS, arch_of, load_checked_stats, load_checked_windows,
-                                       load_prepared_model)
+from flap_exp.pipeline.records import arch_of, load_checked_stats, load_checked_windows, load_prepared_model
 from flap_exp.pipeline.stage import load_params, stage, write_usage
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("key")
     ap.add_argument("--cell", required=True, help="search cell whose selection to compensate")
-    ap.add_argument("--method", required=True, help="a key of conf/compensation/")
-    ap.add_argument("--stats", help="bias: dense statistics, or a sequential cell's own")
+    ap.add_argument("--compensation", required=True, help="a key of conf/compensation/")
+    ap.add_argument("--calib", required=True, help="the calibration it reads (none: nothing)")
+    ap.add_argument("--stats", help="bias: the calibration's statistics, or a sequential cell's own")
     a = ap.parse_args()
     with stage(f"compensate@{a.key}") as usage:
         p = load_params()
-        needs = get_compensation(a.method).needs
-        record = read_json(PREPARE)
-        sel = read_json(f"results/search/{a.cell}/selection.json")
+        params = p["compensations"][a.compensation]
+        needs = get_compensation(params["method"]).needs
+        record = read_json(paths.PREPARE)
+        sel = read_json(paths.selection(a.cell))
         stats = windows = model = None
-        if needs == "stats":
-            stats, _ = load_checked_stats(a.stats, record, MANIFEST if a.stats == str(STATS) else None)
+        if needs == "stats":  # only the calibration's own statistics have a manifest hash to check
+            own = a.stats == paths.stats(a.calib)
+            stats, _ = load_checked_stats(a.stats, record, paths.manifest(a.calib) if own else None)
         if needs == "windows":
-            windows = load_checked_windows(read_json(MANIFEST))
+            windows, _ = load_checked_windows(a.calib)
+            print(f"compensate@{a.key}: {params['method']} ({params.get('form')}) on {windows.shape[0]} windows",
+                  flush=True)
         if needs != "nothing":
             model = load_prepared_model(p["model"], record).model
-        tensors, meta = compensate(model, sel, arch_of(record), p["compensations"][a.method], stats, windows,
+        tensors, meta = compensate(model, sel, arch_of(record), params, stats, windows,
                                    p["data"]["calib"].get("batch_size", 8))
-        meta |= {"cell": a.cell, "weights_sha256": record["model"]["weights_sha256"]}
-        save_tensors(f"results/compensate/{a.key}.safetensors", tensors, meta)
+        meta |= {"cell": a.cell, "compensation_name": a.compensation,
+                 "weights_sha256": record["model"]["weights_sha256"]}
+        save_tensors(paths.compensation(a.key), tensors, meta)
         write_usage(f"compensate@{a.key}", usage)

@@ -1,33 +1,40 @@
-"""evaluate KEY [--cell C --compensation M]: rebuild the pruned model in memory (selection + the cell's
-compensation) and measure it -> metrics.json. KEY "dense" evaluates the unpruned model."""
+"""evaluate KEY --measure {ppl,zeroshot,speed} [--cell C --compensation NAME]: rebuild the pruned model in
+memory (selection + the cell's compensation) and measure it -> results/evaluate/KEY/MEASURE.json.
+KEY "dense" evaluates the unpruned model."""
 import argparse
 
+from flap_exp.pipeline import paths
 from flap_exp.pipeline.compensate import load_compensation
 from flap_exp.pipeline.evaluate import evaluate
 from flap_exp.pipeline.io import read_json, write_json
 from flap_exp.pipeline.records import arch_of, eval_record, load_prepared_model
-from flap_exp.pipeline.stage import load_params, stage
+from flap_exp.pipeline.stage import load_params, stage, write_usage
 from flap_exp.pipeline.tracking import preflight
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("key")
+    ap.add_argument("--measure", choices=paths.MEASURES, default="ppl")
     ap.add_argument("--cell", help="search cell whose selection to apply")
-    ap.add_argument("--compensation", default="none", help="the method the cell's compensation file must hold")
+    ap.add_argument("--compensation", default="none", help="the conf/compensation/ entry of the cell")
     a = ap.parse_args()
-    with stage(f"evaluate@{a.key}") as usage:
+    name = f"{'evaluate' if a.measure == 'ppl' else a.measure}@{a.key}"
+    with stage(name) as usage:
         preflight()
         p = load_params()
         record = eval_record()
-        sel = read_json(f"results/search/{a.cell}/selection.json") if a.cell else None
-        comps, comp = (load_compensation(f"results/compensate/{a.key}.safetensors", sel, arch_of(record),
-                                         a.compensation, record) if sel else (None, {"method": "none"}))
+        sel = read_json(paths.selection(a.cell)) if a.cell else None
+        method = p["compensations"][a.compensation]["method"] if sel else "none"
+        comps, comp = (load_compensation(paths.compensation(a.key), sel, arch_of(record), method, record)
+                       if sel else (None, {"method": "none"}))
         lm = load_prepared_model(p["model"], record)
-        out = evaluate(lm, sel, comps, p["eval"], p["data"]["eval"], record,
+        print(f"{name}: {a.measure}", flush=True)
+        out = evaluate(lm, sel, comps, a.measure, p["eval"], p["data"]["eval"], record,
                        load_dense=lambda: load_prepared_model(p["model"], record).model,
-                       extra=p["data"].get("eval_extra"))
+                       extra=p["data"].get("eval_extra") if a.measure == "ppl" else None)
         cell = {k: sel[k] for k in ("metric", "structure", "ratio")} if sel else {}
         options = {k: v for k, v in comp.items() if k != "method"}
-        write_json(f"results/evaluate/{a.key}/metrics.json",
-                   {**out, **cell, "cell": a.cell, "compensation": comp["method"], "compensation_options": options,
-                    "usage": {"evaluate": usage.to_dict()}})
+        write_json(paths.measurement(a.key, a.measure),
+                   {**out, **cell, "cell": a.cell, "calib": (sel or {}).get("calib"), "compensation": a.compensation
+                    if sel else "none", "compensation_method": comp["method"], "compensation_options": options})
+        write_usage(name, usage)

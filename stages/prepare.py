@@ -1,10 +1,14 @@
-"""prepare: base model converted into the cache, corpora fetched; identities and sha256 -> results/prepare.json."""
+"""prepare CORPUS...: base model converted into the cache, calibration corpora fetched; identities and
+sha256 -> results/prepare.json."""
+import sys
+
 from flap_exp.pipeline.io import write_json
+from flap_exp.pipeline.paths import PREPARE
 from flap_exp.pipeline.prepare import prepare
-from flap_exp.pipeline.records import PREPARE
 from flap_exp.pipeline.stage import load_params, stage
 
 if __name__ == "__main__":
     with stage("prepare"):
         p = load_params()
-        write_json(PREPARE, prepare(p["model"], p["data"]))
+        corpora = [c for c in sys.argv[1:] if c != "none"]
+        write_json(PREPARE, prepare(p["model"], p["data"], corpora))

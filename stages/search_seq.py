@@ -1,22 +1,21 @@
-"""search_seq METRIC STRUCTURE RATIO: a sequentially calibrated cell (Wanda-sp): selection + its statistics."""
-from flap_exp.pipeline.io import load_tensors, read_json, save_tensors, sha256_tensor, write_json
-from flap_exp.pipeline.records import MANIFEST, PREPARE, WINDOWS, load_prepared_model
+"""search_seq KEY METRIC STRUCTURE RATIO --calib CALIB: a sequentially calibrated cell (Wanda-sp) on the
+calibration's windows: selection + its own statistics."""
+from flap_exp.pipeline import paths
+from flap_exp.pipeline.io import read_json, save_tensors, write_json
+from flap_exp.pipeline.records import load_checked_windows, load_prepared_model
 from flap_exp.pipeline.search import search_sequential
 from flap_exp.pipeline.stage import cell_args, load_params, stage, write_usage
-from flap_exp.errors import FlapError
 
 if __name__ == "__main__":
-    key, cell = cell_args()
+    key, cell, a = cell_args("calib")
     with stage(f"search_seq@{key}") as usage:
         p = load_params()
-        record, manifest = read_json(PREPARE), read_json(MANIFEST)
-        windows = load_tensors(WINDOWS)[0]["windows"]
-        if sha256_tensor(windows) != manifest["windows_sha256"]:
-            raise FlapError(f"{WINDOWS} does not match {MANIFEST}; refusing it: rerun dvc repro -f calibrate")
-        lm = load_prepared_model(p["model"], record)
-        rec, stats = search_sequential(lm.model, windows, cell, p["metrics"][cell["metric"]], p["structures"][cell["structure"]],
-                                       p["data"]["calib"].get("batch_size", 8))
+        windows, manifest = load_checked_windows(a.calib)
+        lm = load_prepared_model(p["model"], read_json(paths.PREPARE))
+        print(f"search_seq@{key}: sequential calibration on {windows.shape[0]} windows", flush=True)
+        rec, stats = search_sequential(lm.model, windows, cell, p["metrics"][cell["metric"]],
+                                       p["structures"][cell["structure"]], p["data"]["calib"].get("batch_size", 8))
         meta = {k: manifest[k] for k in ("model", "weights_sha256", "data", "nsamples", "seqlen", "seed", "dtype")}
-        save_tensors(f"results/search/{key}/stats.safetensors", stats, {**meta, "sequential": key})
-        write_json(f"results/search/{key}/selection.json", rec)
+        save_tensors(paths.seq_stats(key), stats, {**meta, "sequential": key})
+        write_json(paths.selection(key), {**rec, "calib": a.calib})
         write_usage(f"search@{key}", usage)

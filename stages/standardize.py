@@ -1,16 +1,19 @@
-"""standardize METRIC: AL-structure units (groups [L, kv], channels [L, I]) z-scored per layer and module."""
+"""standardize METRIC [--calib CALIB]: the units the AL structures rank (groups [L, kv], channels [L, I]),
+z-scored per layer and module -> results/standardize/[CALIB/]METRIC; search reads them for al_mm/al_am."""
 import argparse
 
+from flap_exp.pipeline import paths
 from flap_exp.pipeline.io import load_tensors, read_json, save_tensors
-from flap_exp.pipeline.records import PREPARE, arch_of
-from flap_exp.pipeline.score import standardize
+from flap_exp.pipeline.records import arch_of
+from flap_exp.pipeline.score import checked_scores, standardize
 from flap_exp.pipeline.stage import stage
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("metric")
+    ap.add_argument("--calib")
     a = ap.parse_args()
-    with stage(f"standardize@{a.metric}"):
-        scores, _ = load_tensors(f"results/score/{a.metric}.safetensors")
-        units = standardize(scores, arch_of(read_json(PREPARE)))
-        save_tensors(f"results/standardize/{a.metric}.safetensors", units, {"metric": a.metric})
+    with stage(f"standardize@{a.calib + '-' if a.calib else ''}{a.metric}"):
+        arch, src = arch_of(read_json(paths.PREPARE)), paths.scores(a.metric, a.calib)
+        units = standardize(checked_scores(*load_tensors(src), arch, a.metric, src), arch)
+        save_tensors(paths.units(a.metric, a.calib), units, {"metric": a.metric, "calib": a.calib, "units": True})

@@ -149,7 +149,12 @@ def ul_mm(scores: Scores, arch: ArchView, ratio: float, opts: StructureOptions) 
 
 
 def al_mm(scores: Scores, arch: ArchView, ratio: float, opts: StructureOptions) -> Selection:
-    groups, channels = standardized_units(scores, arch)
+    return al_mm_units(*standardized_units(scores, arch), arch, ratio, opts)
+
+
+def al_mm_units(groups: torch.Tensor, channels: torch.Tensor, arch: ArchView, ratio: float,
+                opts: StructureOptions) -> Selection:
+    """AL-MM from standardized units (groups [L, kv], channels [L, I]), as the standardize stage writes them."""
     n_groups = _remove_groups(opts, arch, ratio)
     keep_g = enforce_minimum(remove_lowest(groups, n_groups), groups, opts.min_groups)
     keep_c = remove_lowest(channels, _mm_channels(arch, ratio, n_groups, arch.num_layers))
@@ -159,7 +164,12 @@ def al_mm(scores: Scores, arch: ArchView, ratio: float, opts: StructureOptions) 
 
 def al_am(scores: Scores, arch: ArchView, ratio: float, opts: StructureOptions) -> Selection:
     """FLAP: rank all groups and channels together, each weighted by its exact parameter cost."""
-    groups, channels = standardized_units(scores, arch)
+    return al_am_units(*standardized_units(scores, arch), arch, ratio, opts)
+
+
+def al_am_units(groups: torch.Tensor, channels: torch.Tensor, arch: ArchView, ratio: float,
+                opts: StructureOptions) -> Selection:
+    """AL-AM from standardized units (groups [L, kv], channels [L, I]), as the standardize stage writes them."""
     if ratio == 0:  # the official search would still drop the lowest unit (keep > tau)
         return Selection(list(torch.ones_like(groups, dtype=torch.bool)), list(torch.ones_like(channels, dtype=torch.bool)))
     units = torch.cat([groups.flatten(), channels.flatten()])
@@ -191,6 +201,24 @@ STRUCTURES: dict[str, StructureFn] = {k: _finite_first(k, f) for k, f in
                                       {"ul_um": ul_um, "ul_mm": ul_mm, "al_mm": al_mm, "al_am": al_am}.items()}
 #: Structures that decide each layer on its own, so they can run during a sequential calibration pass.
 PER_LAYER = {"ul_um", "ul_mm"}
+
+
+#: Adaptive structures rank standardized units (the standardize stage's output) across layers.
+ADAPTIVE_UNITS = {"al_mm": al_mm_units, "al_am": al_am_units}
+
+
+def select_from_units(name: str, groups: torch.Tensor, channels: torch.Tensor, arch: ArchView, ratio: float,
+                      opts: StructureOptions) -> Selection:
+    """An adaptive structure's selection from standardized units; refuses non-finite units and bad shapes."""
+    if name not in ADAPTIVE_UNITS:
+        raise FlapError(f"structure {name!r} does not rank standardized units; adaptive ones: {', '.join(ADAPTIVE_UNITS)}")
+    want = {"groups": (arch.num_layers, arch.num_kv_heads), "channels": (arch.num_layers, arch.intermediate_size)}
+    for what, t in (("groups", groups), ("channels", channels)):
+        if tuple(t.shape) != want[what]:
+            raise FlapError(f"standardized {what} have shape {tuple(t.shape)}, the model needs {want[what]}")
+        if not bool(torch.isfinite(t).all()):
+            raise FlapError(f"standardized {what} hold NaN/Inf; refusing to select from them")
+    return ADAPTIVE_UNITS[name](groups, channels, arch, check_ratio(ratio), opts)
 
 
 def get_structure(name: str) -> StructureFn:

@@ -1,40 +1,85 @@
-"""Expand an experiment grid into the per-stage cell tables that dvc.yaml iterates with `foreach`.
+"""Expand the study (the tables of params.yaml) into the per-stage cell tables dvc.yaml iterates.
 
-A grid is a dict of blocks; each block is a Cartesian product of metrics x structures x ratios x
-compensation choices, and the union of blocks is the experiment. Grids are not one big product:
-Wanda-sp (sequential) runs only with per-layer structures, and compensation follows each metric's
-default (flap_exp.catalogue) unless a block lists `compensation: [none, bias, lsq]`; so DVC's `matrix`
-cannot express them and compose writes explicit tables instead (stage names stay readable:
-search@wifv-al_am-0.2, compensate_lsq@wifv-al_am-0.2-lsq, evaluate@wifv-al_am-0.2-bias).
+A study is a dict of tables; a table is a dict of blocks; a block is a Cartesian product of
+metrics x structures x ratios x compensations x calibrations. Cells shared by several tables are one
+cell (one stage each, several report rows): a cell's key names what it computes, never which table asked.
 
-Pure Python, no torch: it runs inside `dvc exp run`'s Hydra composition (as an OmegaConf resolver).
+Keys (stage names stay readable):
+  calibration  CORPUS-N                         calibrate@wiki-128
+  selection    METRIC-STRUCTURE-RATIO[-CALIB]   search@wifv-al_am-0.2-wiki-128 (no CALIB: data-free metric)
+  evaluation   SELECTION-COMP                   evaluate@wifv-al_am-0.2-wiki-128-bias
+
+Every artifact path is taken from flap_exp.pipeline.paths and written into the items, so dvc.yaml and the
+stage scripts never spell one. compose writes the result to cells.yaml (not params.yaml, so that
+`dvc params diff` and `dvc exp show` show what a person set) with the sha256 of the params it was derived
+from; stages refuse a stale cells.yaml.
+
+Pure Python, no torch.
 """
 from __future__ import annotations
 
-from ..catalogue import (ADAPTIVE, COMPENSATIONS, METHODS, PER_LAYER, STRUCTURES, check_compensation_params,
-                         default_compensation, is_sequential)
-from ..errors import FlapError
+import hashlib
+import json
 
-#: The method facts come from the one catalogue (flap_exp.catalogue), shared with the library and the CLI.
+from ..catalogue import ADAPTIVE, COMPENSATIONS, METHODS, PER_LAYER, STRUCTURES, check_compensation_params, \
+    default_compensation, is_sequential
+from ..errors import FlapError
+from . import paths
+
 METRICS = tuple(METHODS)
 DATA_FREE = {m for m, f in METHODS.items() if not f.needs_data}
-
-STATS = "results/calibrate/stats.safetensors"
+#: What a table may measure besides perplexity (each its own stage: zeroshot@KEY, speed@KEY).
+EXTRA_MEASURES = ("zeroshot", "speed")
+#: The params that decide the cells (their hash is recorded in cells.yaml).
+INPUTS = ("tables", "metrics", "compensations", "calib")
 
 
 def ratio_tag(r: float) -> str:
     return f"{float(r):g}"
 
 
-def cell_key(metric: str, structure: str, ratio: float) -> str:
-    return f"{metric}-{structure}-{ratio_tag(ratio)}"
+def calib_key(corpus: str, nsamples: int) -> str:
+    return f"{corpus}-{int(nsamples)}"
 
 
-def _comps(block: str, spec: dict, metric: str, metric_cfg: dict) -> list[str]:
+def cell_key(metric: str, structure: str, ratio: float, calib: str | None = None) -> str:
+    return f"{metric}-{structure}-{ratio_tag(ratio)}" + (f"-{calib}" if calib else "")
+
+
+def check_compensations(compensations: dict) -> None:
+    """conf/compensation/ as composed (compensations.NAME): every option valid before any stage runs.
+    NAME is a conf file (none, bias, lsq, lsq_dense, ...); its `method` a key of the registry."""
+    for name, params in compensations.items():
+        check_compensation_params(dict(params or {}))
+
+
+def _calibrations(where: str, spec, default: dict) -> list[tuple[str, int]]:
+    """A block's calibrations: "default" (the protocol's), "CORPUS" (the protocol's N) or "CORPUS:N"."""
+    out = []
+    for c in spec or ["default"]:
+        if c in (None, "default"):
+            corpus, n = default["corpus"], default["nsamples"]
+        elif isinstance(c, str):
+            corpus, _, n = c.partition(":")
+            n = n or default["nsamples"]
+        else:
+            raise FlapError(f"{where}: a calibration is 'default', 'CORPUS' or 'CORPUS:N', got {c!r}")
+        try:
+            n = int(n)
+        except (TypeError, ValueError):
+            raise FlapError(f"{where}: calibration {c!r}: N must be an integer") from None
+        if n < 2:
+            raise FlapError(f"{where}: calibration {c!r}: N must be at least 2")
+        if (corpus, n) not in out:
+            out.append((corpus, n))
+    return out
+
+
+def _comps(where: str, spec: dict, metric: str, metric_cfg: dict, compensations: dict) -> list[str]:
     """The block's compensation choices for one metric; "default" is the metric's (conf, else catalogue)."""
     if "compensate" in spec:
-        raise FlapError(f"grid block {block!r}: 'compensate' was replaced by 'compensation' "
-                        f"(a list of {', '.join(COMPENSATIONS)} or default)")
+        raise FlapError(f"{where}: 'compensate' was replaced by 'compensation' (a list of "
+                        f"{', '.join(compensations)} or default)")
     choices = spec.get("compensation") or ["default"]
     if isinstance(choices, str):
         choices = [choices]
@@ -42,88 +87,168 @@ def _comps(block: str, spec: dict, metric: str, metric_cfg: dict) -> list[str]:
     for c in choices:
         if c in (None, "default"):
             c = default_compensation(metric, metric_cfg.get("compensation"))
-        if not isinstance(c, str) or c not in COMPENSATIONS:
-            raise FlapError(f"grid block {block!r}: unknown compensation {c!r}; known compensations: "
-                            f"{', '.join(COMPENSATIONS)}, default")
+        if not isinstance(c, str) or c not in compensations:
+            raise FlapError(f"{where}: unknown compensation {c!r}; known compensations: "
+                            f"{', '.join(compensations)}, default")
         if c not in out:
             out.append(c)
     return out
 
 
-def _check(kind: str, name: str, known) -> None:
+def _check(where: str, kind: str, name: str, known) -> None:
     if name not in known:
-        raise FlapError(f"unknown {kind} {name!r} in grid; valid: {', '.join(known)}")
+        raise FlapError(f"{where}: unknown {kind} {name!r}; valid: {', '.join(known)}")
 
 
-def check_compensations(compensations: dict) -> None:
-    """conf/compensation/ as composed (compensations.NAME): every option valid before any stage runs."""
-    for name, params in compensations.items():
-        check_compensation_params(dict(params or {}))
-        if params["method"] != name:
-            raise FlapError(f"compensations.{name}.method is {params['method']!r}; it must be {name!r}")
+def _ratio(where: str, r) -> float:
+    if isinstance(r, bool) or not isinstance(r, (int, float)):
+        raise FlapError(f"{where}: ratio must be a number in [0, 1), got {r!r}")
+    if not 0 <= float(r) < 1:
+        raise FlapError(f"{where}: ratio must be in [0, 1), got {r}")
+    return float(r)
 
 
-def expand_grid(grid: dict, metrics: dict, compensations: dict | None = None) -> dict:
-    """grid: {block: {metrics, structures, ratios, compensation?}}; metrics: per-metric options;
-    compensations: conf/compensation/ as composed (checked when given).
+class _Cells:
+    """The tables being filled, keyed by stage; each add_* is idempotent (shared cells are one cell)."""
 
-    Cells: search/search_seq by METRIC-STRUCTURE-RATIO; compensate (none, bias: from statistics),
-    compensate_lsq (its own pass over the calibration windows) and evaluate by METRIC-STRUCTURE-RATIO-COMP."""
-    if compensations is not None:
-        check_compensations(compensations)
-    search, seq, comp, comp_lsq, evaluate = {}, {}, {}, {}, {}
-    for block, spec in (grid or {}).items():
-        for field in ("metrics", "structures", "ratios"):
-            if not spec.get(field):
-                raise FlapError(f"grid block {block!r} needs a non-empty {field!r} list")
-        for m in spec["metrics"]:
-            _check("metric", m, METRICS)
-            mcfg = dict(metrics.get(m) or {})
-            sequential = is_sequential(m, mcfg.get("sequential"))
-            for s in spec["structures"]:
-                _check("structure", s, STRUCTURES)
-                if sequential and s not in PER_LAYER:
-                    raise FlapError(f"grid block {block!r}: {m} calibrates sequentially and needs a per-layer "
-                                    f"structure ({', '.join(sorted(PER_LAYER))}), not {s!r}")
-                for r in spec["ratios"]:
-                    if isinstance(r, bool) or not isinstance(r, (int, float)):
-                        raise FlapError(f"grid block {block!r}: ratio must be a number in [0, 1), got {r!r}")
-                    r = float(r)
-                    if not 0 <= r < 1:
-                        raise FlapError(f"grid block {block!r}: ratio must be in [0, 1), got {r}")
-                    key = cell_key(m, s, r)
-                    cell = {"metric": m, "structure": s, "ratio": r}
-                    (seq if sequential else search)[key] = cell
-                    selection = f"results/search/{key}/selection.json"
-                    stats = f"results/search/{key}/stats.safetensors" if sequential else STATS
-                    for c in _comps(block, spec, m, mcfg):
-                        ckey = f"{key}-{c}"
-                        item = {**cell, "cell": key, "compensation": c}
-                        if c == "lsq":
-                            comp_lsq[ckey] = item
-                        else:  # none reads no statistics: its selection stands in for them (harmless to DVC)
-                            comp[ckey] = {**item, "stats": stats if COMPENSATIONS[c] == "stats" else selection}
-                        evaluate[ckey] = item
-    dense_metrics = sorted({c["metric"] for c in search.values()})
-    return {
-        "score": {m: {"metric": m} for m in dense_metrics if m not in DATA_FREE},
-        "score_free": {m: {"metric": m} for m in dense_metrics if m in DATA_FREE},
-        "standardize": {m: {"metric": m} for m in sorted({c["metric"] for c in search.values()
-                                                           if c["structure"] in ADAPTIVE})},
-        "search": search,
-        "search_seq": seq,
-        "compensate": comp,
-        "compensate_lsq": comp_lsq,
-        "evaluate": evaluate,
-    }
+    def __init__(self) -> None:
+        self.t: dict[str, dict] = {k: {} for k in (
+            "calibrate", "score", "score_free", "standardize", "search", "search_seq", "compensate",
+            "compensate_lsq", "evaluate", "zeroshot", "speed")}
+
+    def calibration(self, corpus: str, n: int) -> str:
+        key = calib_key(corpus, n)
+        self.t["calibrate"][key] = {"corpus": corpus, "nsamples": n, "stats": paths.stats(key),
+                                    "windows": paths.windows(key), "manifest": paths.manifest(key)}
+        return key
+
+    def scores(self, metric: str, calib: str | None) -> str:
+        out = paths.scores(metric, calib)
+        if calib is None:
+            self.t["score_free"][metric] = {"metric": metric, "out": out}
+        else:
+            self.t["score"][f"{calib}-{metric}"] = {"metric": metric, "calib": calib, "stats": paths.stats(calib),
+                                                    "manifest": paths.manifest(calib), "out": out}
+        return out
+
+    def units(self, metric: str, calib: str | None, scores: str) -> str:
+        out = paths.units(metric, calib)
+        self.t["standardize"][f"{calib}-{metric}" if calib else metric] = {
+            "metric": metric, "calib_arg": f"--calib {calib}" if calib else "", "scores": scores, "out": out}
+        return out
 
 
-def _resolver(grid, metrics, compensations=None):
-    from omegaconf import OmegaConf
-    comps = None if compensations is None else OmegaConf.to_container(compensations, resolve=True)
-    cells = expand_grid(OmegaConf.to_container(grid, resolve=True), OmegaConf.to_container(metrics, resolve=True),
-                        comps)
-    return OmegaConf.create(cells)
+def expand_study(tables: dict, metrics: dict, compensations: dict, calib: dict) -> dict:
+    """tables: {table: {blocks: {block: {metrics, structures, ratios, compensation?, calibration?}}, measure?,
+    title?, layout?}}; metrics/compensations: conf/metric and conf/compensation as composed; calib: data.calib
+    (the default corpus and the protocol's N). Returns the cells.yaml tables (without the header)."""
+    check_compensations(compensations)
+    c = _Cells()
+    table_rows: dict[str, dict] = {}
+    for tname, table in (tables or {}).items():
+        if not isinstance(table, dict) or not table.get("blocks"):
+            raise FlapError(f"table {tname!r} needs a non-empty 'blocks' mapping")
+        measure = list(table.get("measure") or [])
+        for m in measure:
+            _check(f"table {tname!r}", "measure", m, EXTRA_MEASURES)
+        keys: list[str] = []
+        for bname, spec in table["blocks"].items():
+            where = f"table {tname!r} block {bname!r}"
+            for field in ("metrics", "structures", "ratios"):
+                if not spec.get(field):
+                    raise FlapError(f"{where} needs a non-empty {field!r} list")
+            for metric in spec["metrics"]:
+                _check(where, "metric", metric, METRICS)
+                mcfg = dict(metrics.get(metric) or {})
+                sequential = is_sequential(metric, mcfg.get("sequential"))
+                comps = _comps(where, spec, metric, mcfg, compensations)
+                for corpus, n in _calibrations(where, spec.get("calibration"), calib):
+                    ckey = c.calibration(corpus, n) if (metric not in DATA_FREE or
+                                                        any(COMPENSATIONS[compensations[x]["method"]] != "nothing"
+                                                            for x in comps)) else None
+                    for s in spec["structures"]:
+                        _check(where, "structure", s, STRUCTURES)
+                        if sequential and s not in PER_LAYER:
+                            raise FlapError(f"{where}: {metric} calibrates sequentially and needs a per-layer "
+                                            f"structure ({', '.join(sorted(PER_LAYER))}), not {s!r}")
+                        for r in spec["ratios"]:
+                            keys += _cell(c, metric, s, _ratio(where, r), ckey, sequential, comps, compensations,
+                                          measure)
+        table_rows[tname] = {"title": table.get("title") or tname, "layout": table.get("layout") or tname,
+                             "measure": measure, "cells": list(dict.fromkeys(keys))}
+    corpora = sorted({x["corpus"] for x in c.t["calibrate"].values()})
+    # the dense model's zero-shot row is the table's reference; its speed is every speed cell's baseline already
+    dense = {"ppl": True, "zeroshot": any("zeroshot" in t["measure"] for t in table_rows.values())}
+    return {**c.t, "tables": table_rows, "prepare": {"corpora": " ".join(corpora) or "none"},
+            "dense": {"key": paths.DENSE, **{m: paths.measurement(paths.DENSE, m) for m in paths.MEASURES},
+                      "measure": [m for m, on in dense.items() if on]}}
+
+
+def _cell(c: _Cells, metric: str, structure: str, ratio: float, ckey: str | None, sequential: bool,
+          comps: list[str], compensations: dict, measure: list[str]) -> list[str]:
+    data_free = metric in DATA_FREE
+    key = cell_key(metric, structure, ratio, None if data_free else ckey)
+    cell = {"metric": metric, "structure": structure, "ratio": ratio}
+    selection = paths.selection(key)
+    if sequential:
+        c.t["search_seq"][key] = {**cell, "calib": ckey, "windows": paths.windows(ckey),
+                                  "manifest": paths.manifest(ckey), "selection": selection,
+                                  "stats": paths.seq_stats(key)}
+    else:
+        scores = c.scores(metric, None if data_free else ckey)
+        source = c.units(metric, None if data_free else ckey, scores) if structure in ADAPTIVE else scores
+        c.t["search"][key] = {**cell, "input": source, "selection": selection}
+    out = []
+    for comp in comps:
+        method = compensations[comp]["method"]
+        needs = COMPENSATIONS[method]
+        ekey = f"{key}-{ckey}-{comp}" if data_free and needs != "nothing" else f"{key}-{comp}"
+        item = {**cell, "cell": key, "compensation": comp, "method": method, "calib": ckey or "none",
+                "selection": selection, "comp": paths.compensation(ekey)}
+        if needs == "windows":
+            c.t["compensate_lsq"][ekey] = {**item, "windows": paths.windows(ckey), "manifest": paths.manifest(ckey)}
+        else:
+            # none reads no statistics: its selection stands in for them (a harmless second dependency)
+            stats = (paths.seq_stats(key) if sequential else paths.stats(ckey)) if needs == "stats" else selection
+            manifest = paths.manifest(ckey) if needs == "stats" else selection
+            c.t["compensate"][ekey] = {**item, "stats": stats, "manifest": manifest}
+        c.t["evaluate"][ekey] = {**item, "out": paths.measurement(ekey, "ppl")}
+        for m in measure:
+            c.t[m][ekey] = {**item, "out": paths.measurement(ekey, m)}
+        out.append(ekey)
+    return out
+
+
+def inputs_sha256(params: dict) -> str:
+    """The hash of what decides the cells: tables, metric and compensation options, default calibration."""
+    calib = params.get("data", {}).get("calib", {})
+    src = {"tables": params.get("tables"), "metrics": params.get("metrics"),
+           "compensations": params.get("compensations"),
+           "calib": {"corpus": calib.get("corpus"), "nsamples": calib.get("nsamples")}}
+    return hashlib.sha256(json.dumps(src, sort_keys=True).encode()).hexdigest()
+
+
+def cells_from_params(params: dict) -> dict:
+    """cells.yaml's content for a composed params.yaml."""
+    calib = params["data"]["calib"]
+    cells = expand_study(params.get("tables") or {}, params.get("metrics") or {}, params.get("compensations") or {},
+                         {"corpus": calib["corpus"], "nsamples": calib["nsamples"]})
+    return {"params_sha256": inputs_sha256(params), "cells": cells}
+
+
+def load_cells(params: dict, path: str = paths.CELLS) -> dict:
+    """The `cells` of cells.yaml, refused when they were derived from other params than these."""
+    from pathlib import Path
+
+    import yaml
+    p = Path(path)
+    if not p.exists():
+        raise FlapError(f"{path} not found: compose it (make compose, or python -m flap_exp.pipeline.compose)")
+    data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    if data.get("params_sha256") != inputs_sha256(params):
+        raise FlapError(f"{path} was derived from other tables/options than params.yaml's (stale after "
+                        "`dvc exp run -S` or a hand edit): recompose with make compose (or make run)")
+    return data["cells"]
 
 
 #: prepare's weights dependency when model.name is not a local directory (see weights_path).
@@ -139,8 +264,6 @@ def weights_path(name: str) -> str:
 
 
 def register_resolvers() -> None:
-    """`${flap_cells:${grid},${metrics},${compensations}}` in conf/config.yaml (also loaded by DVC via
-    conf/hydra_plugins), and `${flap_weights_path:${.name}}` in conf/model/."""
+    """`${flap_weights_path:${.name}}` in conf/model/ (also loaded by DVC's composition via conf/hydra_plugins)."""
     from omegaconf import OmegaConf
-    OmegaConf.register_new_resolver("flap_cells", _resolver, replace=True)
     OmegaConf.register_new_resolver("flap_weights_path", weights_path, replace=True)

@@ -22,7 +22,7 @@ def compensate(model, selection: dict, arch, comp_params: dict, stats=None, wind
     from ..compensation import compensate as run
     from ..selection import Selection
     cfg = config_from_params(comp_params)
-    comps = run(model, Selection.from_json(selection, arch), arch, cfg, stats, windows, batch_size, progress=False)
+    comps = run(model, Selection.from_json(selection, arch), arch, cfg, stats, windows, batch_size, progress=True)
     meta = {"compensation": config_record(cfg), "selection_sha256": selection_sha256(selection)}
     return comps_to_tensors(comps), meta
 

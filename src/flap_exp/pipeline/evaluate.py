@@ -1,7 +1,9 @@
 """Stage evaluate: rebuild a pruned model in memory (base model + selection + compensation) and measure it.
 
-Perplexity always (the main corpus, plus any in data.eval_extra); zero-shot accuracy and throughput
-behind eval.zeroshot / eval.throughput switches. Throughput of a pruned model is measured against a
+Three measurements, each its own stage and file (results/evaluate/KEY/{ppl,zeroshot,speed}.json):
+perplexity for every cell (the main corpus, plus any in data.eval_extra), zero-shot accuracy and
+throughput for the cells of the tables that ask for them (`measure:`), so adding a cell to the
+zero-shot table never reruns its perplexity. Throughput of a pruned model is measured against a
 fresh dense copy in the same process, interleaved, so the speedup is not skewed by drift between
 processes. Nothing is saved but the numbers: no pruned model is cached per cell.
 """
@@ -46,13 +48,13 @@ def _perplexity(lm, corpus: dict, record: dict, eval_params: dict) -> dict:
     from ..ppl import perplexity
     text = checked_text(corpus, record, join="\n\n")
     return perplexity(lm.model, tokenize(lm.tokenizer, text.text), eval_params["seqlen"],
-                      eval_params["batch_size"], eval_params.get("max_windows"), progress=False)
+                      eval_params["batch_size"], eval_params.get("max_windows"), progress=True)
 
 
-def evaluate(lm, selection: dict | None, comps: list | None, eval_params: dict, data: dict, record: dict,
-             load_dense: Callable[[], Any] | None = None, extra: dict | None = None) -> dict:
+def evaluate(lm, selection: dict | None, comps: list | None, what: str, eval_params: dict, data: dict,
+             record: dict, load_dense: Callable[[], Any] | None = None, extra: dict | None = None) -> dict:
     """Prune `lm.model` in place when a selection is given (with `comps`, a list[LayerComp] or None),
-    then evaluate; returns the metrics record.
+    then measure `what` (ppl, zeroshot or speed, each its own stage and file); returns the record.
 
     data: the main perplexity corpus (data.eval); extra: more corpora by name (data.eval_extra);
     load_dense: returns a fresh dense model, the throughput reference for a pruned one."""
@@ -62,25 +64,29 @@ def evaluate(lm, selection: dict | None, comps: list | None, eval_params: dict, 
     arch = arch_of(record)
     if selection is not None:
         prune_model(lm.model, Selection.from_json(selection, arch), comps, arch)
-    ppl = _perplexity(lm, data, record["eval"], eval_params)
     kept = layer_params(lm.model)
-    out = {"perplexity": ppl.ppl, "ppl_windows": ppl.windows, "ppl_tokens": ppl.tokens, "seqlen": ppl.seqlen,
-           "params_kept": kept, "params_total": arch.total_params, "achieved_ratio": 1 - kept / arch.total_params,
-           "model_params": sum(p.numel() for p in lm.model.parameters()), "eval_data": record["eval"]}
-    if extra:
-        known = record.get("eval_extra") or {}
-        missing = sorted(set(extra) - set(known))
-        if missing:
-            raise FlapError(f"corpora {', '.join(missing)} are not in results/prepare_eval.json; rerun: dvc repro prepare_eval")
-        out["perplexity_extra"] = {name: _perplexity(lm, c, known[name], eval_params).ppl for name, c in extra.items()}
-    zs = eval_params.get("zeroshot") or {}
-    if zs.get("enabled"):
+    out = {"params_kept": kept, "params_total": arch.total_params, "achieved_ratio": 1 - kept / arch.total_params,
+           "model_params": sum(p.numel() for p in lm.model.parameters())}
+    if what == "ppl":
+        ppl = _perplexity(lm, data, record["eval"], eval_params)
+        out |= {"perplexity": ppl.ppl, "ppl_windows": ppl.windows, "ppl_tokens": ppl.tokens, "seqlen": ppl.seqlen,
+                "eval_data": record["eval"]}
+        if extra:
+            known = record.get("eval_extra") or {}
+            missing = sorted(set(extra) - set(known))
+            if missing:
+                raise FlapError(f"corpora {', '.join(missing)} are not in results/prepare_eval.json; "
+                                "rerun: dvc repro prepare_eval")
+            out["perplexity_extra"] = {name: _perplexity(lm, c, known[name], eval_params).ppl
+                                       for name, c in extra.items()}
+    elif what == "zeroshot":
         from ..evaluation import evaluate_zeroshot
+        zs = eval_params["zeroshot"]
         res = evaluate_zeroshot(lm.model, lm.tokenizer, list(zs["tasks"]), zs.get("limit"), zs.get("batch_size", 8),
                                 source=zs.get("source", "local"))
-        out["zeroshot"] = res
-        out["zeroshot_avg"] = res["average"]
-    tp = eval_params.get("throughput") or {}
-    if tp.get("enabled"):
-        out |= _throughput(lm.model, tp, load_dense if selection is not None else None)
+        out |= {"zeroshot": res, "zeroshot_avg": res["average"]}
+    elif what == "speed":
+        out |= _throughput(lm.model, eval_params["throughput"], load_dense if selection is not None else None)
+    else:
+        raise FlapError(f"unknown measurement {what!r}; known: ppl, zeroshot, speed")
     return out

@@ -9,6 +9,7 @@ from ..errors import FlapError
 from ..validate import check_int
 
 MISSING = "???"  # OmegaConf's mark of a mandatory value left unset
+PROTOCOLS = ("quick", "paper")  # conf/protocol/
 
 
 def _get(params: dict, dotted: str):
@@ -59,12 +60,12 @@ def check_params(params: dict) -> dict:
     _int(params, "eval.seqlen", 2, why=" (a window of one token predicts nothing)")
     _int(params, "eval.batch_size", 1)
     _int(params, "eval.max_windows", 1, allow_none=True)
+    if params.get("protocol") not in PROTOCOLS:
+        raise FlapError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {params.get('protocol')!r}")
     if _get(params, "eval.zeroshot") is not None:
-        _bool(params, "eval.zeroshot.enabled", allow_none=False)
         _int(params, "eval.zeroshot.limit", 1, allow_none=True)
         _int(params, "eval.zeroshot.batch_size", 1)
     if _get(params, "eval.throughput") is not None:
-        _bool(params, "eval.throughput.enabled", allow_none=False)
         for key, minimum in (("repeats", 1), ("warmup", 0), ("prompt_len", 1), ("new_tokens", 1)):
             _int(params, f"eval.throughput.{key}", minimum)
         for i, shape in enumerate(_get(params, "eval.throughput.prefill_shapes") or []):

@@ -29,7 +29,7 @@ def kept_per_layer(sel: dict, title: str, out: str | Path) -> None:
     b.set_xlabel("layer")
     fig.suptitle(f"{title}  (removed {sel['achieved_ratio']:.3f})")
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    fig.savefig(out, dpi=100, format="png")
     plt.close(fig)
 
 
@@ -60,7 +60,7 @@ def ppl_vs_ratio(rows: list[dict], dense: float | None, out: str | Path) -> dict
     drawn = {ln.get_label(): [float(x) for x in ln.get_xdata()] for ln in ax.lines
              if not ln.get_label().startswith("_")}
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    fig.savefig(out, dpi=100, format="png")
     plt.close(fig)
     return drawn
 
@@ -79,5 +79,47 @@ def kept_heatmap(sels: dict[str, dict], out: str | Path) -> None:
         fig.colorbar(im, ax=ax, fraction=0.03)
     axes[1].set_xlabel("layer")
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    fig.savefig(out, dpi=100, format="png")
+    plt.close(fig)
+
+
+def ppl_vs_n(rows: list[dict], dense: float | None, out: str | Path) -> None:
+    """Calibration ablation: perplexity vs the number of calibration windows N (log x), one line per
+    corpus and target ratio; the achieved ratio of each line in its label."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    series: dict[tuple[str, float], list[tuple[int, float, float]]] = {}
+    for r in rows:
+        corpus, _, n = str(r.get("calib")).rpartition("-")
+        series.setdefault((corpus, r["ratio"]), []).append((int(n), r["perplexity"], r["achieved_ratio"]))
+    for (corpus, ratio), pts in sorted(series.items()):
+        pts.sort()
+        removed = sum(p[2] for p in pts) / len(pts)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if len(pts) > 1 else "s",
+                label=f"{corpus}, target {ratio:g} (removed {removed:.3f})")
+    if dense is not None:
+        ax.axhline(dense, color="black", ls="--", lw=1, label="dense")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("calibration windows N")
+    ax.set_ylabel("perplexity")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100, format="png")
+    plt.close(fig)
+
+
+def bars(values: dict[str, float | None], label: str, out: str | Path) -> None:
+    """Horizontal bars, one per entry (None: not measured, left out)."""
+    plt = _plt()
+    items = [(k, v) for k, v in values.items() if v is not None]
+    fig, ax = plt.subplots(figsize=(7, 0.8 + 0.35 * max(1, len(items))))
+    ax.barh([k for k, _ in items], [v for _, v in items], color="tab:blue")
+    for i, (_, v) in enumerate(items):
+        ax.annotate(f"{v:.3g}", (v, i), fontsize=7, va="center", ha="left")
+    ax.invert_yaxis()
+    ax.set_xlabel(label)
+    ax.tick_params(axis="y", labelsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100, format="png")
     plt.close(fig)

@@ -26,9 +26,10 @@ def _text_record(corpus: dict, join: str) -> dict:
     return {**text.identity, "text_sha256": sha256_bytes(text.text.encode("utf-8")), "chars": len(text.text)}
 
 
-def prepare(model_params: dict, data_params: dict) -> dict:
-    """The base model's record and the calibration corpus's (results/prepare.json); evaluation corpora
-    are recorded apart (prepare_eval) so that adding one never invalidates calibration."""
+def prepare(model_params: dict, data_params: dict, corpora: list[str]) -> dict:
+    """The base model's record and the calibration corpora's (results/prepare.json), by corpus name;
+    evaluation corpora are recorded apart (prepare_eval) so that adding one never invalidates calibration."""
+    from .records import calib_corpus
     from ..models import load_model
     from ..integrity import check_finite_weights
     lm = load_model(model_params["name"], model_dtype(model_params.get("dtype", "float32")), "cpu")
@@ -37,7 +38,8 @@ def prepare(model_params: dict, data_params: dict) -> dict:
              "weights_sha256": weights_sha256(lm.model), "dtype": model_params.get("dtype", "float32"),
              "params": sum(p.numel() for p in lm.model.parameters())}
     return {"model": model,
-            "calib": _text_record(data_params["calib"], join=" "),  # the official calibration join
+            # the official calibration join
+            "calib": {c: _text_record(calib_corpus(data_params["calib"], c), join=" ") for c in corpora},
             "versions": versions()}
 
 

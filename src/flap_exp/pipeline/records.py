@@ -1,7 +1,8 @@
 """The prepared model and data, and statistics checked against them (refuses mismatched or tampered files).
 
-`results/prepare.json` records what the model and corpora are (identity, weights sha256, text sha256).
-Every later stage that loads the model or reads text or statistics checks them against that record.
+`results/prepare.json` records what the model and the calibration corpora are (identity, weights sha256,
+text sha256 per corpus). Every later stage that loads the model or reads text or statistics checks them
+against that record.
 """
 from __future__ import annotations
 
@@ -9,13 +10,19 @@ from pathlib import Path
 
 from ..errors import FlapError
 from .io import load_tensors, read_json, sha256_bytes
+from .paths import PREPARE, PREPARE_EVAL
 
-PREPARE = "results/prepare.json"
-PREPARE_EVAL = "results/prepare_eval.json"
-CAL_DIR = Path("results/calibrate")
-STATS = CAL_DIR / "stats.safetensors"
-MANIFEST = CAL_DIR / "manifest.json"
-WINDOWS = CAL_DIR / "windows.safetensors"
+
+def calib_corpus(data_calib: dict, corpus: str) -> dict:
+    """The corpus spec of a calibration: data.calib's own (split, path) for its corpus, the defaults else."""
+    return dict(data_calib) if corpus == data_calib["corpus"] else {"corpus": corpus, "split": "train", "path": None}
+
+
+def calib_record(record: dict, corpus: str) -> dict:
+    rec = record["calib"].get(corpus)
+    if rec is None:
+        raise FlapError(f"calibration corpus {corpus!r} is not in {PREPARE}; rerun: dvc repro prepare")
+    return rec
 
 
 def eval_record() -> dict:
@@ -69,15 +76,16 @@ def checked_text(corpus: dict, record: dict, join: str):
 
 
 def check_stats_origin(meta: dict, record: dict, where: str) -> None:
-    m, d = record["model"], record["calib"]
+    m = record["model"]
+    texts = {r["text_sha256"] for r in record["calib"].values()}
     if meta.get("model") != m["identity"] or meta.get("weights_sha256") != m["weights_sha256"]:
         raise FlapError(f"{where}: statistics were computed for model {meta.get('model', {}).get('name')!r} "
                         f"(weights {str(meta.get('weights_sha256'))[:12]}), not the prepared model "
                         f"{m['identity'].get('name')!r} (weights {m['weights_sha256'][:12]}); refusing them")
-    if (meta.get("data") or {}).get("text_sha256") != d["text_sha256"]:
+    if (meta.get("data") or {}).get("text_sha256") not in texts:
         raise FlapError(f"{where}: statistics were computed on other calibration data (sha256 "
-                        f"{str((meta.get('data') or {}).get('text_sha256'))[:12]} != {d['text_sha256'][:12]}); "
-                        "refusing them")
+                        f"{str((meta.get('data') or {}).get('text_sha256'))[:12]} is none of the prepared "
+                        "corpora's); refusing them")
 
 
 def load_checked_stats(path: str | Path, record: dict, manifest: str | Path | None = None):
@@ -89,12 +97,12 @@ def load_checked_stats(path: str | Path, record: dict, manifest: str | Path | No
         mj = read_json(manifest)
         if mj.get("stats_sha256") != sha256_file(path):
             raise FlapError(f"{path} does not match its manifest {manifest} (sha256 differs); "
-                            "refusing tampered statistics: rerun dvc repro -f calibrate")
+                            "refusing tampered statistics: rerun dvc repro -f calibrate@CALIB")
         core = {k: v for k, v in mj.items() if k in meta}
         if core != meta:
             bad = sorted(k for k in meta if mj.get(k) != meta[k])
             raise FlapError(f"{manifest} disagrees with the statistics it describes on {', '.join(bad)}; "
-                            "refusing tampered statistics: rerun dvc repro -f calibrate")
+                            "refusing tampered statistics: rerun dvc repro -f calibrate@CALIB")
     check_stats_origin(meta, record, str(path))
     from ..integrity import check_finite_tensors
     check_finite_tensors(tensors, str(path))  # a sequential cell's statistics have no manifest hash
@@ -112,10 +120,14 @@ def arch_of(record: dict):
     return ArchView(**record["model"]["arch"])
 
 
-def load_checked_windows(manifest: dict):
-    """The calibration windows [N, T], refused unless they are the ones the calibration manifest names."""
+def load_checked_windows(calib: str):
+    """(windows [N, T], manifest) of calibration `calib`, refused unless the windows are the ones its
+    manifest names."""
+    from . import paths
     from .io import load_tensors, sha256_tensor
-    windows = load_tensors(WINDOWS)[0]["windows"]
+    manifest = read_json(paths.manifest(calib))
+    windows = load_tensors(paths.windows(calib))[0]["windows"]
     if sha256_tensor(windows) != manifest["windows_sha256"]:
-        raise FlapError(f"{WINDOWS} does not match {MANIFEST}; refusing it: rerun dvc repro -f calibrate")
-    return windows
+        raise FlapError(f"{paths.windows(calib)} does not match {paths.manifest(calib)}; refusing it: "
+                        f"rerun dvc repro -f calibrate@{calib}")
+    return windows, manifest

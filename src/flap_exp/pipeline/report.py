@@ -1,22 +1,16 @@
-"""Stage report: paper-style tables (markdown + csv) and figures from the evaluate stages' numbers.
+"""Stage report: one report per table of the study (reports/TABLE.md + .csv + a figure where a picture says
+more), an index reports/README.md (protocol, commit, links), and reports/metrics.json + reports/plots/ for
+DVC's own views (`dvc metrics show/diff`, `dvc plots show/diff`, `dvc exp show`).
 
-ablation.csv: one row per evaluated cell (and dense), every number the evaluate stage wrote.
-ablation.md: per target ratio, rows = method (metric, compensation), columns = structure; then rows = method
-(metric/structure), columns = ACHIEVED ratio (to 0.01), so methods are compared at equal budgets. Cells:
-perplexity, the zero-shot average when evaluated, and the achieved ratio beside every number.
-Then, when zero-shot was evaluated, the paper's zero-shot table: one row per method and ratio, one
-column per task (its paper metric, acc or acc_norm, in %) plus the average; and, when throughput was
-measured, the speedup over the dense model; both with the achieved ratio in a column.
+The achieved ratio (the fraction of attention+MLP weights actually removed) stands beside every number and
+is the x axis of every figure; the nominal target is marked. Layouts are a registry keyed by a table's
+`layout` (its name by default): main, ablation, compensation, calibration, zeroshot, speed.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 from .results import achieved_group, method_name
-
-COLUMNS = ["key", "metric", "structure", "ratio", "compensation", "perplexity", "zeroshot_avg", "achieved_ratio",
-           "params_kept", "params_total", "ppl_windows"]
-
 
 def _extras(r: dict) -> dict:
     """Per-task zero-shot scores, extra corpora's perplexities and throughput, as flat CSV columns."""
@@ -71,48 +65,11 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return out + ["| " + " | ".join(r) + " |" for r in rows]
 
 
-def tables(rows: list[dict], dense: dict) -> str:
-    zs = any(r.get("zeroshot_avg") is not None for r in rows + [dense])
-    lines = ["# FLAP pipeline results", "",
-             f"Perplexity on {dense['eval_data'].get('name')} ({dense['ppl_windows']} windows of {dense['seqlen']} "
-             f"tokens){'; zero-shot average accuracy after the slash' if zs else ''}. Dense model: "
-             f"{_cell(dense, removed=False)}. \"(removed x)\": the achieved fraction of attention+MLP weights removed; "
-             "it can miss the target ratio (structure options ul_rounding=floor, min_groups/min_channels), so "
-             "methods are compared by achieved ratio below.", ""]
-    by = {(r["metric"], r["compensation"], r["structure"], r["ratio"]): r for r in rows}
-    for ratio in sorted({r["ratio"] for r in rows}):
-        structs = sorted({r["structure"] for r in rows if r["ratio"] == ratio})
-        methods = sorted({(r["metric"], r["compensation"]) for r in rows if r["ratio"] == ratio})
-        lines += [f"## Target ratio {ratio:g}: metric x structure", ""]
-        lines += _table(["metric"] + structs, [[f"{m} ({c})"] +
-                                              [_cell(by.get((m, c, s, ratio))) for s in structs] for m, c in methods])
-        lines.append("")
-    groups = sorted({achieved_group(r["achieved_ratio"]) for r in rows})
-    meths = sorted({method_name(r) for r in rows})
-    lines += ["## Method x achieved ratio (equal budgets)", "",
-              "Columns: the fraction of attention+MLP weights actually removed, to 0.01.", ""]
-    lines += _table(["method"] + groups,
-                    [[m] + ["; ".join(_cell(r) for r in rows if method_name(r) == m
-                                      and achieved_group(r["achieved_ratio"]) == x) for x in groups] for m in meths])
-    lines.append("")
-    lines += zeroshot_table(rows, dense) + speedup_table(rows)
-    return "\n".join(lines).rstrip("\n") + "\n"
-
-
-COMP_COLUMNS = ["key", "metric", "structure", "ratio", "compensation", "damping", "form", "perplexity",
-                "achieved_ratio", "ppl_windows"]
-
-
-def compensation_rows(rows: list[dict]) -> list[dict]:
-    """One CSV row per evaluated cell: the compensation method and its options beside the numbers."""
-    return [{**r, **(r.get("compensation_options") or {})} for r in rows]
-
-
-def compensation_table(rows: list[dict], dense: dict) -> str:
-    """reports/compensation.md: rows = (metric, structure, ratio), columns = compensation methods (the same
-    selection in every column), then the ratio of each method's perplexity to `bias` where both exist."""
-    from ..catalogue import COMPENSATIONS
-    comps = [c for c in COMPENSATIONS if any(r["compensation"] == c for r in rows)]
+def compensation_table(rows: list[dict], dense: dict) -> list[str]:
+    """Rows = (metric, structure, ratio), columns = compensations (the same selection in every column;
+    conf/compensation/ names, e.g. lsq_dense), then each one's perplexity over `bias`'s where both exist."""
+    order = {c: i for i, c in enumerate(("none", "bias", "lsq"))}
+    comps = sorted({r["compensation"] for r in rows}, key=lambda c: (order.get(c, len(order)), c))
     by = {(r["metric"], r["structure"], r["ratio"], r["compensation"]): r for r in rows}
     opts = sorted({f"{r['compensation']}: " + ", ".join(f"{k}={v}" for k, v in sorted(r["compensation_options"].items()))
                    for r in rows if r.get("compensation_options")})
@@ -123,16 +80,14 @@ def compensation_table(rows: list[dict], dense: dict) -> str:
         cells = {c: by.get((m, s, x, c)) for c in comps}
         removed = next(r["achieved_ratio"] for r in cells.values() if r is not None)
         line = [m, s, f"{x:g}", f"{removed:.3f}"] + [f"{r['perplexity']:.2f}" if r else "" for r in cells.values()]
-        line += [f"{cells[c]['perplexity'] / cells['bias']['perplexity']:.3f}" if cells[c] and cells["bias"] else ""
+        line += [f"{cells[c]['perplexity'] / cells['bias']['perplexity']:.3f}" if cells[c] and cells.get("bias") else ""
                  for c in vs]
         body.append(line)
-    lines = ["# Compensation", "",
-             f"Perplexity on {dense['eval_data'].get('name')} ({dense['ppl_windows']} windows of {dense['seqlen']} "
-             f"tokens); dense model {dense['perplexity']:.2f}. Every column of a row compensates the same selection "
-             "(compensation never changes which units are removed); 'removed' is the achieved ratio.", ""]
+    lines = ["Every column of a row compensates the same selection (compensation never changes which units are "
+             "removed); 'removed' is the achieved ratio.", ""]
     if opts:
         lines += ["Options: " + "; ".join(opts) + ".", ""]
-    return "\n".join(lines + _table(head, body)) + "\n"
+    return lines + _table(head, body) + [""]
 
 
 def _csv(rows: list[dict], columns: list[str]) -> str:
@@ -146,29 +101,183 @@ def _csv(rows: list[dict], columns: list[str]) -> str:
     return buf.getvalue()
 
 
-def report(rows: list[dict], dense: dict, sels: dict, out_dir: str | Path = "reports") -> None:
-    import csv
-    import io
+def main_table(rows: list[dict], dense: dict) -> list[str]:
+    """Rows = method (metric/structure, compensation), columns = ACHIEVED ratio (to 0.01): equal budgets."""
+    groups = sorted({achieved_group(r["achieved_ratio"]) for r in rows})
+    meths = sorted({method_name(r) for r in rows})
+    lines = ["Columns: the fraction of attention+MLP weights actually removed, to 0.01 (methods side by side "
+             "removed the same weights); each cell: perplexity (and the exact achieved ratio).", ""]
+    lines += _table(["method"] + groups,
+                    [[m] + ["; ".join(_cell(r) for r in rows if method_name(r) == m
+                                      and achieved_group(r["achieved_ratio"]) == x) for x in groups] for m in meths])
+    return lines + [""]
 
-    from ..atomic import atomic_dir, atomic_file
-    from .plots import kept_heatmap, ppl_vs_ratio
+
+def ablation_table(rows: list[dict], dense: dict) -> list[str]:
+    """Per target ratio: rows = metric (compensation), columns = structure."""
+    by = {(r["metric"], r["compensation"], r["structure"], r["ratio"]): r for r in rows}
+    lines: list[str] = []
+    for ratio in sorted({r["ratio"] for r in rows}):
+        structs = sorted({r["structure"] for r in rows if r["ratio"] == ratio})
+        methods = sorted({(r["metric"], r["compensation"]) for r in rows if r["ratio"] == ratio})
+        lines += [f"### Target ratio {ratio:g}: metric x structure", ""]
+        lines += _table(["metric"] + structs, [[f"{m} ({c})"] +
+                                              [_cell(by.get((m, c, s, ratio))) for s in structs] for m, c in methods])
+        lines.append("")
+    return lines
+
+
+def calibration_table(rows: list[dict], dense: dict) -> list[str]:
+    """Rows = calibration (corpus, N), columns = the method's target ratios."""
+    by = {(r.get("calib"), r["ratio"]): r for r in rows}
+    ratios = sorted({r["ratio"] for r in rows})
+    calibs = sorted({r.get("calib") for r in rows}, key=lambda c: (str(c).rsplit("-", 1)[0], _n(c)))
+    meths = sorted({method_name(r) for r in rows})
+    lines = [f"Method: {', '.join(meths)}. Rows: the calibration (corpus-N windows of "
+             f"{rows[0].get('seqlen', '')} tokens).", ""]
+    return lines + _table(["calibration"] + [f"ratio {x:g}" for x in ratios],
+                          [[str(c)] + [_cell(by.get((c, x))) for x in ratios] for c in calibs]) + [""]
+
+
+def _n(calib) -> int:
+    try:
+        return int(str(calib).rsplit("-", 1)[1])
+    except (IndexError, ValueError):
+        return 0
+
+
+def _zeroshot(rows: list[dict], dense: dict) -> list[str]:
+    return zeroshot_table(rows, dense)[4:]  # the caption already names the documents and lm-eval
+
+
+def _speed(rows: list[dict], dense: dict) -> list[str]:
+    return speedup_table(rows)[2:]
+
+
+LAYOUTS = {"main": main_table, "ablation": ablation_table, "compensation": compensation_table,
+           "calibration": calibration_table, "zeroshot": _zeroshot, "speed": _speed}
+
+
+def caption(dense: dict, protocol: str, rows: list[dict]) -> str:
+    """What the numbers were measured on, said under every table (the protocol's subsets included)."""
+    calibs = sorted({str(r["calib"]) for r in rows if r.get("calib")})
+    zs = next((r["zeroshot"] for r in rows + [dense] if r.get("zeroshot")), None)
+    text = (f"Protocol **{protocol}**: perplexity on {dense['eval_data'].get('name')} "
+            f"({dense['ppl_windows']} windows of {dense['seqlen']} tokens"
+            f"{'' if protocol == 'paper' else ', a subset of the split'}); dense model {dense['perplexity']:.2f}. "
+            f"Calibration: {', '.join(calibs) or 'none'} (corpus-N windows).")
+    if zs is not None:
+        text += (f" Zero-shot: {'first ' + str(zs.get('limit')) + ' documents per task' if zs.get('limit') else 'full splits'}"
+                 f", lm-eval {zs.get('lm_eval_version')}.")
+    return text + " \"(removed x)\": the achieved fraction of attention+MLP weights removed."
+
+
+def table_report(name: str, table: dict, rows: list[dict], dense: dict, protocol: str) -> str:
+    layout = LAYOUTS.get(table["layout"])
+    if layout is None:
+        from ..errors import FlapError
+        raise FlapError(f"table {name!r}: unknown layout {table['layout']!r}; known: {', '.join(LAYOUTS)}")
+    return "\n".join([f"# {table['title']}", "", caption(dense, protocol, rows), ""]
+                     + layout(rows, dense)).rstrip("\n") + "\n"
+
+
+def metrics_summary(rows: list[dict], dense: dict) -> dict:
+    """reports/metrics.json (dvc metrics show/diff, dvc exp show): per cell its perplexity, achieved ratio,
+    zero-shot average and prefill speedup where measured."""
+    def one(r: dict) -> dict:
+        out = {"perplexity": round(r["perplexity"], 4), "achieved_ratio": round(r["achieved_ratio"], 5)}
+        if r.get("zeroshot_avg") is not None:
+            out["zeroshot_avg"] = round(r["zeroshot_avg"], 5)
+        for w, v in (r.get("speedup") or {}).items():
+            out[f"speedup.{w}"] = round(v, 4)
+        return out
+    return {"dense": one(dense), **{r["key"]: one(r) for r in rows}}
+
+
+def plot_rows(rows: list[dict]) -> list[dict]:
+    """reports/plots/ppl_vs_ratio.csv for `dvc plots show/diff`: achieved ratio vs perplexity per cell."""
+    return [{"method": method_name(r), "ratio": r["ratio"], "achieved_ratio": r["achieved_ratio"],
+             "perplexity": r["perplexity"]} for r in sorted(rows, key=lambda r: (method_name(r), r["achieved_ratio"]))]
+
+
+def index(tables: dict, dense: dict, protocol: str, commit: str | None) -> str:
+    lines = ["# Reports", "",
+             f"Generated by `dvc repro` (stage `report`) under protocol **{protocol}** at commit "
+             f"`{commit or 'unknown'}` (the commit the run started from; uncommitted changes are not named). "
+             f"Dense perplexity {dense['perplexity']:.2f} on {dense['ppl_windows']} windows.", "",
+             "| table | cells | report | data | figure |", "|---|---|---|---|---|"]
+    for name, t in tables.items():
+        fig = f"[figure](figures/{name}.png)"
+        lines.append(f"| {t['title']} | {len(t['cells'])} | [{name}.md]({name}.md) | [{name}.csv]({name}.csv) | {fig} |")
+    lines += ["", "`dvc metrics show` reads metrics.json (perplexity, achieved ratio, zero-shot average, speedup "
+              "per cell); `dvc plots show` draws plots/ppl_vs_ratio.csv and the figures."]
+    return "\n".join(lines) + "\n"
+
+
+def _git_commit() -> str | None:
+    import subprocess
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except OSError:
+        return None
+
+
+def _figure(layout: str, rows: list[dict], dense: dict, sels: dict, out: Path) -> None:
+    """The table's figure: perplexity vs achieved ratio (main, compensation), vs N (calibration), the kept
+    units per layer (ablation), accuracy and speedup bars (zeroshot, speed)."""
+    from .plots import bars, kept_heatmap, ppl_vs_n, ppl_vs_ratio
+    if layout in ("main", "compensation"):
+        label = method_name if layout == "main" else (lambda r: f"{r['metric']}/{r['structure']} {r['compensation']}")
+        ppl_vs_ratio([{**r, "method": label(r)} for r in rows], dense["perplexity"], out)
+    elif layout == "calibration":
+        ppl_vs_n(rows, dense["perplexity"], out)
+    elif layout == "ablation":
+        keys = {r["cell"] for r in rows}
+        adaptive = {k: s for k, s in sels.items() if k in keys and s["structure"].startswith("al_")}
+        kept_heatmap(adaptive or {k: s for k, s in sels.items() if k in keys}, out)
+    elif layout == "zeroshot":
+        bars({"dense": dense.get("zeroshot_avg")} | {f"{method_name(r)} {r['achieved_ratio']:.3f}": r.get("zeroshot_avg")
+                                                     for r in rows}, "zero-shot average accuracy", out)
+    elif layout == "speed":
+        work = next(iter((rows[0].get("speedup") or {"prefill": 0})), "prefill") if rows else "prefill"
+        bars({f"{method_name(r)} {r['achieved_ratio']:.3f}": (r.get("speedup") or {}).get(work) for r in rows},
+             f"speedup over dense ({work})", out)
+
+
+def table_files(name: str, table: dict, rows: list[dict], dense: dict, sels: dict, protocol: str,
+                out_dir: str | Path = "reports") -> None:
+    """reports/NAME.md, reports/NAME.csv and reports/figures/NAME.png of one table."""
+    from ..atomic import atomic_file
     out = Path(out_dir)
-    with atomic_file(out / "ablation.md") as tmp:
-        tmp.write_text(tables(rows, dense), encoding="utf-8")
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, COLUMNS + list(dict.fromkeys(k for r in [dense] + rows for k in _extras(r))), extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
-    dense_row = {**dense, "key": "dense", "metric": "dense", "structure": "", "ratio": 0, "compensation": ""}
-    for r in [dense_row] + rows:
-        w.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in (r | _extras(r)).items()})
-    with atomic_file(out / "ablation.csv") as tmp:
-        tmp.write_text(buf.getvalue(), encoding="utf-8")
-    with atomic_file(out / "compensation.md") as tmp:
-        tmp.write_text(compensation_table(rows, dense), encoding="utf-8")
-    with atomic_file(out / "compensation.csv") as tmp:
-        tmp.write_text(_csv(compensation_rows(rows), COMP_COLUMNS), encoding="utf-8")
-    with atomic_dir(out / "figures") as tmp:
-        ppl_vs_ratio([{**r, "method": method_name(r)} for r in rows], dense["perplexity"], tmp / "ppl_vs_ratio.png")
-        adaptive = {k: s for k, s in sels.items() if s["structure"].startswith("al_")}
-        if adaptive:
-            kept_heatmap(adaptive, tmp / "kept_adaptive_heatmap.png")
+    by_key = {r["key"]: r for r in rows}
+    trows = [by_key[k] for k in table["cells"]]
+    with atomic_file(out / f"{name}.md") as tmp:
+        tmp.write_text(table_report(name, table, trows, dense, protocol), encoding="utf-8")
+    extras = list(dict.fromkeys(k for r in [dense] + trows for k in _extras(r)))
+    with atomic_file(out / f"{name}.csv") as tmp:
+        tmp.write_text(_csv([{**dense, "key": "dense", "metric": "dense", "ratio": 0} | _extras(dense)]
+                            + [r | _extras(r) | (r.get("compensation_options") or {}) for r in trows],
+                            CSV_COLUMNS + extras), encoding="utf-8")
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    with atomic_file(out / "figures" / f"{name}.png") as tmp:
+        _figure(table["layout"], trows, dense, sels, tmp)
+
+
+def index_files(cells: dict, rows: list[dict], dense: dict, protocol: str, out_dir: str | Path = "reports") -> None:
+    """reports/README.md (the index), reports/metrics.json and reports/plots/ppl_vs_ratio.csv."""
+    import json
+
+    from ..atomic import atomic_file
+    out = Path(out_dir)
+    with atomic_file(out / "README.md") as tmp:
+        tmp.write_text(index(cells["tables"], dense, protocol, _git_commit()), encoding="utf-8")
+    with atomic_file(out / "metrics.json") as tmp:
+        tmp.write_text(json.dumps(metrics_summary(rows, dense), indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    (out / "plots").mkdir(parents=True, exist_ok=True)
+    with atomic_file(out / "plots" / "ppl_vs_ratio.csv") as tmp:
+        tmp.write_text(_csv(plot_rows(rows), ["method", "ratio", "achieved_ratio", "perplexity"]), encoding="utf-8")
+
+
+CSV_COLUMNS = ["key", "metric", "structure", "ratio", "compensation", "calib", "damping", "form", "perplexity",
+               "zeroshot_avg", "achieved_ratio", "params_kept", "params_total", "ppl_windows"]

@@ -31,6 +31,31 @@ def search(score_tensors: dict, arch, cell: dict, opts: dict) -> dict:
     return selection_record(sel, arch, cell)
 
 
+def search_units(units: dict, arch, cell: dict, opts: dict) -> dict:
+    """An adaptive structure's selection from the standardize stage's units (groups, channels)."""
+    from ..structures import select_from_units
+    sel = select_from_units(cell["structure"], units["groups"], units["channels"], arch, cell["ratio"], options(opts))
+    return selection_record(sel, arch, cell)
+
+
+def search_file(path: str, arch, cell: dict, opts: dict) -> dict:
+    """The selection of a cell from its input file: standardized units (AL structures) or raw scores (UL)."""
+    from ..errors import FlapError
+    from ..structures import ADAPTIVE_UNITS
+    from .io import load_tensors
+    from .score import checked_scores
+    tensors, meta = load_tensors(path)
+    if meta.get("metric") != cell["metric"]:
+        raise FlapError(f"{path} holds {meta.get('metric')!r} scores, not {cell['metric']!r}; refusing it")
+    adaptive = cell["structure"] in ADAPTIVE_UNITS
+    if adaptive != bool(meta.get("units")):
+        raise FlapError(f"{path}: structure {cell['structure']} reads "
+                        f"{'standardized units' if adaptive else 'raw scores'}, this file holds the other kind")
+    rec = (search_units(tensors, arch, cell, opts) if adaptive
+           else search(checked_scores(tensors, meta, arch, cell["metric"], path), arch, cell, opts))
+    return {**rec, "calib": meta.get("calib")}
+
+
 def search_sequential(model, windows, cell: dict, metric_opts: dict, opts: dict, batch_size: int):
     """(selection record, stats tensors) of a sequentially calibrated cell; prunes `model` in place."""
     from ..arch import ArchView
@@ -42,5 +67,5 @@ def search_sequential(model, windows, cell: dict, metric_opts: dict, opts: dict,
     cfg = PruneConfig(cell["metric"], cell["structure"], float(cell["ratio"]), compensation=CompensationConfig("none"),
                       square_attn=metric_opts.get("square_attn"), sequential=metric_opts.get("sequential"),
                       options=options(opts), batch_size=batch_size)
-    res = prune(model, windows, cfg, progress=False)
+    res = prune(model, windows, cfg, progress=True)
     return selection_record(res.selection, arch, cell), stats_to_tensors(res.stats)

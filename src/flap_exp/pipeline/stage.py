@@ -49,14 +49,14 @@ class Usage:
         return {"seconds": round(time.perf_counter() - self.t0, 3), "peak_rss_mib": round(peak, 1)}
 
 
-USAGE_DIR = Path("results/usage")
-
-
 def write_usage(name: str, usage: Usage) -> None:
-    """Wall time / peak memory of one stage run, kept apart from the outputs later stages depend on
-    (so that a rerun with identical results does not invalidate everything downstream)."""
+    """Wall time / peak memory of one stage run: a side file, not a DVC output (it differs on every run,
+    and would dirty dvc.lock); track reads it for the MLflow runs' real durations when it is there."""
+    import time
+
     from .io import write_json
-    write_json(USAGE_DIR / f"{name}.json", usage.to_dict())
+    from .paths import usage as usage_path
+    write_json(usage_path(name), {**usage.to_dict(), "finished": round(time.time(), 3)})
 
 
 @contextlib.contextmanager
@@ -73,14 +73,15 @@ def stage(name: str) -> Iterator[Usage]:
         sys.exit(2)
 
 
-def cell_args() -> tuple[str, dict]:
-    """The command line of a search cell, `METRIC STRUCTURE RATIO`: its key and {metric, structure, ratio}."""
+def cell_args(*options: str):
+    """The command line of a search cell, `KEY METRIC STRUCTURE RATIO [--OPTION VALUE ...]`: (key,
+    {metric, structure, ratio}, the options' namespace)."""
     import argparse
-
-    from .cells import cell_key
     ap = argparse.ArgumentParser()
-    ap.add_argument("metric")
-    ap.add_argument("structure")
+    for name in ("key", "metric", "structure"):
+        ap.add_argument(name)
     ap.add_argument("ratio", type=float)
+    for o in options:
+        ap.add_argument(f"--{o}", required=True)
     a = ap.parse_args()
-    return cell_key(a.metric, a.structure, a.ratio), {"metric": a.metric, "structure": a.structure, "ratio": a.ratio}
+    return a.key, {"metric": a.metric, "structure": a.structure, "ratio": a.ratio}, a

@@ -138,18 +138,24 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def run_params(cell: dict | None, params: dict, record: dict, manifest: dict) -> dict:
-    calib = params["data"]["calib"]
+def run_params(cell: dict | None, params: dict, record: dict, manifests: dict) -> dict:
+    """The run's params: the cell (method, structure, ratio, compensation and its options), its calibration
+    (corpus, N, T, seed, sha256), the evaluation protocol, versions and the git commit."""
     p = {"model": params["model"]["name"], "model.weights_sha256": record["model"]["weights_sha256"],
-         "calib.corpus": calib["corpus"], "calib.sha256": record["calib"]["text_sha256"],
-         "N": manifest["nsamples"], "T": manifest["seqlen"], "seed": manifest["seed"], "dtype": manifest["dtype"],
+         "protocol": params.get("protocol"),
          "eval.corpus": params["data"]["eval"]["corpus"], "eval.sha256": record["eval"]["text_sha256"],
          "eval.max_windows": params["eval"].get("max_windows"), "eval.seqlen": params["eval"]["seqlen"],
          "git_commit": _git_commit(), "dvc_exp_name": os.environ.get("DVC_EXP_NAME"),
          **{f"version.{k}": v for k, v in record["versions"].items()}}
+    manifest = manifests.get((cell or {}).get("calib"))
+    if manifest is not None:
+        p.update({"calib": cell["calib"], "calib.corpus": manifest["data"].get("name"),
+                  "calib.sha256": manifest["data"]["text_sha256"], "N": manifest["nsamples"], "T": manifest["seqlen"],
+                  "seed": manifest["seed"], "dtype": manifest["dtype"]})
     if cell is not None:
         p.update({"cell": cell["key"], "metric": cell["metric"], "structure": cell["structure"],
-                  "ratio": cell["ratio"], "compensation": cell["compensation"]})
+                  "ratio": cell["ratio"], "compensation": cell["compensation"],
+                  "compensation.method": cell.get("compensation_method")})
         p.update(_flat(cell.get("compensation_options") or {}, f"compensation.{cell['compensation']}."))
         p.update(_flat(params["metrics"][cell["metric"]], f"metric.{cell['metric']}."))
         p.update(_flat(params["structures"][cell["structure"]], f"structure.{cell['structure']}."))
@@ -161,7 +167,7 @@ def run_params(cell: dict | None, params: dict, record: dict, manifest: dict) ->
 def run_metrics(m: dict, usage: dict) -> dict:
     """Evaluation numbers, plus wall time / peak memory of every stage behind the cell."""
     out = {k: float(m[k]) for k in ("perplexity", "achieved_ratio", "params_kept", "model_params") if k in m}
-    for stage, u in {**usage, **(m.get("usage") or {})}.items():
+    for stage, u in usage.items():
         out[f"{stage}_seconds"], out[f"{stage}_peak_rss_mib"] = u["seconds"], u["peak_rss_mib"]
     if m.get("zeroshot_avg") is not None:
         out["zeroshot_avg"] = m["zeroshot_avg"]
@@ -178,12 +184,19 @@ def run_metrics(m: dict, usage: dict) -> dict:
 
 
 def cell_usage(row: dict, root: str | Path = ".") -> dict:
-    """The recorded usage of the stages behind one cell (results/usage/*.json), by stage name."""
-    from .stage import USAGE_DIR
-    names = {"calibrate": "calibrate", "search": f"search@{row['cell']}", "compensate": f"compensate@{row['key']}"}
+    """The recorded usage of the stages behind one cell (results/usage/*.json side files), by stage.
+    Missing when a stage's outputs were restored from DVC's cache rather than computed here."""
+    from . import paths
+    key = row.get("key", paths.DENSE)
+    names = {"evaluate": f"evaluate@{key}"}
+    if row.get("cell"):
+        names |= {"search": f"search@{row['cell']}", "compensate": f"compensate@{key}"}
+        if row.get("calib"):
+            names["calibrate"] = f"calibrate@{row['calib']}"
+    names |= {m: f"{m}@{key}" for m in row.get("measures", [])}
     out = {}
     for stage, name in names.items():
-        f = Path(root) / USAGE_DIR / f"{name}.json"
+        f = Path(root) / paths.usage(name)
         if f.exists():
             out[stage] = json.loads(f.read_text())
     return out
@@ -200,36 +213,56 @@ def ratio_tags(row: dict | None) -> dict:
             "flap.achieved_ratio": achieved_group(row["achieved_ratio"])}
 
 
-def _upsert(client, exp_id: str, key: str, params: dict, metrics: dict, selection: dict | None, title: str,
-            tags: dict | None = None) -> str:
+def table_tags(tables: list[str], protocol: str) -> dict:
+    """`flap.tables` (comma list) and one `flap.table.NAME = 1` per table, so the UI filters a table with
+    tags.`flap.table.main` = '1'; `flap.protocol` separates quick from paper runs."""
+    return {"flap.tables": ",".join(tables), "flap.protocol": protocol, **{f"flap.table.{t}": "1" for t in tables}}
+
+
+def _times(usage: dict) -> tuple[int, int] | None:
+    """(start, end) in ms of the work behind a run: the stages' total time, ending when the last finished."""
+    done = [u for u in usage.values() if u.get("finished")]
+    if not done:
+        return None
+    end = max(u["finished"] for u in done)
+    return int((end - sum(u["seconds"] for u in usage.values())) * 1000), int(end * 1000)
+
+
+def _upsert(client, exp_id: str, key: str, name: str, params: dict, metrics: dict, selection: dict | None,
+            tags: dict, times: tuple[int, int] | None) -> str:
     """The cell's run: kept if nothing changed, else the old one is deleted and a new one logged."""
     from .plots import kept_per_layer
-    tags = tags or {}
-    fp = sha256_text(json.dumps([params | {"git_commit": None, "dvc_exp_name": None}, metrics,
-                                 selection] + ([tags] if tags else []), sort_keys=True, default=str))
+    fp = sha256_text(json.dumps([params | {"git_commit": None, "dvc_exp_name": None}, metrics, selection, tags],
+                                sort_keys=True, default=str))
     old = client.search_runs([exp_id], filter_string=f"tags.`flap.cell` = '{key}'")
     if len(old) == 1 and old[0].data.tags.get("flap.fingerprint") == fp:
         return old[0].info.run_id
     for r in old:
         client.delete_run(r.info.run_id)
-    run = client.create_run(exp_id, run_name=key, tags={**tags, "flap.cell": key, "flap.fingerprint": fp})
+    import time
+    start, end = times or (None, None)
+    run = client.create_run(exp_id, run_name=name, start_time=start,
+                            tags={**tags, "flap.cell": key, "flap.fingerprint": fp})
     rid = run.info.run_id
     from mlflow.entities import Metric, Param
-    import time
-    now = int(time.time() * 1000)
+    now = end or int(time.time() * 1000)
     client.log_batch(rid, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()],
                      params=[Param(k, str(v)[:6000]) for k, v in params.items()])
     if selection is not None:
         with tempfile.TemporaryDirectory() as tmp:
             (Path(tmp) / "selection.json").write_text(json.dumps(selection, indent=1))
-            kept_per_layer(selection, title, Path(tmp) / "kept_per_layer.png")
+            kept_per_layer(selection, name, Path(tmp) / "kept_per_layer.png")
             client.log_artifacts(rid, tmp)
-    client.set_terminated(rid)
+    client.set_terminated(rid, end_time=end)
     return rid
 
 
-def track(params: dict, record: dict, manifest: dict, rows: list[dict], dense: dict, sels: dict) -> dict:
-    """Log every cell (and dense); returns {cell key: run id} and where they went."""
+#: MLflow 3 opens an experiment of unknown kind in its GenAI view; this tag opens the runs table.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
+def track(params: dict, record: dict, manifests: dict, rows: list[dict], dense: dict, sels: dict) -> dict:
+    """Log every cell (and dense), one run per cell and protocol; returns {run key: run id} and where."""
     import mlflow
     from mlflow.tracking import MlflowClient
     uri = preflight()
@@ -237,14 +270,22 @@ def track(params: dict, record: dict, manifest: dict, rows: list[dict], dense: d
     client = MlflowClient(uri)
     name = params.get("mlflow", {}).get("experiment") or f"flap-{record['model']['identity'].get('name', 'model')}"
     exp = client.get_experiment_by_name(name)
-    exp_id = exp.experiment_id if exp else client.create_experiment(name)
-    runs = {"dense": _upsert(client, exp_id, "dense", run_params(None, params, record, manifest),
-                             run_metrics(dense, {}), None, "dense", ratio_tags(None))}
+    exp_id = exp.experiment_id if exp else client.create_experiment(name, tags=EXPERIMENT_KIND)
+    for k, v in EXPERIMENT_KIND.items():
+        client.set_experiment_tag(exp_id, k, v)
+    protocol = params.get("protocol", "quick")
+    from .results import run_name
+    du = cell_usage(dense)
+    runs = {"dense": _upsert(client, exp_id, f"dense@{protocol}", run_name(None, protocol),
+                             run_params(None, params, record, manifests), run_metrics(dense, du), None,
+                             {**ratio_tags(None), **table_tags(["main", "zeroshot"], protocol)}, _times(du))}
     for row in rows:
-        runs[row["key"]] = _upsert(client, exp_id, row["key"], run_params(row, params, record, manifest),
-                                   run_metrics(row, cell_usage(row)), sels[row["cell"]], row["key"],
-                                   ratio_tags(row))
-    return {"tracking_uri": uri, "experiment": name, "experiment_id": exp_id, "runs": runs}
+        u = cell_usage(row)
+        runs[row["key"]] = _upsert(client, exp_id, f"{row['key']}@{protocol}", run_name(row, protocol),
+                                   run_params(row, params, record, manifests), run_metrics(row, u),
+                                   sels[row["cell"]], {**ratio_tags(row), **table_tags(row["tables"], protocol)},
+                                   _times(u))
+    return {"tracking_uri": uri, "experiment": name, "experiment_id": exp_id, "protocol": protocol, "runs": runs}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,46 @@
+"""The end of `make run`: every cell's perplexity and achieved ratio, table by table, and where to look next.
+`python -m flap_exp.pipeline.summary` (reads params.yaml, cells.yaml and results/; computes nothing)."""
+from __future__ import annotations
+
+import sys
+
+from ..errors import FlapError
+
+
+def summary(params: dict, cells: dict, rows: list[dict], dense: dict) -> str:
+    from .results import method_name
+    from .tracking import tracking_uri
+    by = {r["key"]: r for r in rows}
+    lines = [f"flap-exp study, protocol {params.get('protocol')}: {len(rows)} cells, dense perplexity "
+             f"{dense['perplexity']:.2f} ({dense['ppl_windows']} windows)"]
+    for name, t in cells["tables"].items():
+        lines.append(f"\n{t['title']}  -> reports/{name}.md")
+        for key in t["cells"]:
+            r = by[key]
+            extra = f"  zero-shot {100 * r['zeroshot_avg']:.1f}%" if r.get("zeroshot_avg") is not None else ""
+            extra += "".join(f"  speedup {w} {v:.2f}x" for w, v in (r.get("speedup") or {}).items())
+            calib = f" {r['calib']}" if r.get("calib") else ""
+            lines.append(f"  {method_name(r) + calib:<44} target {r['ratio']:<4g} removed {r['achieved_ratio']:.3f}"
+                         f"  ppl {r['perplexity']:>10.2f}{extra}")
+    lines += ["", "Reports: reports/README.md (one markdown + CSV + figure per table); dvc metrics show; dvc plots show",
+              f"MLflow: {tracking_uri()} (make mlflow-ui, then http://127.0.0.1:5000)"]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    from .cells import load_cells
+    from .results import collect
+    from .stage import load_params
+    try:
+        p = load_params()
+        cells = load_cells(p)
+        rows, dense, _ = collect(cells)
+    except FlapError as err:
+        print(f"summary: error: {err}", file=sys.stderr)
+        return 2
+    print(summary(p, cells, rows, dense))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
