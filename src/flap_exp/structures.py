@@ -19,8 +19,8 @@ generalised as int(group cost / channel cost): a compatibility mode that reprodu
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -161,7 +161,8 @@ def al_am(scores: Scores, arch: ArchView, ratio: float, opts: StructureOptions) 
     """FLAP: rank all groups and channels together, each weighted by its exact parameter cost."""
     groups, channels = standardized_units(scores, arch)
     if ratio == 0:  # the official search would still drop the lowest unit (keep > tau)
-        return Selection(list(torch.ones_like(groups, dtype=torch.bool)), list(torch.ones_like(channels, dtype=torch.bool)))
+        return Selection(list(torch.ones_like(groups, dtype=torch.bool)),
+                         list(torch.ones_like(channels, dtype=torch.bool)))
     units = torch.cat([groups.flatten(), channels.flatten()])
     cost = torch.cat([torch.full((groups.numel(),), group_cost(arch, opts.head_cost), dtype=torch.float64),
                       torch.ones(channels.numel(), dtype=torch.float64)])
