@@ -28,8 +28,8 @@ test: $(VENV_OK)
 
 # Style and static checks (CI runs this before `make test`); the rule sets are in pyproject.toml.
 lint: $(VENV_OK)
-	.venv/bin/ruff check src stages tests bench conf
-	.venv/bin/mypy src
+	$(PY) -m ruff check src stages tests bench conf
+	$(PY) -m mypy src
 
 bench: $(VENV_OK)
 	$(PY) bench/bench_core.py
