@@ -6,7 +6,7 @@ VENV_OK := .venv/.installed
 WIKITEXT2 ?= $(abspath $(wildcard ../shared/data/wikitext-2-raw))
 export FLAP_EXP_WIKITEXT2 := $(WIKITEXT2)
 
-.PHONY: setup run test bench clean compose mlflow-ui
+.PHONY: setup run test lint bench clean compose mlflow-ui
 
 setup: $(VENV_OK)
 
@@ -27,11 +27,16 @@ run: $(VENV_OK)
 test: $(VENV_OK)
 	$(PY) -m pytest -q -p no:cacheprovider
 
+# Style and static checks (CI runs this before `make test`); the rule sets are in pyproject.toml.
+lint: $(VENV_OK)
+	$(PY) -m ruff check src stages tests bench conf
+	$(PY) -m mypy src
+
 bench: $(VENV_OK)
 	$(PY) bench/bench_core.py
 
 clean:
-	rm -rf out .pytest_cache
+	rm -rf out .pytest_cache .mypy_cache .ruff_cache
 
 # --- the study pipeline (dvc.yaml, conf/): `make run` (every table, quick protocol), `make run PROTOCOL=paper`,
 # `make run EXP=ablation OVERRIDES="eval.max_windows=32"` (one table, a smaller subset)

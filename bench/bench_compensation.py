@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import math
 import os
@@ -162,7 +163,7 @@ def main() -> None:
         rows = []
         for r in choice_ratios:
             try:
-                comps, dt = timed(lambda: lsq(flap[r], d, "sequential"))
+                comps, dt = timed(functools.partial(lsq, flap[r], d, "sequential"))
             except FlapError as err:  # e.g. a singular covariance at damping 0: a result, not a crash
                 print(f"damping {d} at {r}: {err}", flush=True)
                 rows = []
@@ -176,7 +177,7 @@ def main() -> None:
     for form in [f for f in a.forms.split(",") if f != "sequential"]:
         rows = []
         for r in choice_ratios:
-            comps, dt = timed(lambda: lsq(flap[r], damping, form))
+            comps, dt = timed(functools.partial(lsq, flap[r], damping, form))
             timing[(form, r)] = dt
             rows.append(row(f"flap@{r}", flap[r], "lsq", comps, test=False, form=form, damping=damping))
         forms[form] = gmean_heldout(rows)

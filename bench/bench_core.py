@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import os
 import resource
@@ -57,11 +58,11 @@ def prefill_speed(models: dict, batch: int, seqlen: int, repeats: int, logits_to
     x = torch.randint(0, 1000, (batch, seqlen))
     kw = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}
     times = {k: [] for k in models}
-    for k, m in models.items():  # warm-up
+    for m in models.values():  # warm-up
         m(input_ids=x, use_cache=False, **kw)
     for _ in range(repeats):  # interleaved, so drift in machine load hits both alike
         for k, m in models.items():
-            _, dt = timed(lambda: m(input_ids=x, use_cache=False, **kw))
+            _, dt = timed(functools.partial(m, input_ids=x, use_cache=False, **kw))
             times[k].append(dt)
     return {k: {"median_s": statistics.median(v), "min_s": min(v), "max_s": max(v),
                 "tokens_per_s": batch * seqlen / statistics.median(v)} for k, v in times.items()}

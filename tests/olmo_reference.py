@@ -73,7 +73,7 @@ def _parse_mc(query: str, n: int) -> tuple[str, list[str]]:
     for k in range(n):
         cuts.append(body.index(f"\n {chr(ord('A') + k)}. ", cuts[-1] if cuts else 0))
     ends = cuts[1:] + [len(body)]
-    return body[:cuts[0]], [body[c + len("\n A. "):e] for c, e in zip(cuts, ends)]
+    return body[:cuts[0]], [body[c + len("\n A. "):e] for c, e in zip(cuts, ends, strict=True)]
 
 
 def _boolq_rows() -> list[dict]:
@@ -83,7 +83,7 @@ def _boolq_rows() -> list[dict]:
     mc = _docs(ROW_SOURCES["boolq"][1])
     assert len(plain) == len(mc)
     rows = []
-    for i, (p, m) in enumerate(zip(plain, mc)):
+    for i, (p, m) in enumerate(zip(plain, mc, strict=True)):
         tail = f"\nQuestion: {p['question']}?\n A. yes\n B. no\nAnswer:"
         assert m["query"].endswith(tail), i
         passage = m["query"][:-len(tail)]

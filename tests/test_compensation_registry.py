@@ -13,8 +13,16 @@ import flap_exp  # noqa: F401  (registers flap_llama for from_pretrained)
 from flap_exp import cli
 from flap_exp.arch import ArchView
 from flap_exp.calibrate import collect_stats
-from flap_exp.compensation import (COMPENSATIONS, CompensationConfig, LayerComp, check_config, compensate,
-                                   comps_from_tensors, comps_to_tensors, get_compensation)
+from flap_exp.compensation import (
+    COMPENSATIONS,
+    CompensationConfig,
+    LayerComp,
+    check_config,
+    compensate,
+    comps_from_tensors,
+    comps_to_tensors,
+    get_compensation,
+)
 from flap_exp.compensation.bias import compensation_biases
 from flap_exp.errors import FlapError
 from flap_exp.metrics import channel_scores, get_metric
@@ -60,7 +68,7 @@ def test_registry_none_and_bias(model, windows):
     comps = compensate(model, sel, arch, CompensationConfig("bias"), stats=stats)
     want = compensation_biases(model, stats, sel, arch)
     assert len(comps) == arch.num_layers
-    for c, (o, d) in zip(comps, want):
+    for c, (o, d) in zip(comps, want, strict=True):
         assert torch.equal(c.o_bias, o) and torch.equal(c.down_bias, d) and c.o_weight is None
 
 
@@ -76,7 +84,7 @@ def test_serialization_round_trip_and_shape_checks(model, windows):
     t = comps_to_tensors(comps)
     assert "layers.0.o_proj.weight" in t and "layers.0.down_proj.weight" not in t and "layers.1.down_proj.bias" in t
     back = comps_from_tensors(t, sel, arch)
-    for a, b in zip(comps, back):
+    for a, b in zip(comps, back, strict=True):
         for f in ("o_bias", "down_bias", "o_weight", "down_weight"):
             x, y = getattr(a, f), getattr(b, f)
             assert (x is None and y is None) or torch.equal(x, y)

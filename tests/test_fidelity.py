@@ -23,8 +23,8 @@ import torch
 
 from flap_exp.arch import ArchView
 from flap_exp.metrics import channel_scores, get_metric
-from flap_exp.structures import StructureOptions, get_structure, group_scores, standardize, ul_layer
 from flap_exp.selection import Selection
+from flap_exp.structures import StructureOptions, get_structure, group_scores, standardize, ul_layer
 
 from conftest import SHARED
 
@@ -80,7 +80,7 @@ def official():
 
 
 def _official_scores(official: dict, dtype=torch.float64):
-    return [(l["attn_metric"].to(dtype), l["mlp_metric"].to(dtype)) for l in official["layers"]]
+    return [(layer["attn_metric"].to(dtype), layer["mlp_metric"].to(dtype)) for layer in official["layers"]]
 
 
 def test_fixture_is_what_the_docstring_says(official):
@@ -128,11 +128,11 @@ def test_metric_on_official_statistics_reproduces_official_masks(official, mha_m
     """flap_exp's WIFV on the official fluctuation (`*_fluc`) and the real weights: the official masks."""
     from flap_exp.stats import ChannelStats, LayerStats
 
-    def fake(l: dict, kind: str) -> ChannelStats:  # a ChannelStats whose var is the official fluctuation
-        n = l[f"{kind}_nsamples"]
-        return ChannelStats(n, l[f"{kind}_baseline"].double(), l[f"{kind}_fluc"].double() * (n - 1),
-                            torch.zeros_like(l[f"{kind}_baseline"].double()))
-    stats = [LayerStats(fake(l, "attn"), fake(l, "mlp")) for l in official["layers"]]
+    def fake(layer: dict, kind: str) -> ChannelStats:  # a ChannelStats whose var is the official fluctuation
+        n = layer[f"{kind}_nsamples"]
+        return ChannelStats(n, layer[f"{kind}_baseline"].double(), layer[f"{kind}_fluc"].double() * (n - 1),
+                            torch.zeros_like(layer[f"{kind}_baseline"].double()))
+    stats = [LayerStats(fake(layer, "attn"), fake(layer, "mlp")) for layer in official["layers"]]
     scores = channel_scores(get_metric("wifv"), mha_model, stats)
     sel = get_structure("al_am")(scores, ARCH, 0.2, OFFICIAL)
     heads, chans = _differences(sel, _decisions("flap_p0.2_WIFV_AL-AM_real"))
@@ -167,7 +167,7 @@ def our_stats(mha_model):
 @pytest.mark.slow
 def test_statistics_match_official_means(official, our_stats):
     stats, _ = our_stats
-    for ours, theirs in zip(stats, official["layers"]):
+    for ours, theirs in zip(stats, official["layers"], strict=False):  # our first k layers
         for kind in ("attn", "mlp"):
             s = getattr(ours, kind)
             assert s.count == theirs[f"{kind}_nsamples"] * 128
@@ -187,7 +187,7 @@ def test_our_statistics_reproduce_official_decisions(run, our_stats):
         tau = dec["threshold"]
         sel = Selection(list(group_scores(attn, ARCH, "mean") > tau), list(mlp > tau))
     else:  # UL-UM decides each layer alone; the official run used the floor rule
-        sel = Selection(*map(list, zip(*(ul_layer(a, m, ARCH, ratio, OFFICIAL) for a, m in scores))))
+        sel = Selection(*map(list, zip(*(ul_layer(a, m, ARCH, ratio, OFFICIAL) for a, m in scores), strict=True)))
     per_layer = [_differences(sel, dec, range(i, i + 1)) for i in range(k)]
     heads, chans = sum(h for h, _ in per_layer), sum(c for _, c in per_layer)
     print(f"{run}: first {k} layers, {heads} heads and {chans} channels differ "

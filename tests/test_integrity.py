@@ -18,7 +18,7 @@ from flap_exp import models
 from flap_exp.arch import ArchView
 from flap_exp.errors import FlapError
 from flap_exp.integrity import files_sha256
-from flap_exp.metrics import METRICS, Metric, channel_scores, get_metric
+from flap_exp.metrics import METRICS, Metric
 from flap_exp.persist import MANIFEST, load_pruned, read_manifest, save_pruned
 from flap_exp.ppl import perplexity
 from flap_exp.prune import PruneConfig, prune
@@ -52,7 +52,7 @@ def cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 def cli_error(r: subprocess.CompletedProcess) -> str:
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr and r.stdout == "", (r.stdout, r.stderr)
-    lines = [l for l in r.stderr.splitlines() if l.startswith("flap-exp: error:")]
+    lines = [line for line in r.stderr.splitlines() if line.startswith("flap-exp: error:")]
     assert len(lines) == 1, r.stderr
     return lines[0]
 
@@ -116,7 +116,8 @@ def _scores(arch: ArchView, bad_layer: int, module: int, value: float):
 
 
 @pytest.mark.parametrize("structure", list(STRUCTURES))
-@pytest.mark.parametrize("module,name", [(0, "attention (o_proj input channels)"), (1, "mlp (down_proj input channels)")])
+@pytest.mark.parametrize("module,name", [(0, "attention (o_proj input channels)"),
+                                         (1, "mlp (down_proj input channels)")])
 def test_nan_score_never_reaches_a_selection(structure, module, name, model):
     arch = ArchView.from_config(model.config)
     with pytest.raises(FlapError) as err:
@@ -253,8 +254,8 @@ def test_bias_file_checked_against_selection_weights_and_model(model, windows, t
     from flap_exp.calibrate import collect_stats
     from flap_exp.pipeline.compensate import compensate, load_compensation
     from flap_exp.pipeline.io import save_tensors
-    from flap_exp.pipeline.search import search
     from flap_exp.pipeline.score import score
+    from flap_exp.pipeline.search import search
     arch = ArchView.from_config(model.config)
     stats = collect_stats(model, windows, progress=False)
     sel = search(score(model, stats, "wifv", None), arch, {"metric": "wifv", "structure": "al_am", "ratio": 0.4}, {})
@@ -311,10 +312,12 @@ def test_invalid_json_records_and_manifests(content, msg, tmp_path):
     (tmp_path / MANIFEST).write_bytes(content)
     with pytest.raises(FlapError) as err:
         read_manifest(tmp_path)
-    assert one_line(err) == f"{tmp_path / MANIFEST} {msg}; the directory is damaged: prune again (flap-exp prune ... --out DIR)"
+    assert one_line(err) == (f"{tmp_path / MANIFEST} {msg}; the directory is damaged: "
+                             "prune again (flap-exp prune ... --out DIR)")
     before = snapshot(tmp_path)
     r = cli(["ppl", str(tmp_path)], tmp_path)
-    assert cli_error(r) == f"flap-exp: error: {tmp_path / MANIFEST} {msg}; the directory is damaged: prune again (flap-exp prune ... --out DIR)"
+    assert cli_error(r) == (f"flap-exp: error: {tmp_path / MANIFEST} {msg}; the directory is damaged: "
+                            "prune again (flap-exp prune ... --out DIR)")
     assert snapshot(tmp_path) == before
 
 
@@ -328,7 +331,8 @@ def test_damaged_safetensors_and_manifest_without_hashes(tmp_path):
     (tmp_path / MANIFEST).write_text(json.dumps({"selection": {}}))
     with pytest.raises(FlapError) as err:
         read_manifest(tmp_path)
-    assert one_line(err) == f"{tmp_path / MANIFEST} has no 'weights_sha256' record; the directory is damaged: prune again"
+    assert one_line(err) == (f"{tmp_path / MANIFEST} has no 'weights_sha256' record; "
+                             "the directory is damaged: prune again")
 
 
 def test_nan_statistics_without_manifest_refused(tmp_path, model, windows):
@@ -430,7 +434,8 @@ def fake_embedded(tmp_path, monkeypatch, model_dir):
         conversions.append(name)
         with atomic_dir(out) as tmp:
             shutil.copytree(model_dir, tmp, dirs_exist_ok=True)
-            ident = {"name": name, "source": "test", models.WEIGHTS_KEY: files_sha256(tmp, [p.name for p in tmp.iterdir()])}
+            ident = {"name": name, "source": "test",
+                     models.WEIGHTS_KEY: files_sha256(tmp, [p.name for p in tmp.iterdir()])}
             (tmp / models.IDENTITY).write_text(json.dumps(ident))
     monkeypatch.setattr(models, "_convert", convert)
     return tmp_path / "cache" / "models" / "tiny-embedded", conversions
@@ -509,7 +514,7 @@ def test_prepared_weights_edited_in_place_are_refused(model_dir):
 from test_pipeline import DVC, ran, repo as pipeline_repo, sh  # noqa: E402,F401  (the tiny DVC repository)
 
 
-def test_local_weights_edited_in_place_rerun_calibration(pipeline_repo):
+def test_local_weights_edited_in_place_rerun_calibration(pipeline_repo):  # noqa: F811  (a pytest fixture)
     """model=local: the directory is a DVC dependency of prepare, and no stage labels statistics with the
     hash of weights it did not load (a stage run against a stale prepare.json is refused)."""
     repo = pipeline_repo
@@ -519,7 +524,7 @@ def test_local_weights_edited_in_place_rerun_calibration(pipeline_repo):
     poison(repo / "models" / "tiny", "model.layers.0.mlp.up_proj.weight", 0.125)
     outs = snapshot(repo / "results")
     p = sh(repo, sys.executable, "stages/calibrate.py", check=False)
-    errors = [l for l in p.stderr.splitlines() if "error" in l]  # (transformers prints a progress bar)
+    errors = [line for line in p.stderr.splitlines() if "error" in line]  # (transformers prints a progress bar)
     assert p.returncode == 2 and "Traceback" not in p.stderr and len(errors) == 1, p.stderr
     assert errors[0].startswith("calibrate: error: model 'models/tiny': its weights changed since prepare recorded "
                                 "them (sha256 ") and errors[0].endswith("); rerun: dvc repro prepare")

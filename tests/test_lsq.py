@@ -87,7 +87,7 @@ def test_solve_large_damping_is_flap_bias_and_converges_monotonically():
     for damping in (0.0, 0.1, 10.0, 1e3, 1e9):
         w_k, b = lsq_solve(w, acc.cov, acc.mean, keep, damping)
         dists.append(float((w_k - w[:, keep]).norm()))
-    assert all(a > b for a, b in zip(dists, dists[1:])) and dists[0] > 0.1
+    assert all(a > b for a, b in zip(dists, dists[1:], strict=False)) and dists[0] > 0.1
     torch.testing.assert_close(w_k, w[:, keep], rtol=0, atol=1e-7)
     torch.testing.assert_close(b, compensation_bias(w, keep, acc.mean), rtol=1e-7, atol=1e-7)
 
@@ -138,7 +138,7 @@ def al_am(model, windows, p=0.4, **opts):
 def test_large_damping_gives_flap_bias_on_the_model(model, windows):
     arch, stats, sel = al_am(model, windows)
     comps = lsq_compensation(model, sel, arch, windows, CompensationConfig("lsq", 1e9, "dense"), progress=False)
-    for i, ((o_b, d_b), c) in enumerate(zip(compensation_biases(model, stats, sel, arch), comps)):
+    for i, ((o_b, d_b), c) in enumerate(zip(compensation_biases(model, stats, sel, arch), comps, strict=True)):
         layer = model.model.layers[i]
         torch.testing.assert_close(c.o_weight, layer.self_attn.o_proj.weight[:, sel.channel_mask(i, arch)].double(),
                                    rtol=0, atol=1e-6)
@@ -252,7 +252,7 @@ def test_holding_the_kept_mlp_inputs_or_recomputing_them_gives_the_same_result(w
     arch, _, sel = al_am(model, windows, 0.5)
     held = lsq_compensation(model, sel, arch, windows, LSQ, progress=False)
     recomputed = lsq_compensation(model, sel, arch, windows, LSQ, progress=False, store_budget=0)
-    for a, b in zip(held, recomputed):
+    for a, b in zip(held, recomputed, strict=True):
         for x, y in ((a.o_weight, b.o_weight), (a.down_weight, b.down_weight), (a.o_bias, b.o_bias),
                      (a.down_bias, b.down_bias)):
             torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6)

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 
 from flap_exp.calibrate import collect_stats
-from flap_exp.metrics import METRICS, channel_scores, get_metric
 from flap_exp.errors import FlapError
+from flap_exp.metrics import METRICS, channel_scores, get_metric
 
 from reference import capture_inputs, metric_np
 

@@ -7,8 +7,8 @@ from flap_exp.pipeline.tracking import ratio_tags
 
 
 def _row(metric, structure, ratio, achieved, ppl, zs=None):
-    r = {"metric": metric, "structure": structure, "ratio": ratio, "compensation": "bias" if metric == "wifv" else "none",
-         "achieved_ratio": achieved, "perplexity": ppl}
+    r = {"metric": metric, "structure": structure, "ratio": ratio,
+         "compensation": "bias" if metric == "wifv" else "none", "achieved_ratio": achieved, "perplexity": ppl}
     if zs:
         r["zeroshot"] = {"tasks": {t: {"score": v, "metric": "acc"} for t, v in zs.items()}, "limit": 10,
                          "lm_eval_version": "0.4.13", "source": "local"}

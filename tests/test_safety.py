@@ -323,10 +323,14 @@ def test_outputs_follow_the_umask(ws, capsys, mask, dmode, fmode):
     (["--device", "foo"], "unknown device 'foo'; valid: auto, cpu, cuda (or cuda:N)"),
     (["--min-groups", "3"], "--min-groups 3 is above the model's 2 k/v groups per layer"),
     (["--min-channels", "49"], "--min-channels 49 is above the model's 48 MLP channels per layer"),
-    (["--remove-groups", "7", "--structure", "al_mm"], "--remove-groups 7 is above the model's 6 k/v groups (3 layers x 2)"),
-    (["--remove-groups", "2", "--structure", "ul_mm", "--min-groups", "2"], "--remove-groups 2 cannot be met with --min-groups 2"),
-    (["--remove-groups", "6", "--structure", "al_mm", "--ratio", "0.2"], "ratio 0.2 cannot be met: --remove-groups 6 alone removes 0.4000"),
-    (["--min-groups", "2", "--min-channels", "48"], "ratio 0.2 cannot be met: --min-groups 2 / --min-channels 48 leave at most 0.0000"),
+    (["--remove-groups", "7", "--structure", "al_mm"],
+     "--remove-groups 7 is above the model's 6 k/v groups (3 layers x 2)"),
+    (["--remove-groups", "2", "--structure", "ul_mm", "--min-groups", "2"],
+     "--remove-groups 2 cannot be met with --min-groups 2"),
+    (["--remove-groups", "6", "--structure", "al_mm", "--ratio", "0.2"],
+     "ratio 0.2 cannot be met: --remove-groups 6 alone removes 0.4000"),
+    (["--min-groups", "2", "--min-channels", "48"],
+     "ratio 0.2 cannot be met: --min-groups 2 / --min-channels 48 leave at most 0.0000"),
     (["--calib-path", "latin1.txt"], "latin1.txt is not UTF-8 text: byte 0xe9 at offset 6 (invalid continuation byte)"),
     (["--calib-path", "missing.txt"], "corpus 'text' needs an existing file path, got 'missing.txt'"),
     (["--eval", "--eval-data", "text", "--eval-data-path", "missing.txt"], "corpus 'text' needs an existing file path"),
@@ -355,7 +359,8 @@ def test_cuda_without_a_gpu(ws, capsys, no_loading):
 def test_remove_groups_ignored_by_al_am_is_a_warning(ws, capsys):
     rc, err = run_main(prune_args("out", "--remove-groups", "2"), capsys)
     assert rc == 0
-    assert "flap-exp: warning: --remove-groups is used by the MM structures (ul_mm, al_mm) only; ignored by al_am" in err
+    assert ("flap-exp: warning: --remove-groups is used by the MM structures (ul_mm, al_mm) only; "
+            "ignored by al_am") in err
 
 
 @pytest.mark.parametrize("extra,msg", [

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from flap_exp.hooks import input_hooks
-from flap_exp.stats import ChannelStats, stats_from_tensors, stats_to_tensors, LayerStats
+from flap_exp.stats import ChannelStats, LayerStats, stats_from_tensors, stats_to_tensors
 
 
 @pytest.mark.parametrize("splits", [[1000], [1, 999], [7, 300, 2, 691], [500, 500]])

@@ -13,7 +13,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from conftest import tiny_model
 from flap_exp.calibrate import collect_stats
 from flap_exp.errors import FlapError
 from flap_exp.persist import load_pruned, save_pruned
@@ -23,6 +22,8 @@ from flap_exp.runtime import parse_bytes, resolve_device, resolve_dtype
 from flap_exp.shards import INDEX
 from flap_exp.stream_prune import prune_streamed
 from flap_exp.streaming import StreamedModel, stream_perplexity, stream_stats
+
+from conftest import tiny_model
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here: GPU variant not exercised")
@@ -62,7 +63,7 @@ def load(folder, dtype=torch.float32, device="cpu"):
 
 def assert_stats_equal(a, b, rtol=0.0):
     assert len(a) == len(b)
-    for la, lb in zip(a, b):
+    for la, lb in zip(a, b, strict=True):
         for sa, sb in ((la.attn, lb.attn), (la.mlp, lb.mlp)):
             assert sa.count == sb.count and sa.mean.dtype == torch.float64 == sb.m2.dtype
             for x, y in ((sa.mean, sb.mean), (sa.m2, sb.m2), (sa.meansq, sb.meansq)):
@@ -318,7 +319,7 @@ def write_random_checkpoint(cfg: LlamaConfig, folder: Path) -> int:
         key = ".".join(name.split(".")[:3]) if name.startswith("model.layers.") else "rest"
         groups.setdefault(key, {})[name] = p.shape
     g, weight_map, total, drawn = torch.Generator().manual_seed(0), {}, 0, {}
-    for k, (key, shapes) in enumerate(groups.items()):
+    for k, shapes in enumerate(groups.values()):
         file = f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
         tensors = {}
         for n, s in shapes.items():
@@ -350,7 +351,8 @@ def test_model_four_times_larger_than_the_streamed_peak_rss(tmp_path):
     got = json.loads(r.stdout.strip().splitlines()[-1])
     print(got)
     assert got["weights"] == weights > 2.9 * 10**9
-    assert got["peak_rss"] * 4 <= weights, f"peak RSS {got['peak_rss'] / 2**20:.0f} MiB is over a quarter of the weights"
+    assert got["peak_rss"] * 4 <= weights, (f"peak RSS {got['peak_rss'] / 2**20:.0f} MiB "
+                                            "is over a quarter of the weights")
     assert 0.45 < got["ratio"] < 0.55 and math.isfinite(got["ppl"])
     m = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned")  # the pruned model loads whole (it is ~half)
     assert m.config.model_type == "flap_llama"

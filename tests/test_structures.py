@@ -77,7 +77,7 @@ def test_ul_um_floor_mode_removes_floor_fraction_per_layer(kind):
     """The official rule, kept as ul_rounding="floor": floor(p * units) of each module, in every layer."""
     arch, p = ARCHS[kind], 0.3
     sel = get_structure("ul_um")(random_scores(arch), arch, p, StructureOptions(ul_rounding="floor"))
-    for g, c in zip(sel.keep_groups, sel.keep_channels):
+    for g, c in zip(sel.keep_groups, sel.keep_channels, strict=True):
         assert int((~g).sum()) == math.floor(p * arch.num_kv_heads)
         assert int((~c).sum()) == math.floor(p * arch.intermediate_size)
 
@@ -94,7 +94,7 @@ def test_ul_um_fill_reaches_the_ratio_in_every_layer(kind, p):
     arch = ARCHS[kind]
     scores = random_scores(arch, seed=1)
     sel = get_structure("ul_um")(scores, arch, p, StructureOptions())
-    for (g, c), (_, m) in zip(zip(sel.keep_groups, sel.keep_channels), scores):
+    for (g, c), (_, m) in zip(zip(sel.keep_groups, sel.keep_channels, strict=True), scores, strict=True):
         assert int((~g).sum()) == math.floor(p * arch.num_kv_heads)
         assert abs(_layer_removed(g, c, arch) - p * arch.layer_params) <= arch.channel_params / 2
         assert m[~c].max() < m[c].min()
@@ -119,7 +119,7 @@ def test_ul_mm_rounding(kind):
     opts = dict(remove_groups=arch.num_layers)  # one group per layer
     for rounding, lo, hi in (("fill", -0.5, 0.5), ("floor", 0, 1)):
         sel = get_structure("ul_mm")(random_scores(arch), arch, p, StructureOptions(ul_rounding=rounding, **opts))
-        for g, c in zip(sel.keep_groups, sel.keep_channels):
+        for g, c in zip(sel.keep_groups, sel.keep_channels, strict=True):
             assert int((~g).sum()) == 1
             short = (p * arch.layer_params - _layer_removed(g, c, arch)) / arch.channel_params
             assert lo <= short < hi or (rounding == "fill" and short == hi), (rounding, short)
@@ -189,6 +189,7 @@ def test_unknown_structure_lists_known():
 def test_sequential_wanda_sp_uses_the_same_rule(rounding, windows):
     """prune.py's sequential pass selects layer by layer with ul_layer: same per-layer counts as ul_um."""
     from flap_exp.prune import PruneConfig, prune
+
     from conftest import tiny_model
     model = tiny_model(heads=4, kv=2)
     arch, p = ArchView.from_config(model.config), 0.3  # floor(0.3 * 2) = 0 groups per layer

@@ -3,7 +3,7 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, DynamicCache
+from transformers import AutoModelForCausalLM
 
 from flap_exp.arch import ArchView
 from flap_exp.calibrate import collect_stats
@@ -107,7 +107,8 @@ def test_prune_orchestrator_all_metrics_and_sequential(model, windows):
     for metric in ("wifv", "ifv", "wifn", "weight_magnitude", "wanda_sp"):
         m = copy.deepcopy(model)
         structure = "ul_um" if metric in ("wanda_sp", "weight_magnitude") else "al_am"
-        res = prune(m, windows, PruneConfig(metric, structure, 0.5, compensate=metric not in ("wanda_sp",)), progress=False)
+        res = prune(m, windows, PruneConfig(metric, structure, 0.5, compensate=metric not in ("wanda_sp",)),
+                    progress=False)
         assert 0 < res.achieved_ratio < 1
         assert torch.isfinite(logits(m)).all()
 

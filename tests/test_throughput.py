@@ -13,9 +13,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from flap_exp.arch import ArchView
 from flap_exp.errors import FlapError
+from flap_exp.evaluation.throughput import _generate, _StepClock, compare_throughput, model_size
 from flap_exp.selection import Selection
 from flap_exp.surgery import prune_model
-from flap_exp.evaluation.throughput import _generate, _StepClock, compare_throughput, model_size
 
 
 def _llama(intermediate: int, heads: int, kv_heads: int, hidden: int = 512, layers: int = 4) -> LlamaForCausalLM:
@@ -37,7 +37,8 @@ def smaller(dense):
     # heads) and half the MLP channels of every layer removed, compensation biases added.
     arch = ArchView.from_config(dense.config)
     g = torch.Generator().manual_seed(1)
-    keep_groups = [torch.randperm(arch.num_kv_heads, generator=g) < arch.num_kv_heads // 2 for _ in range(arch.num_layers)]
+    keep_groups = [torch.randperm(arch.num_kv_heads, generator=g) < arch.num_kv_heads // 2
+                   for _ in range(arch.num_layers)]
     keep_channels = [torch.randperm(arch.intermediate_size, generator=g) < arch.intermediate_size // 2
                      for _ in range(arch.num_layers)]
     sel = Selection(keep_groups, keep_channels)

@@ -109,7 +109,7 @@ def _lm_eval_requests(task) -> list[tuple[list[tuple[str, str]], tuple[str, str]
 
 
 def _first_difference(ours: list, ref: list) -> str:
-    bad = [i for i, (a, b) in enumerate(zip(ours, ref)) if a != b]
+    bad = [i for i, (a, b) in enumerate(zip(ours, ref, strict=False)) if a != b]  # (lengths may differ)
     return f"{len(bad)} of {len(ref)} documents differ; first: {bad[0] if bad else None}"
 
 

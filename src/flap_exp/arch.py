@@ -5,11 +5,19 @@ The attention unit is a key/value group: one k head, one v head and the G query 
 """
 from __future__ import annotations
 
+from collections.abc import MutableSequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 
 import torch.nn as nn
 
 from .errors import FlapError
+
+if TYPE_CHECKING:
+    # The type checker's view of a decoder layer. Every LLAMA_FAMILY layer has the Llama layer's attributes
+    # (self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj, ...), which nn.Module.__getattr__ would type as
+    # `Tensor | Module`, making each such chain an error.
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer as DecoderLayer
 
 #: model_type values whose decoder layers have the LLaMA shape (q/k/v/o + gate/up/down, RMSNorm, RoPE).
 LLAMA_FAMILY = ("llama", "mistral", "flap_llama")
@@ -54,7 +62,7 @@ class ArchView:
         return self.num_layers * self.layer_params
 
     @classmethod
-    def from_config(cls, config) -> "ArchView":
+    def from_config(cls, config) -> ArchView:
         mt = getattr(config, "model_type", None)
         if mt not in LLAMA_FAMILY:
             raise FlapError(f"model type {mt!r} is not LLaMA-family; supported: {', '.join(LLAMA_FAMILY)}")
@@ -66,10 +74,10 @@ class ArchView:
         return cls(config.num_hidden_layers, config.hidden_size, heads, kv, head_dim, config.intermediate_size)
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder layers of a *ForCausalLM or a bare base model."""
+def decoder_layers(model: nn.Module) -> MutableSequence[DecoderLayer]:
+    """The decoder layers of a *ForCausalLM or a bare base model (the model's own nn.ModuleList)."""
     base = getattr(model, "model", model)
     layers = getattr(base, "layers", None)
     if layers is None:
         raise FlapError(f"{type(model).__name__} has no decoder layers at .model.layers; not a LLaMA-family model")
-    return layers
+    return cast("MutableSequence[DecoderLayer]", layers)

@@ -10,8 +10,8 @@ import os
 import secrets
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from .tempfiles import honour_umask, honour_umask_tree, sweep_stale, temp_prefix
 

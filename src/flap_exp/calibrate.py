@@ -8,7 +8,8 @@ activations unless `on_layer` changes a layer (sequential pruning, as the Wanda-
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -19,9 +20,12 @@ from .errors import FlapError
 from .hooks import input_hooks
 from .stats import ChannelStats, LayerStats
 
+if TYPE_CHECKING:
+    from .arch import DecoderLayer
+
 #: Called after layer i's statistics are known; returns True if it changed the layer, so that the
 #: layer's outputs are recomputed before they feed layer i+1.
-OnLayer = Callable[[int, nn.Module, LayerStats], bool]
+OnLayer = Callable[[int, "DecoderLayer", LayerStats], bool]
 
 # The kwargs a decoder layer needs besides its hidden states; anything else (caches) is dropped.
 _LAYER_KWARGS = ("attention_mask", "position_embeddings", "position_ids")
@@ -48,7 +52,7 @@ def layer0_inputs(model: nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tens
     layers = decoder_layers(model)
     store: dict = {}
     first = layers[0]
-    layers[0] = _Catcher(store)
+    layers[0] = _Catcher(store)  # type: ignore[call-overload]  # a stand-in for layer 0, put back below
     try:
         getattr(model, "model", model)(input_ids=input_ids, use_cache=False)
     except _Caught:
@@ -69,7 +73,7 @@ def layer_inputs(model: nn.Module, windows: torch.Tensor, batch_size: int, devic
 
 
 #: Yields decoder layer i ready to run (in memory: the layer itself; streamed: its weights loaded, then released).
-LayerSource = Callable[[int], "contextlib.AbstractContextManager[nn.Module]"]
+LayerSource = Callable[[int], "contextlib.AbstractContextManager[DecoderLayer]"]
 
 
 @torch.no_grad()
@@ -82,18 +86,18 @@ def stats_over_layers(source: LayerSource, num_layers: int, hs: list, kws: list,
             targets = {"attn": layer.self_attn.o_proj, "mlp": layer.mlp.down_proj}
             acc = {k: ChannelStats.empty(m.in_features, device) for k, m in targets.items()}
 
-            def record(name: str, x: torch.Tensor) -> None:
+            def record(name: str, x: torch.Tensor, acc: dict[str, ChannelStats] = acc) -> None:  # this layer's acc
                 acc[name] = acc[name].update(x)
 
             with input_hooks(targets, record):
-                outs = [layer(h, **kw) for h, kw in zip(hs, kws)]
+                outs = [layer(h, **kw) for h, kw in zip(hs, kws, strict=True)]
             stats = LayerStats(acc["attn"], acc["mlp"])
             for name, s in acc.items():
                 if not (torch.isfinite(s.mean).all() and torch.isfinite(s.m2).all()):
                     raise FlapError(f"non-finite activations (NaN/Inf) at layer {i} {targets[name].__class__.__name__} "
                                     f"input ({name}); check the model's dtype and weights")
             if on_layer is not None and on_layer(i, layer, stats):
-                outs = [layer(h, **kw) for h, kw in zip(hs, kws)]
+                outs = [layer(h, **kw) for h, kw in zip(hs, kws, strict=True)]
         hs = outs
         result.append(LayerStats(*(ChannelStats(s.count, s.mean.cpu(), s.m2.cpu(), s.meansq.cpu())
                                    for s in (stats.attn, stats.mlp))))

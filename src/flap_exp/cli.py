@@ -6,8 +6,6 @@ import json
 import sys
 import time
 
-import torch
-
 from .errors import FlapError
 
 
@@ -175,7 +173,7 @@ def cmd_prune(a: argparse.Namespace) -> dict:
     windows = calibration_windows(tokenize(lm.tokenizer, calib.text), a.nsamples, a.seqlen, a.seed)
     res = prune(lm.model, windows, cfg)
     manifest = {"base_model": lm.identity, "settings": cfg.to_dict(), "achieved_ratio": res.achieved_ratio,
-                "compensation": config_record(res.compensation),
+                "compensation": config_record(cfg.resolved_compensation()),
                 "calibration": {"data": calib.identity, "nsamples": a.nsamples, "seqlen": a.seqlen, "seed": a.seed},
                 "selection": res.selection.to_json(), "seconds": res.seconds,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

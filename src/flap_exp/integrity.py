@@ -36,7 +36,8 @@ def check_finite_weights(model: nn.Module, what: str = "model") -> None:
 def check_finite_scores(scores, where: str = "scores", first_layer: int = 0) -> None:
     """Per-layer (attention channel scores, MLP channel scores): refuse any NaN/Inf, naming layer and module."""
     for i, pair in enumerate(scores, start=first_layer):
-        for module, s in zip(("attention (o_proj input channels)", "mlp (down_proj input channels)"), pair):
+        for module, s in zip(("attention (o_proj input channels)", "mlp (down_proj input channels)"), pair,
+                             strict=True):
             bad = _bad(torch.as_tensor(s))
             if bad:
                 raise FlapError(f"{where}: non-finite score at layer {i} {module} ({bad}); refusing to select "

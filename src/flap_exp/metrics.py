@@ -17,8 +17,8 @@ FLAP's code squares the attention channel score (o_proj) and not the MLP one; th
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -44,12 +44,18 @@ def _colsq(w: torch.Tensor) -> torch.Tensor:
     return (w * w).sum(0)
 
 
+def _need(s: ChannelStats | None) -> ChannelStats:
+    if s is None:  # the callers check needs_data first; this is a bug, not a user mistake
+        raise ValueError("this metric needs calibration statistics")
+    return s
+
+
 _SCORE_FNS: dict[str, ChannelScoreFn] = {
-    "ifv": lambda w, s: s.var,
-    "wifv": lambda w, s: s.var * _colsq(w),
-    "wifn": lambda w, s: s.meansq.sqrt() * w.abs().mean(0),
+    "ifv": lambda w, s: _need(s).var,
+    "wifv": lambda w, s: _need(s).var * _colsq(w),
+    "wifn": lambda w, s: _need(s).meansq.sqrt() * w.abs().mean(0),
     "weight_magnitude": lambda w, s: _colsq(w).sqrt(),
-    "wanda_sp": lambda w, s: s.meansq.sqrt() * w.abs().mean(0),
+    "wanda_sp": lambda w, s: _need(s).meansq.sqrt() * w.abs().mean(0),
 }
 # The facts (data, squared attention, sequential) come from the one catalogue (flap_exp.catalogue).
 METRICS: dict[str, Metric] = {name: Metric(name, _SCORE_FNS[name], f.needs_data, f.square_attn, f.sequential)
@@ -79,6 +85,6 @@ def channel_scores(metric: Metric, model: nn.Module, stats: list[LayerStats] | N
     layers = decoder_layers(model)
     if stats is not None and len(stats) != len(layers):
         raise FlapError(f"statistics cover {len(stats)} layers but the model has {len(layers)}")
-    return [layer_channel_scores(metric, l.self_attn.o_proj.weight.cpu(), l.mlp.down_proj.weight.cpu(),
+    return [layer_channel_scores(metric, layer.self_attn.o_proj.weight.cpu(), layer.mlp.down_proj.weight.cpu(),
                                  stats[i] if stats is not None else None, square_attn)
-            for i, l in enumerate(layers)]
+            for i, layer in enumerate(layers)]

@@ -7,9 +7,14 @@ registers both, so `AutoModelForCausalLM.from_pretrained(dir)` loads a pruned di
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn as nn
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+if TYPE_CHECKING:
+    from .arch import DecoderLayer
 
 
 class FlapLlamaConfig(LlamaConfig):
@@ -19,7 +24,8 @@ class FlapLlamaConfig(LlamaConfig):
                  **kwargs):
         super().__init__(**kwargs)
         n = self.num_hidden_layers
-        self.layer_kv_heads = list(layer_kv_heads) if layer_kv_heads is not None else [self.num_key_value_heads] * n
+        kv = self.num_key_value_heads or self.num_attention_heads  # set by LlamaConfig, but typed optional
+        self.layer_kv_heads = list(layer_kv_heads) if layer_kv_heads is not None else [kv] * n
         self.layer_intermediate_size = (list(layer_intermediate_size) if layer_intermediate_size is not None
                                         else [self.intermediate_size] * n)
 
@@ -49,14 +55,14 @@ def new_linear(in_f: int, out_f: int, bias: bool, like: torch.Tensor) -> nn.Line
     return nn.Linear(in_f, out_f, bias=bias, device=like.device, dtype=like.dtype)
 
 
-def shape_layer(layer: nn.Module, n_groups: int, n_channels: int, group_size: int, head_dim: int) -> None:
+def shape_layer(layer: DecoderLayer, n_groups: int, n_channels: int, group_size: int, head_dim: int) -> None:
     """Give a stock decoder layer the widths of a pruned one (weights uninitialized, to be loaded)."""
     attn, mlp = layer.self_attn, layer.mlp
     d, like = attn.q_proj.in_features, attn.q_proj.weight
     q_out, kv_out = n_groups * group_size * head_dim, n_groups * head_dim
     o_proj = new_linear(q_out, d, True, like)
     if n_groups == 0:
-        layer.self_attn = EmptyAttention(d, head_dim, attn.layer_idx, o_proj)
+        layer.self_attn = EmptyAttention(d, head_dim, attn.layer_idx, o_proj)  # type: ignore[assignment]  # no heads
     else:
         qb = attn.q_proj.bias is not None
         attn.q_proj, attn.k_proj, attn.v_proj = (new_linear(d, q_out, qb, like), new_linear(d, kv_out, qb, like),
@@ -72,9 +78,10 @@ class FlapLlamaForCausalLM(LlamaForCausalLM):
 
     def __init__(self, config: FlapLlamaConfig):
         super().__init__(config)
-        g = config.num_attention_heads // config.num_key_value_heads
+        g = config.num_attention_heads // (config.num_key_value_heads or config.num_attention_heads)  # as above
         hd = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        for layer, n_kv, n_ch in zip(self.model.layers, config.layer_kv_heads, config.layer_intermediate_size):
+        for layer, n_kv, n_ch in zip(self.model.layers, config.layer_kv_heads, config.layer_intermediate_size,
+                                     strict=True):
             shape_layer(layer, n_kv, n_ch, g, hd)
 
     @classmethod

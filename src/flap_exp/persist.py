@@ -7,10 +7,10 @@ loading checks the weights against it and refuses a directory where they disagre
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
-import torch.nn as nn
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from . import modeling  # noqa: F401  (registers flap_llama with the Auto classes)
 from .arch import decoder_layers
@@ -25,7 +25,7 @@ def _weights(folder: Path) -> list[Path]:
     return sorted(folder.glob("*.safetensors"))
 
 
-def save_pruned(model: nn.Module, tokenizer, manifest: dict, out: str | Path) -> Path:
+def save_pruned(model: PreTrainedModel, tokenizer, manifest: dict, out: str | Path) -> Path:
     """Write `out` atomically: a half-written directory never appears under that name."""
     if getattr(model.config, "model_type", None) != "flap_llama":
         raise FlapError("save_pruned expects a physically pruned model (prune_model sets its config)")
@@ -39,7 +39,7 @@ def save_pruned(model: nn.Module, tokenizer, manifest: dict, out: str | Path) ->
     return Path(out)
 
 
-def read_manifest(folder: str | Path) -> dict:
+def read_manifest(folder: str | os.PathLike[str]) -> dict:
     from .pipeline.io import parse_json_file
     f = Path(folder) / MANIFEST
     if not f.exists():
@@ -51,7 +51,7 @@ def read_manifest(folder: str | Path) -> dict:
     return m
 
 
-def verify_weights(folder: str | Path, manifest: dict) -> None:
+def verify_weights(folder: str | os.PathLike[str], manifest: dict) -> None:
     """Every weights file in `folder` is recorded in the manifest and matches its sha256 (else FlapError)."""
     from .integrity import verify_files
     folder, recorded = Path(folder), manifest["weights_sha256"]
@@ -64,7 +64,7 @@ def verify_weights(folder: str | Path, manifest: dict) -> None:
     verify_files(folder, recorded, MANIFEST, "refusing it: prune again (flap-exp prune ... --out DIR)")
 
 
-def check_against_manifest(model: nn.Module, manifest: dict, folder: str | Path) -> None:
+def check_against_manifest(model: PreTrainedModel, manifest: dict, folder: str | Path) -> None:
     kept_g, kept_c = manifest["selection"].get("kept_groups"), manifest["selection"].get("kept_channels")
     if not (isinstance(kept_g, list) and isinstance(kept_c, list) and len(kept_g) == len(kept_c)
             and all(isinstance(x, list) for x in kept_g + kept_c)):
@@ -88,8 +88,9 @@ def load_pruned(folder: str | Path, dtype=None, device: str = "cpu", verify: boo
     if verify:
         verify_weights(folder, manifest)
     try:  # safetensors only: a pruned directory is never unpickled; verified just above
+        # (the ignore: typeshed's functools.wraps, which transformers puts on PreTrainedModel.to, drops self)
         model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True, flap_verify=False,
-                                                     **({"dtype": dtype} if dtype else {})).to(device).eval()
+                                                     **({"dtype": dtype} if dtype else {})).to(device).eval()  # type: ignore[arg-type]
     except (OSError, ValueError, RuntimeError) as err:
         raise FlapError(f"{folder}: weights do not match their config/manifest: {str(err).splitlines()[0]}") from None
     check_against_manifest(model, manifest, folder)

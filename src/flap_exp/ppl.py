@@ -60,4 +60,5 @@ def _finite_exp(mean_nll: float) -> float:
     try:
         return math.exp(mean_nll)
     except OverflowError:
-        raise FlapError(f"perplexity overflows (mean loss {mean_nll:.4g} nats): the model's outputs are degenerate") from None
+        raise FlapError(f"perplexity overflows (mean loss {mean_nll:.4g} nats): "
+                        "the model's outputs are degenerate") from None

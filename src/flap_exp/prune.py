@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import asdict, dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -17,8 +18,11 @@ from .integrity import check_finite_scores, check_finite_weights
 from .metrics import channel_scores, get_metric, layer_channel_scores
 from .selection import Selection
 from .stats import LayerStats
-from .structures import PER_LAYER, StructureOptions, check_ratio, get_structure, ul_layer, _remove_groups
+from .structures import PER_LAYER, StructureOptions, _remove_groups, check_ratio, get_structure, ul_layer
 from .surgery import mask_model, prune_model
+
+if TYPE_CHECKING:
+    from .arch import DecoderLayer
 
 
 @dataclass(frozen=True)
@@ -47,7 +51,7 @@ class PruneConfig:
             return CompensationConfig("bias" if self.compensate else "none")
         return CompensationConfig(default_compensation(self.metric))
 
-    def validate(self) -> "PruneConfig":
+    def validate(self) -> PruneConfig:
         check_ratio(self.ratio)
         get_structure(self.structure)
         metric = get_metric(self.metric)
@@ -83,7 +87,7 @@ def _sequential_pass(model, windows, cfg: PruneConfig, arch: ArchView, progress:
     n_groups = None if cfg.structure == "ul_um" else _remove_groups(cfg.options, arch, cfg.ratio) // arch.num_layers
     keep: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    def on_layer(i: int, layer: nn.Module, stats: LayerStats) -> bool:
+    def on_layer(i: int, layer: DecoderLayer, stats: LayerStats) -> bool:
         a, m = layer_channel_scores(metric, layer.self_attn.o_proj.weight.cpu(), layer.mlp.down_proj.weight.cpu(),
                                     stats, cfg.square_attn)
         check_finite_scores([(a, m)], f"{cfg.metric} scores", first_layer=i)
@@ -96,7 +100,7 @@ def _sequential_pass(model, windows, cfg: PruneConfig, arch: ArchView, progress:
     return stats, Selection([g for g, _ in keep], [c for _, c in keep])
 
 
-def _mask_layer(layer: nn.Module, one: Selection, arch: ArchView) -> None:
+def _mask_layer(layer: DecoderLayer, one: Selection, arch: ArchView) -> None:
     wrapper = nn.Module()
     wrapper.layers = nn.ModuleList([layer])
     mask_model(wrapper, one, None, arch)
@@ -121,7 +125,8 @@ def prune(model: nn.Module, windows: torch.Tensor | None, cfg: PruneConfig, prog
         stats, sel = _sequential_pass(copy.deepcopy(model) if needs == "windows" else model, windows, cfg, arch,
                                       progress)
     else:
-        stats = collect_stats(model, windows, cfg.batch_size, progress=progress) if needs_stats else None
+        stats = (collect_stats(model, windows, cfg.batch_size, progress=progress)
+                 if needs_stats and windows is not None else None)  # (not None when needs_stats: checked above)
     t1 = time.perf_counter()
     if not sequential:
         scores = channel_scores(metric, model, stats, cfg.square_attn)

@@ -16,7 +16,7 @@ class Selection:
 
     def removed_params(self, arch: ArchView) -> int:
         return sum(int((~g).sum()) * arch.group_params + int((~c).sum()) * arch.channel_params
-                   for g, c in zip(self.keep_groups, self.keep_channels))
+                   for g, c in zip(self.keep_groups, self.keep_channels, strict=True))
 
     def achieved_ratio(self, arch: ArchView) -> float:
         """Fraction of the decoder layers' attention + MLP weights removed (exact, from unit shapes)."""
@@ -31,7 +31,7 @@ class Selection:
                 "kept_channels": [torch.nonzero(c).flatten().tolist() for c in self.keep_channels]}
 
     @classmethod
-    def from_json(cls, d: dict, arch: ArchView, where: str = "selection") -> "Selection":
+    def from_json(cls, d: dict, arch: ArchView, where: str = "selection") -> Selection:
         """Refuses (FlapError) a selection that does not fit `arch`: wrong layer count, an index that is
         not an integer in [0, n), or a repeated index (a hand-edited or foreign selection.json)."""
         def mask(idx, n: int, layer: int, key: str) -> torch.Tensor:

@@ -19,12 +19,12 @@ class ChannelStats:
     meansq: torch.Tensor  # float64 [C], mean of x**2
 
     @classmethod
-    def empty(cls, channels: int, device=None) -> "ChannelStats":
+    def empty(cls, channels: int, device=None) -> ChannelStats:
         z = lambda: torch.zeros(channels, dtype=torch.float64, device=device)  # noqa: E731
         return cls(0, z(), z(), z())
 
     @classmethod
-    def of(cls, x: torch.Tensor) -> "ChannelStats":
+    def of(cls, x: torch.Tensor) -> ChannelStats:
         """Statistics of one batch; `x` is [..., C] and is flattened over all leading dims."""
         # Float64 throughout (a float32 sum over ~1e3 tokens is only good to ~1e-7 relative; we promise 1e-9),
         # but the token sums as BLAS matrix-vector products and the centring/squaring in one buffer: 4-5x
@@ -39,7 +39,7 @@ class ChannelStats:
         # mean(x^2) = m2 / n + mean^2 exactly; both terms are >= 0, so nothing cancels.
         return cls(n, mean, m2, m2 / n + mean * mean)
 
-    def merge(self, other: "ChannelStats") -> "ChannelStats":
+    def merge(self, other: ChannelStats) -> ChannelStats:
         """Chan et al.'s pairwise combination (returns a new object)."""
         if other.count == 0:
             return self
@@ -53,7 +53,7 @@ class ChannelStats:
         meansq = self.meansq + (other.meansq - self.meansq) * wb
         return ChannelStats(n, mean, m2, meansq)
 
-    def update(self, x: torch.Tensor) -> "ChannelStats":
+    def update(self, x: torch.Tensor) -> ChannelStats:
         return self.merge(ChannelStats.of(x))
 
     @property
@@ -66,7 +66,7 @@ class ChannelStats:
                 f"{prefix}.count": torch.tensor([self.count], dtype=torch.int64)}
 
     @classmethod
-    def from_dict(cls, d: dict[str, torch.Tensor], prefix: str) -> "ChannelStats":
+    def from_dict(cls, d: dict[str, torch.Tensor], prefix: str) -> ChannelStats:
         return cls(int(d[f"{prefix}.count"][0]), d[f"{prefix}.mean"], d[f"{prefix}.m2"], d[f"{prefix}.meansq"])
 
 

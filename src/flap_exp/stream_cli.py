@@ -11,8 +11,8 @@ import time
 import torch
 from transformers import AutoTokenizer
 
-from .errors import FlapError
 from .compensation import config_record
+from .errors import FlapError
 from .persist import MANIFEST, read_manifest
 from .runtime import parse_bytes
 from .sources import sha256_file

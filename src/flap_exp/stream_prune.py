@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -28,6 +29,9 @@ from .streaming import StreamedModel, stream_stats
 from .structures import get_structure
 from .surgery import flap_config, prune_model
 
+if TYPE_CHECKING:
+    from .arch import DecoderLayer
+
 
 def _scores(sm: StreamedModel, metric, stats, square_attn):
     """Per-layer channel scores, reading only o_proj and down_proj weights from the shards."""
@@ -39,7 +43,7 @@ def _scores(sm: StreamedModel, metric, stats, square_attn):
     return out
 
 
-def _cut_layer(sm: StreamedModel, layer: nn.Module, i: int, sel: Selection, stats, compensate: bool) -> None:
+def _cut_layer(sm: StreamedModel, layer: DecoderLayer, i: int, sel: Selection, stats, compensate: bool) -> None:
     """Compensate and physically prune decoder layer i in place (the in-memory code, on a one-layer view)."""
     arch = sm.arch
     biases = None
@@ -73,8 +77,8 @@ def prune_streamed(sm: StreamedModel, windows: torch.Tensor | None, cfg: PruneCo
     needs_stats = metric.needs_data or compensate
     if needs_stats and windows is None:
         raise FlapError(f"metric {cfg.metric!r} / compensation needs calibration windows")
-    sm.check_budget(budget, windows.shape[0] if needs_stats else 0, windows.shape[1] if needs_stats else 0,
-                    "streamed pruning")
+    n, t = windows.shape[:2] if needs_stats and windows is not None else (0, 0)  # (not None: checked above)
+    sm.check_budget(budget, n, t, "streamed pruning")
     t0 = time.perf_counter()
     sequential = cfg.sequential if cfg.sequential is not None else metric.sequential
 
@@ -89,7 +93,8 @@ def prune_streamed(sm: StreamedModel, windows: torch.Tensor | None, cfg: PruneCo
     if not sequential:
         sel = get_structure(cfg.structure)(_scores(sm, metric, stats, cfg.square_attn), arch, cfg.ratio, cfg.options)
     t2 = time.perf_counter()
-    n_shards, weight_map, total = len(sm.layers) + 1, {}, 0
+    n_shards, total = len(sm.layers) + 1, 0
+    weight_map: dict[str, str] = {}
     shard = lambda k: f"model-{k:05d}-of-{n_shards:05d}.safetensors"  # noqa: E731
     with atomic_dir(out) as tmp:
         for i in range(len(sm.layers)):
@@ -101,9 +106,9 @@ def prune_streamed(sm: StreamedModel, windows: torch.Tensor | None, cfg: PruneCo
         with sm.embedding() as emb:
             rest["model.embed_tokens.weight"] = emb.weight.detach().clone()
         with sm.head() as head:
-            rest["model.norm.weight"] = head[0].weight.detach().clone()
+            rest["model.norm.weight"] = head[0].get_parameter("weight").detach().clone()
             if not sm.tied:
-                rest["lm_head.weight"] = head[1].weight.detach().clone()
+                rest["lm_head.weight"] = head[1].get_parameter("weight").detach().clone()
         total += _save_shard(rest, tmp / shard(n_shards), weight_map)
         del rest
         config = flap_config(sm.config, sel)

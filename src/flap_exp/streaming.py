@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 import torch.nn as nn
@@ -33,6 +34,11 @@ from .ppl import Perplexity, eval_windows
 from .runtime import mib, return_freed_memory_to_os
 from .shards import Checkpoint
 from .stats import LayerStats
+
+if TYPE_CHECKING:
+    from .arch import DecoderLayer
+
+M = TypeVar("M", bound=nn.Module)
 
 
 def _set_param(module: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -71,7 +77,7 @@ class StreamedModel:
         return "model.embed_tokens.weight" if self.tied and name == "lm_head.weight" else name
 
     @contextlib.contextmanager
-    def loaded(self, module: nn.Module, prefix: str) -> Iterator[nn.Module]:
+    def loaded(self, module: M, prefix: str) -> Iterator[M]:
         """`module` (named `prefix` in the checkpoint) with its weights on the device; released on exit."""
         names = [n for n, _ in module.named_parameters()]
         tensors = self.ckpt.load([self._ckpt_name(prefix + n) for n in names], self.dtype, self.device)
@@ -82,14 +88,14 @@ class StreamedModel:
         finally:
             module.to("meta")  # frees the weights; the skeleton keeps the shapes
 
-    def layer(self, i: int):
+    def layer(self, i: int) -> contextlib.AbstractContextManager[DecoderLayer]:
         return self.loaded(self.layers[i], f"model.layers.{i}.")
 
     def embedding(self):
         return self.loaded(self.model.model.embed_tokens, "model.embed_tokens.")
 
     @contextlib.contextmanager
-    def head(self) -> Iterator[nn.Module]:
+    def head(self) -> Iterator[nn.Sequential]:
         with self.loaded(self.model.model.norm, "model.norm."), self.loaded(self.model.lm_head, "lm_head."):
             yield nn.Sequential(self.model.model.norm, self.model.lm_head)
 
@@ -98,7 +104,7 @@ class StreamedModel:
 
     def plan(self, seqlen: int) -> MemoryPlan:
         elem = torch.empty(0, dtype=self.dtype).element_size()
-        layer = max(self._bytes(f"model.layers.{i}.", l) for i, l in enumerate(self.layers))
+        layer = max(self._bytes(f"model.layers.{i}.", m) for i, m in enumerate(self.layers))
         embed = self._bytes("model.embed_tokens.", self.model.model.embed_tokens)
         head = self._bytes("lm_head.", self.model.lm_head) + self._bytes("model.norm.", self.model.model.norm)
         return MemoryPlan(max(layer, embed, head), 2 * seqlen * self.arch.hidden_size * elem)
@@ -148,9 +154,9 @@ def stream_perplexity(sm: StreamedModel, tokens: torch.Tensor, seqlen: int = 128
             hs, kws = layer_inputs(sm.model, part, batch_size, sm.device)
         for i in range(len(sm.layers)):
             with sm.layer(i) as layer:
-                hs = [layer(h, **kw) for h, kw in zip(hs, kws)]
+                hs = [layer(h, **kw) for h, kw in zip(hs, kws, strict=True)]
         with sm.head() as head:
-            for h, batch in zip(hs, part.split(batch_size)):
+            for h, batch in zip(hs, part.split(batch_size), strict=True):
                 batch = batch.to(sm.device)
                 lg = head(h)[:, :-1].float()
                 nll = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), batch[:, 1:].reshape(-1), reduction="none")

@@ -19,8 +19,8 @@ generalised as int(group cost / channel cost): a compatibility mode that reprodu
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -171,7 +171,8 @@ def al_am_units(groups: torch.Tensor, channels: torch.Tensor, arch: ArchView, ra
                 opts: StructureOptions) -> Selection:
     """AL-AM from standardized units (groups [L, kv], channels [L, I]), as the standardize stage writes them."""
     if ratio == 0:  # the official search would still drop the lowest unit (keep > tau)
-        return Selection(list(torch.ones_like(groups, dtype=torch.bool)), list(torch.ones_like(channels, dtype=torch.bool)))
+        return Selection(list(torch.ones_like(groups, dtype=torch.bool)),
+                         list(torch.ones_like(channels, dtype=torch.bool)))
     units = torch.cat([groups.flatten(), channels.flatten()])
     cost = torch.cat([torch.full((groups.numel(),), group_cost(arch, opts.head_cost), dtype=torch.float64),
                       torch.ones(channels.numel(), dtype=torch.float64)])

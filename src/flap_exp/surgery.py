@@ -95,7 +95,8 @@ def prune_model(model: nn.Module, sel: Selection, biases: Biases, arch: ArchView
         set_kept_columns(o_proj, None, comps[i].o_weight if comps else None)
         o_proj = add_bias(o_proj, comps[i].o_bias if comps else zero)
         if not bool(sel.keep_groups[i].any()):
-            layer.self_attn = EmptyAttention(arch.hidden_size, arch.head_dim, attn.layer_idx, o_proj)
+            layer.self_attn = EmptyAttention(  # type: ignore[assignment]  # an attention without heads
+                arch.hidden_size, arch.head_dim, attn.layer_idx, o_proj)
         else:
             attn.q_proj = slice_linear(attn.q_proj, rows=q_keep)
             attn.k_proj = slice_linear(attn.k_proj, rows=kv_keep)
@@ -106,7 +107,8 @@ def prune_model(model: nn.Module, sel: Selection, biases: Biases, arch: ArchView
         down = slice_linear(mlp.down_proj, cols=sel.keep_channels[i])
         set_kept_columns(down, None, comps[i].down_weight if comps else None)
         mlp.down_proj = add_bias(down, comps[i].down_bias if comps else zero)
-    model.config = flap_config(model.config, sel)
+    # (the ignore: `model` may be stream_prune's one-layer nn.Module view, given a .config attribute)
+    model.config = flap_config(model.config, sel)  # type: ignore[assignment]
 
 
 def flap_config(config, sel: Selection) -> FlapLlamaConfig:

@@ -16,8 +16,8 @@ import signal
 import socket
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:6]
 _NAME = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)-(?P<host>[0-9a-f]{6})-")
@@ -92,11 +92,11 @@ def honour_umask(path: str | os.PathLike, is_dir: bool) -> None:
     os.chmod(path, (0o777 if is_dir else 0o666) & ~umask())
 
 
-def honour_umask_tree(root: str | os.PathLike) -> None:
+def honour_umask_tree(root: str | os.PathLike[str]) -> None:
     """Give `root` and everything under it the modes the umask implies (some writers, e.g. safetensors,
     create 0600 files regardless); executables keep their x bits."""
     mask = umask()
-    for folder, dirs, files in os.walk(root):
+    for folder, _dirs, files in os.walk(root):
         os.chmod(folder, 0o777 & ~mask)
         for f in files:
             p = os.path.join(folder, f)
@@ -106,6 +106,8 @@ def honour_umask_tree(root: str | os.PathLike) -> None:
 
 class Terminated(SystemExit):
     """SIGTERM/SIGINT as an exception: `except BaseException` cleanups run, the exit status is 128+signal."""
+
+    code: int  # SystemExit's, always an int here
 
     def __init__(self, signum: int):
         super().__init__(128 + signum)

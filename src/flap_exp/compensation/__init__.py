@@ -7,12 +7,15 @@ What a method reads besides the selection is in flap_exp.catalogue.COMPENSATIONS
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
-from ..catalogue import COMPENSATIONS as NEEDS
-from ..catalogue import check_compensation_name, check_compensation_options
-from ..catalogue import check_compensation_params as check_params
+from ..catalogue import (
+    COMPENSATIONS as NEEDS,
+    check_compensation_name,
+    check_compensation_options,
+    check_compensation_params as check_params,
+)
 from ..errors import FlapError
 from .base import CompensationConfig, LayerComp, from_biases
 
@@ -42,7 +45,8 @@ def _lsq(model, sel, arch, cfg, stats, windows, batch_size, progress):
     except ModuleNotFoundError as err:
         if err.name != f"{__name__}.lsq":
             raise
-        raise FlapError("compensation 'lsq' is not available in this build (flap_exp.compensation.lsq is missing)") from None
+        raise FlapError("compensation 'lsq' is not available in this build "
+                        "(flap_exp.compensation.lsq is missing)") from None
     return lsq_compensation(model, sel, arch, windows, cfg, batch_size=batch_size, progress=progress)
 
 

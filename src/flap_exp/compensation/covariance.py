@@ -30,7 +30,7 @@ class CovAccumulator:
         self.cross = torch.zeros(target_dim, d, **f64) if target_dim is not None else None
 
     @torch.no_grad()
-    def update(self, x: torch.Tensor, target: torch.Tensor | None = None) -> "CovAccumulator":
+    def update(self, x: torch.Tensor, target: torch.Tensor | None = None) -> CovAccumulator:
         """Add the rows of x [..., d] (and of target [..., d_T], the same tokens, for the drift form)."""
         x = x.reshape(-1, x.shape[-1])
         nb = x.shape[0]
@@ -47,6 +47,7 @@ class CovAccumulator:
         delta = mb - self.mean
         self.m2 += m2b + torch.outer(delta, delta) * (self.count * frac)
         if target is not None:
+            assert self.cross is not None and self.target_mean is not None  # made with target_dim: checked above
             t = target.reshape(-1, target.shape[-1])
             tb = t.mean(0, dtype=torch.float64)
             tc = t.to(dt) - tb.to(dt)

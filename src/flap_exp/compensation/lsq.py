@@ -23,7 +23,8 @@ o_proj/down_proj output: about one plain layer forward plus the d_in^2 outer pro
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -36,6 +37,9 @@ from ..selection import Selection
 from .base import CompensationConfig, LayerComp
 from .covariance import CovAccumulator
 from .lsq_solve import lsq_solve
+
+if TYPE_CHECKING:
+    from ..arch import DecoderLayer
 
 FORMS = ("sequential", "dense", "drift")
 
@@ -74,24 +78,24 @@ def _input_of(module: nn.Module, run: Callable[[], object]) -> torch.Tensor:
     return store["x"]
 
 
-def o_input(layer: nn.Module, h: torch.Tensor, kw: dict) -> torch.Tensor:
+def o_input(layer: DecoderLayer, h: torch.Tensor, kw: dict) -> torch.Tensor:
     """o_proj's input (the concatenated head contexts) for hidden states h entering `layer`."""
     return _input_of(layer.self_attn.o_proj, lambda: layer(h, **kw))
 
 
-def down_input(layer: nn.Module, h_mid: torch.Tensor) -> torch.Tensor:
+def down_input(layer: DecoderLayer, h_mid: torch.Tensor) -> torch.Tensor:
     """down_proj's input for the residual stream h_mid after the attention block."""
     return _input_of(layer.mlp.down_proj, lambda: layer.mlp(layer.post_attention_layernorm(h_mid)))
 
 
-def _apply(x: torch.Tensor, keep: torch.Tensor, linear: nn.Linear, w_kept: torch.Tensor,
+def _apply(x: torch.Tensor, keep: torch.Tensor | slice, linear: nn.Linear, w_kept: torch.Tensor,
            bias: torch.Tensor) -> torch.Tensor:
     """The compensated projection: x[..., K] W'_K^T + (own bias + b)."""
     total = bias if linear.bias is None else bias + linear.bias.to(torch.float64)
     return x[..., keep] @ w_kept.to(x.dtype).T + total.to(x.dtype)
 
 
-def _check_decomposition(layer: nn.Module, h: torch.Tensor, kw: dict) -> None:
+def _check_decomposition(layer: DecoderLayer, h: torch.Tensor, kw: dict) -> None:
     """The pass splits a layer as h + o(attn) then + down(mlp(norm)); check that it is what the layer does."""
     mid = h + layer.self_attn.o_proj(o_input(layer, h, kw))
     out = mid + layer.mlp.down_proj(down_input(layer, mid))
@@ -165,7 +169,7 @@ def lsq_compensation(model: nn.Module, sel: Selection, arch: ArchView, windows: 
                              target_mean=acc.target_mean, name=f"layer {i} o_proj")
         del acc
         if cfg.form != "dense":
-            pruned = [h + _apply(xk, slice(None), o, w_o, b_o) for h, xk in zip(pruned, kept_x)]
+            pruned = [h + _apply(xk, slice(None), o, w_o, b_o) for h, xk in zip(pruned, kept_x, strict=True)]
         del kept_x
 
         # MLP: statistics of down_proj's input with the compensated attention, then the solve
@@ -195,7 +199,7 @@ def lsq_compensation(model: nn.Module, sel: Selection, arch: ArchView, windows: 
                              target_mean=acc.target_mean, name=f"layer {i} down_proj")
         del acc
         if store:  # the pruned stream's layer output, with the new down_proj
-            pruned = [h + _apply(xk, slice(None), down, w_d, b_d) for h, xk in zip(pruned, kept_x)]
+            pruned = [h + _apply(xk, slice(None), down, w_d, b_d) for h, xk in zip(pruned, kept_x, strict=True)]
         elif cfg.form != "dense":
             pruned = [h + _apply(down_input(layer, h), keep_m, down, w_d, b_d) for h in pruned]
         del kept_x

@@ -42,7 +42,8 @@ def comps_from_tensors(t: dict[str, torch.Tensor], sel, arch, where: str = "comp
         d = by_layer[i]
         kept = {"o_weight": int(sel.channel_mask(i, arch).sum()), "down_weight": int(sel.keep_channels[i].sum())}
         want = {"o_bias": (arch.hidden_size,), "down_bias": (arch.hidden_size,),
-                "o_weight": (arch.hidden_size, kept["o_weight"]), "down_weight": (arch.hidden_size, kept["down_weight"])}
+                "o_weight": (arch.hidden_size, kept["o_weight"]),
+                "down_weight": (arch.hidden_size, kept["down_weight"])}
         for attr in ("o_bias", "down_bias"):
             if attr not in d:
                 raise FlapError(f"{where}: layer {i} has no {attr.replace('_bias', '_proj')} bias")

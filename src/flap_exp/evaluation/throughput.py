@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from statistics import median, quantiles
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import PreTrainedModel, StoppingCriteria, StoppingCriteriaList
 
 from ..errors import FlapError
 
@@ -86,7 +87,7 @@ def _measure(fn: Callable[[], object], device: torch.device) -> tuple[float, int
     _sync(device)
     seconds = time.perf_counter() - t0
     if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device) - base
+        peak: int | None = torch.cuda.max_memory_allocated(device) - (base or 0)  # base is always set on CUDA
     else:
         peak = None if base is None else max(0, _rss_kib("VmHWM") * 1024 - base)
     return seconds, peak
@@ -112,7 +113,8 @@ class _StepClock(StoppingCriteria):
     """Never stops generation; stamps the time after each new token (the first stamp ends the prefill)."""
 
     def __init__(self, device: torch.device):
-        self.device, self.stamps = device, []
+        self.device = device
+        self.stamps: list[float] = []
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
         _sync(self.device)
@@ -120,11 +122,11 @@ class _StepClock(StoppingCriteria):
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
-def _generate(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int,
+def _generate(model: PreTrainedModel, ids: torch.Tensor, new_tokens: int,
               clock: _StepClock | None = None) -> Callable[[], object]:
     pad = getattr(model.config, "pad_token_id", None)
     pad = 0 if pad is None else pad  # any id: every sequence is as long as the others, nothing is padded
-    return lambda: model.generate(
+    return lambda: model.generate(  # type: ignore[operator]  # transformers 5 types it on GenerationMixin only
         input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
         max_new_tokens=new_tokens, min_new_tokens=new_tokens,  # EOS cannot end a run early
         pad_token_id=pad, stopping_criteria=StoppingCriteriaList([clock] if clock else []),
@@ -132,7 +134,7 @@ def _generate(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int,
 
 
 def compare_throughput(
-    models: dict[str, torch.nn.Module],
+    models: Mapping[str, PreTrainedModel],
     # (batch, seq_len): FLAP's 128-token windows, alone and batched (the docs' reference figures).
     prefill_shapes: tuple[tuple[int, int], ...] = ((1, 128), (8, 128)),
     decode_batches: tuple[int, ...] = (1, 8),  # latency-bound single stream, and a batched server
@@ -149,22 +151,23 @@ def compare_throughput(
         raise FlapError("need at least one model, repeats >= 1, warmup >= 0 and new_tokens >= 2")
     names = list(models)
     dev = torch.device(device) if device is not None else next(models[names[0]].parameters()).device
-    vocab = min(m.config.vocab_size for m in models.values())
+    vocab: int = min(m.config.vocab_size for m in models.values())
     for m in models.values():
-        m.to(dev).eval()
+        # (the ignore: typeshed's functools.wraps, which transformers puts on PreTrainedModel.to, drops self)
+        m.to(dev).eval()  # type: ignore[arg-type]
 
     # workload name -> (run(model) -> (seconds, peak bytes), tokens per run, steps per run)
-    def prefill_run(m: torch.nn.Module, b: int, s: int) -> tuple[float, int | None]:
+    def prefill_run(m: PreTrainedModel, b: int, s: int) -> tuple[float, int | None]:
         return _measure(_prefill(m, _tokens(vocab, b, s, seed, dev)), dev)
 
-    def decode_run(m: torch.nn.Module, b: int) -> tuple[float, int | None]:
+    def decode_run(m: PreTrainedModel, b: int) -> tuple[float, int | None]:
         clock = _StepClock(dev)
         _, peak = _measure(_generate(m, _tokens(vocab, b, prompt_len, seed, dev), new_tokens, clock), dev)
         return clock.stamps[-1] - clock.stamps[0], peak  # the new_tokens - 1 steps after the prefill
 
-    workloads = {f"prefill_b{b}_s{s}": (lambda m, b=b, s=s: prefill_run(m, b, s), b * s, b * s)
-                 for b, s in prefill_shapes}
-    workloads |= {f"decode_b{b}": (lambda m, b=b: decode_run(m, b), b * (new_tokens - 1), new_tokens - 1)
+    workloads: dict[str, tuple[Callable[[PreTrainedModel], tuple[float, int | None]], int, int]]
+    workloads = {f"prefill_b{b}_s{s}": (partial(prefill_run, b=b, s=s), b * s, b * s) for b, s in prefill_shapes}
+    workloads |= {f"decode_b{b}": (partial(decode_run, b=b), b * (new_tokens - 1), new_tokens - 1)
                   for b in decode_batches}
 
     # The load average records whether other processes competed for the CPU (timings are then unreliable).
@@ -199,7 +202,7 @@ def compare_throughput(
             for n in names[1:]:
                 # Ratios of the runs paired in the same round, so that drift between rounds cancels;
                 # "best": ratio of the fastest runs, the estimate least disturbed by other processes.
-                pairs = [a / b for a, b in zip(times[names[0]], times[n])]
+                pairs = [a / b for a, b in zip(times[names[0]], times[n], strict=True)]
                 out["speedup"][n][wname] = asdict(Spread.of(pairs)) | {"best": min(times[names[0]]) / min(times[n])}
     out["loadavg_after"] = _loadavg()
     return out
