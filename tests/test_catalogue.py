@@ -39,7 +39,15 @@ NEEDS_LSQ = pytest.mark.skipif(not HAVE_LSQ, reason="flap_exp.compensation.lsq (
 
 @pytest.fixture(scope="module")
 def params() -> dict:
-    return yaml.safe_load(compose(["experiment=quick"], ROOT / "conf"))
+    return yaml.safe_load(compose([], ROOT / "conf"))
+
+
+CALIB = {"corpus": "wiki", "nsamples": 128}
+
+
+def expand(blocks: dict, params: dict, metrics: dict | None = None) -> dict:
+    """The pipeline's cells for one table of `blocks`, on the default calibration wiki-128."""
+    return cells.expand_study({"t": {"blocks": blocks}}, metrics or params["metrics"], params["compensations"], CALIB)
 
 
 def test_library_facts_come_from_the_catalogue(params):
@@ -54,8 +62,8 @@ def test_library_facts_come_from_the_catalogue(params):
         "ifv": "bias", "wifv": "bias", "wifn": "bias", "weight_magnitude": "none", "wanda_sp": "none"}
     # conf/: the metric files defer to the catalogue; one file per compensation; lsq's values are the library's.
     assert all(params["metrics"][m]["compensation"] is None for m in catalogue.METHODS)
-    assert set(params["compensations"]) == set(catalogue.COMPENSATIONS)
-    assert {p.stem for p in (ROOT / "conf" / "compensation").glob("*.yaml")} == set(catalogue.COMPENSATIONS)
+    assert {c["method"] for c in params["compensations"].values()} == set(catalogue.COMPENSATIONS)
+    assert {p.stem for p in (ROOT / "conf" / "compensation").glob("*.yaml")} == set(params["compensations"])
     lsq = params["compensations"]["lsq"]
     assert lsq == {f.name: f.default if f.name != "method" else "lsq" for f in fields(CompensationConfig)}
 
@@ -63,11 +71,12 @@ def test_library_facts_come_from_the_catalogue(params):
 def test_cli_and_pipeline_agree_on_default_compensation(params):
     """The catalogue's default reaches both paths: the CLI no longer compensates Wanda-sp."""
     grid = {"g": {"metrics": list(catalogue.METHODS), "structures": ["ul_um"], "ratios": [0.5]}}
-    table = cells.expand_grid(grid, params["metrics"])["evaluate"]
+    table = expand(grid, params)["evaluate"]
     for metric in catalogue.METHODS:
         cfg = prune_config(_parser().parse_args(["prune", "--metric", metric, "--structure", "ul_um", "--out", "x"]))
         method = cfg.resolved_compensation().method
-        assert f"{metric}-ul_um-0.5-{method}" in table
+        calib = None if metric in cells.DATA_FREE else "wiki-128"
+        assert f"{cells.cell_key(metric, 'ul_um', 0.5, calib)}-{method}" in table
         assert method == catalogue.METHODS[metric].compensation
 
 
@@ -107,8 +116,10 @@ def test_cli_path_equals_pipeline_path(params, metric, structure, ratio, extra):
     block = {"metrics": [metric], "structures": [structure], "ratios": [ratio]}
     if "--compensation" in extra or "--no-compensate" in extra:
         block["compensation"] = [method]
-    table = cells.expand_grid({"b": block}, params["metrics"])["evaluate"]
-    assert list(table) == [f"{cells.cell_key(metric, structure, ratio)}-{method}"]
+    table = expand({"b": block}, params)["evaluate"]
+    calib = None if metric in cells.DATA_FREE else "wiki-128"
+    data_comp = calib is None and method != "none"  # a data-free metric's bias reads a calibration too
+    assert list(table) == [f"{cells.cell_key(metric, structure, ratio, calib)}{'-wiki-128' if data_comp else ''}-{method}"]
     rec, tensors, meta = _pipeline(model, windows, metric, structure, ratio, method, params)
     res = prune(copy.deepcopy(model), windows, cfg, progress=False)
     sel = res.selection.to_json()
@@ -124,18 +135,20 @@ def test_cli_path_equals_pipeline_path(params, metric, structure, ratio, extra):
 def test_grid_rejects_unknown_and_legacy_compensation(params):
     from flap_exp.errors import FlapError
     block = {"metrics": ["wifv"], "structures": ["al_am"], "ratios": [0.5]}
-    with pytest.raises(FlapError, match="unknown compensation 'ridge'; known compensations: none, bias, lsq"):
-        cells.expand_grid({"b": {**block, "compensation": ["ridge"]}}, params["metrics"])
+    with pytest.raises(FlapError, match="unknown compensation 'ridge'; known compensations: none, bias, lsq, "):
+        expand({"b": {**block, "compensation": ["ridge"]}}, params)
     with pytest.raises(FlapError, match="'compensate' was replaced by 'compensation'"):
-        cells.expand_grid({"b": {**block, "compensate": [True]}}, params["metrics"])
-    t = cells.expand_grid({"b": {**block, "compensation": ["none", "bias", "lsq", "default"]}}, params["metrics"])
-    assert list(t["evaluate"]) == ["wifv-al_am-0.5-none", "wifv-al_am-0.5-bias", "wifv-al_am-0.5-lsq"]
-    assert list(t["compensate"]) == ["wifv-al_am-0.5-none", "wifv-al_am-0.5-bias"]
-    assert list(t["compensate_lsq"]) == ["wifv-al_am-0.5-lsq"]
-    assert t["compensate"]["wifv-al_am-0.5-bias"]["stats"] == cells.STATS
+        expand({"b": {**block, "compensate": [True]}}, params)
+    t = expand({"b": {**block, "compensation": ["none", "bias", "lsq", "default", "lsq_dense"]}}, params)
+    k = "wifv-al_am-0.5-wiki-128"
+    assert list(t["evaluate"]) == [f"{k}-none", f"{k}-bias", f"{k}-lsq", f"{k}-lsq_dense"]
+    assert list(t["compensate"]) == [f"{k}-none", f"{k}-bias"]
+    assert list(t["compensate_lsq"]) == [f"{k}-lsq", f"{k}-lsq_dense"]
+    assert t["compensate"][f"{k}-bias"]["stats"] == "results/calibrate/wiki-128/stats.safetensors"
+    assert t["compensate_lsq"][f"{k}-lsq_dense"]["method"] == "lsq"
     # A conf override of a metric's default reaches the grid.
-    t = cells.expand_grid({"b": block}, {**params["metrics"], "wifv": {"compensation": "none"}})
-    assert list(t["evaluate"]) == ["wifv-al_am-0.5-none"]
+    t = expand({"b": block}, params, {**params["metrics"], "wifv": {"compensation": "none"}})
+    assert list(t["evaluate"]) == [f"{k}-none"]
 
 
 @pytest.mark.parametrize("override,msg", [
@@ -143,16 +156,16 @@ def test_grid_rejects_unknown_and_legacy_compensation(params):
     ("compensations.lsq.form=sideways", "unknown lsq form 'sideways'; known forms: sequential, dense, drift"),
     ("+compensations.lsq.rank=4", "unknown compensation option(s) rank"),
     ("compensations.bias.method=lsq", "compensations.bias.method is 'lsq'; it must be 'bias'"),
-    ("grid.quick.compensation=[ridge]", "unknown compensation 'ridge'"),
+    ("compensations.lsq_dense.method=bias", "a variant's name starts with its method"),
+    ("tables.main.blocks.flap.compensation=[ridge]", "unknown compensation 'ridge'"),
 ])
 def test_compose_validates_compensation_options(override, msg):
     """Bad compensation settings stop composition (before any stage), in one line."""
     from flap_exp.errors import FlapError
-    extra = ["+grid.quick.metrics=[wifv]", "+grid.quick.structures=[al_am]", "+grid.quick.ratios=[0.5]"] \
-        if override.startswith("grid.quick") else []
-    ov = ["experiment=quick", *extra, ("+" + override) if override.startswith("grid.quick") else override]
+    extra = ["+tables.main.blocks.flap.compensation=[ridge]"] if override.startswith("tables.") else [override]
     with pytest.raises(FlapError) as err:
-        compose(ov, ROOT / "conf")
+        from flap_exp.pipeline.compose import cells_text
+        cells_text(compose(extra, ROOT / "conf"))
     assert msg in str(err.value) and "\n" not in str(err.value)
 
 

@@ -1,7 +1,7 @@
 """Report tables and figure from evaluate-stage records: the achieved ratio beside every number, methods
 compared at equal achieved ratio, zero-shot in the paper's layout; MLflow groups by achieved ratio."""
 from flap_exp.pipeline.plots import ppl_vs_ratio
-from flap_exp.pipeline.report import tables
+from flap_exp.pipeline.report import ablation_table, main_table, zeroshot_table
 from flap_exp.pipeline.results import achieved_group
 from flap_exp.pipeline.tracking import ratio_tags
 
@@ -23,7 +23,7 @@ DENSE = {**_row("dense", "", 0, 0.0, 20.0, {"piqa": 0.7, "boolq": 0.6}), "eval_d
 def test_tables_show_achieved_ratio_everywhere_and_lay_out_zeroshot():
     rows = [_row("wifv", "al_am", 0.2, 0.2001, 25.0, {"piqa": 0.65, "boolq": 0.55}),
             _row("wanda_sp", "ul_um", 0.2, 0.1499, 27.0, {"piqa": 0.6, "boolq": 0.5})]
-    md = tables(rows, DENSE)
+    md = "\n".join(ablation_table(rows, DENSE) + zeroshot_table(rows, DENSE))
     assert "| wifv (bias) | 25.00 / 60.00% (removed 0.200) |" in md  # on target: the achieved ratio is still shown
     assert "27.00 / 55.00% (removed 0.150)" in md
     assert "## Zero-shot accuracy (%)" in md and "first 10 documents per task" in md
@@ -37,8 +37,7 @@ def test_method_table_compares_at_equal_achieved_ratio():
     as much (FLAP run at Wanda-sp's achieved 0.15), not beside the cells of its nominal ratio."""
     rows = [_row("wifv", "al_am", 0.2, 0.2001, 25.0), _row("wifv", "al_am", 0.15, 0.1502, 22.0),
             _row("wanda_sp", "ul_um", 0.2, 0.1499, 27.0)]
-    md = tables(rows, DENSE)
-    section = md.split("## Method x achieved ratio (equal budgets)")[1]
+    section = "\n".join(main_table(rows, DENSE))
     assert "| method | 0.15 | 0.20 |" in section
     assert "| wanda_sp/ul_um (none) | 27.00 (removed 0.150) |  |" in section
     assert "| wifv/al_am (bias) | 22.00 (removed 0.150) | 25.00 (removed 0.200) |" in section
@@ -66,7 +65,7 @@ def test_mlflow_groups_by_achieved_ratio():
 def test_compensation_table_and_csv(tmp_path):
     import csv
 
-    from flap_exp.pipeline.report import report
+    from flap_exp.pipeline.report import table_files
     dense = {**_row("dense", "", 0, 0.0, 20.0), "eval_data": {"name": "wikitext2"}, "ppl_windows": 8, "seqlen": 128}
     rows = []
     for comp, ppl in (("none", 40.0), ("bias", 30.0), ("lsq", 24.0)):
@@ -77,7 +76,9 @@ def test_compensation_table_and_csv(tmp_path):
     rows.append({**_row("wanda_sp", "ul_um", 0.5, 0.45, 50.0), "compensation": "none", "key": "wanda_sp-ul_um-0.5-none",
                  "cell": "wanda_sp-ul_um-0.5"})
     sels = {r["cell"]: {"structure": r["structure"]} for r in rows}
-    report(rows, dense, {k: v for k, v in sels.items() if v["structure"] == "ul_um"}, tmp_path)
+    table = {"title": "Compensation", "layout": "compensation", "measure": [], "cells": [r["key"] for r in rows]}
+    table_files("compensation", table, rows, dense, sels, "quick", tmp_path)
+    assert (tmp_path / "figures" / "compensation.png").read_bytes()[:4] == b"\x89PNG"
     md = (tmp_path / "compensation.md").read_text()
     assert "| metric | structure | ratio | removed | none | bias | lsq | none / bias | lsq / bias |" in md
     assert "| wifv | al_am | 0.5 | 0.500 | 40.00 | 30.00 | 24.00 | 1.333 | 0.800 |" in md

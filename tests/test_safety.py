@@ -398,7 +398,7 @@ def test_read_utf8_matches_read_text(tmp_path):
     (["eval.max_windows=ten"], "eval.max_windows must be an integer, got 'ten'"),
     (["eval.seqlen=1"], "eval.seqlen must be at least 2"),
     (["eval.zeroshot.limit=0"], "eval.zeroshot.limit must be at least 1, got 0"),
-    (["grid.flap.ratios=[abc]"], "grid block 'flap': ratio must be a number in [0, 1), got 'abc'"),
+    (["tables.main.blocks.flap.ratios=[abc]"], "table 'main' block 'flap': ratio must be a number in [0, 1), got 'abc'"),
     (["metrics.wifv.compensation=maybe"], "unknown compensation 'maybe'; known compensations: none, bias, lsq"),
     (["structures.al_am.min_groups=-1"], "structures.al_am.min_groups must be at least 0, got -1"),
     (["data=text", "data.calib.path=f.txt"], "data.eval.path is not set: corpus 'text' needs data.eval.path=FILE"),

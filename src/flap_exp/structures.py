@@ -212,7 +212,8 @@ def select_from_units(name: str, groups: torch.Tensor, channels: torch.Tensor, a
                       opts: StructureOptions) -> Selection:
     """An adaptive structure's selection from standardized units; refuses non-finite units and bad shapes."""
     if name not in ADAPTIVE_UNITS:
-        raise FlapError(f"structure {name!r} does not rank standardized units; adaptive ones: {', '.join(ADAPTIVE_UNITS)}")
+        raise FlapError(f"structure {name!r} does not rank standardized units; "
+                        f"adaptive ones: {', '.join(ADAPTIVE_UNITS)}")
     want = {"groups": (arch.num_layers, arch.num_kv_heads), "channels": (arch.num_layers, arch.intermediate_size)}
     for what, t in (("groups", groups), ("channels", channels)):
         if tuple(t.shape) != want[what]:

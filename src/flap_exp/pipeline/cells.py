@@ -21,8 +21,16 @@ from __future__ import annotations
 import hashlib
 import json
 
-from ..catalogue import ADAPTIVE, COMPENSATIONS, METHODS, PER_LAYER, STRUCTURES, check_compensation_params, \
-    default_compensation, is_sequential
+from ..catalogue import (
+    ADAPTIVE,
+    COMPENSATIONS,
+    METHODS,
+    PER_LAYER,
+    STRUCTURES,
+    check_compensation_params,
+    default_compensation,
+    is_sequential,
+)
 from ..errors import FlapError
 from . import paths
 
@@ -51,6 +59,10 @@ def check_compensations(compensations: dict) -> None:
     NAME is a conf file (none, bias, lsq, lsq_dense, ...); its `method` a key of the registry."""
     for name, params in compensations.items():
         check_compensation_params(dict(params or {}))
+        method = params["method"]
+        if name in COMPENSATIONS and method != name or not (name == method or name.startswith(method + "_")):
+            raise FlapError(f"compensations.{name}.method is {method!r}; it must be {name!r}" if name in COMPENSATIONS
+                            else f"compensations.{name}: a variant's name starts with its method ({method}_...)")
 
 
 def _calibrations(where: str, spec, default: dict) -> list[tuple[str, int]]:
@@ -187,12 +199,13 @@ def expand_study(tables: dict, metrics: dict, compensations: dict, calib: dict) 
 def _cell(c: _Cells, metric: str, structure: str, ratio: float, ckey: str | None, sequential: bool,
           comps: list[str], compensations: dict, measure: list[str]) -> list[str]:
     data_free = metric in DATA_FREE
+    calib = ckey or ""  # set whenever anything below reads data: a data metric, or a compensation that needs it
     key = cell_key(metric, structure, ratio, None if data_free else ckey)
     cell = {"metric": metric, "structure": structure, "ratio": ratio}
     selection = paths.selection(key)
     if sequential:
-        c.t["search_seq"][key] = {**cell, "calib": ckey, "windows": paths.windows(ckey),
-                                  "manifest": paths.manifest(ckey), "selection": selection,
+        c.t["search_seq"][key] = {**cell, "calib": ckey, "windows": paths.windows(calib),
+                                  "manifest": paths.manifest(calib), "selection": selection,
                                   "stats": paths.seq_stats(key)}
     else:
         scores = c.scores(metric, None if data_free else ckey)
@@ -206,11 +219,11 @@ def _cell(c: _Cells, metric: str, structure: str, ratio: float, ckey: str | None
         item = {**cell, "cell": key, "compensation": comp, "method": method, "calib": ckey or "none",
                 "selection": selection, "comp": paths.compensation(ekey)}
         if needs == "windows":
-            c.t["compensate_lsq"][ekey] = {**item, "windows": paths.windows(ckey), "manifest": paths.manifest(ckey)}
+            c.t["compensate_lsq"][ekey] = {**item, "windows": paths.windows(calib), "manifest": paths.manifest(calib)}
         else:
             # none reads no statistics: its selection stands in for them (a harmless second dependency)
-            stats = (paths.seq_stats(key) if sequential else paths.stats(ckey)) if needs == "stats" else selection
-            manifest = paths.manifest(ckey) if needs == "stats" else selection
+            stats = (paths.seq_stats(key) if sequential else paths.stats(calib)) if needs == "stats" else selection
+            manifest = paths.manifest(calib) if needs == "stats" else selection
             c.t["compensate"][ekey] = {**item, "stats": stats, "manifest": manifest}
         c.t["evaluate"][ekey] = {**item, "out": paths.measurement(ekey, "ppl")}
         for m in measure:

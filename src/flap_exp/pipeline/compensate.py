@@ -18,8 +18,7 @@ def selection_sha256(selection: dict) -> str:
 def compensate(model, selection: dict, arch, comp_params: dict, stats=None, windows=None,
                batch_size: int = 8) -> tuple[dict, dict]:
     """(tensors, metadata) of one cell; `model` is the dense base model (None for `none`)."""
-    from ..compensation import comps_to_tensors, config_from_params, config_record
-    from ..compensation import compensate as run
+    from ..compensation import compensate as run, comps_to_tensors, config_from_params, config_record
     from ..selection import Selection
     cfg = config_from_params(comp_params)
     comps = run(model, Selection.from_json(selection, arch), arch, cfg, stats, windows, batch_size, progress=True)
@@ -43,5 +42,6 @@ def load_compensation(path, selection: dict, arch, method: str, record: dict | N
     if meta.get("selection_sha256") != selection_sha256(selection):
         raise FlapError(f"{path} was computed for another selection; refusing it: rerun dvc repro")
     if record is not None and meta.get("weights_sha256") != record["model"]["weights_sha256"]:
-        raise FlapError(f"{path} was computed for other weights than the prepared model's; refusing it: rerun dvc repro")
+        raise FlapError(f"{path} was computed for other weights than the prepared model's; refusing it: "
+                        "rerun dvc repro")
     return comps_from_tensors(tensors, Selection.from_json(selection, arch), arch, str(path)), rec

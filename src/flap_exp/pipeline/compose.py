@@ -23,7 +23,8 @@ def _one_line(err: Exception) -> str:
         name = err.missing_cfg_file.rsplit("/", 1)[-1]
         opts = ", ".join(sorted(err.options or [])) or "none"
         return f"unknown {group} {name!r}; valid {group} options: {opts}"
-    cause, seen = err, set()
+    cause: BaseException = err
+    seen: set[int] = set()
     while not isinstance(cause, FlapError) and id(cause) not in seen:
         seen.add(id(cause))
         nxt = cause.__cause__ or cause.__context__
@@ -32,14 +33,13 @@ def _one_line(err: Exception) -> str:
         cause = nxt
     if not isinstance(cause, FlapError):
         cause = err
-    lines = [l.strip() for l in str(cause).strip().splitlines() if l.strip()]
+    lines = [line.strip() for line in str(cause).strip().splitlines() if line.strip()]
     return " ".join(lines[:2]) if lines else type(err).__name__
 
 
 def compose(overrides: list[str], conf_dir: str | Path = "conf", config_name: str = "config") -> str:
     """The composed, fully resolved config as YAML text (params.yaml)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from hydra import compose as hydra_compose, initialize_config_dir
     from omegaconf import OmegaConf
 
     register_resolvers()
@@ -55,8 +55,10 @@ def compose(overrides: list[str], conf_dir: str | Path = "conf", config_name: st
     except Exception as err:  # Hydra/OmegaConf errors: one line for the user
         raise FlapError(_one_line(err)) from None
     from .params_check import check_params
-    check_params(OmegaConf.to_container(cfg, resolve=True))  # numbers are numbers, required values set
-    check_structure_options(OmegaConf.to_container(cfg.get("structures") or {}))
+    container = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(container, dict)  # the root config is a mapping
+    check_params(container)  # numbers are numbers, required values set
+    check_structure_options(dict(container.get("structures") or {}))
     return OmegaConf.to_yaml(cfg)
 
 

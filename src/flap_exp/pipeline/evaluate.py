@@ -32,7 +32,7 @@ def _throughput(model, tp: dict, load_dense: Callable[[], Any] | None) -> dict:
     models = {"model": model}
     if load_dense is not None:
         models = {"dense": load_dense(), "model": model}  # the first is the speedup's reference
-    kwargs = {k: tuple(tuple(x) if isinstance(x, list) else x for x in tp[k])
+    kwargs: dict[str, Any] = {k: tuple(tuple(x) if isinstance(x, list) else x for x in tp[k])
               for k in ("prefill_shapes", "decode_batches") if tp.get(k)}
     kwargs |= {k: int(tp[k]) for k in ("prompt_len", "new_tokens", "warmup") if tp.get(k) is not None}
     res = compare_throughput(models, repeats=int(tp.get("repeats", 3)), **kwargs)
@@ -43,7 +43,7 @@ def _throughput(model, tp: dict, load_dense: Callable[[], Any] | None) -> dict:
     return out
 
 
-def _perplexity(lm, corpus: dict, record: dict, eval_params: dict) -> dict:
+def _perplexity(lm, corpus: dict, record: dict, eval_params: dict):
     from ..data import tokenize
     from ..ppl import perplexity
     text = checked_text(corpus, record, join="\n\n")

@@ -58,6 +58,7 @@ def read_json(path: str | Path):
 
 def save_tensors(path: str | Path, tensors: dict, meta: dict | None = None) -> None:
     from safetensors.torch import save_file
+
     from ..integrity import check_finite_tensors
     check_finite_tensors(tensors, f"refusing to write {path}")
     with atomic_file(path) as tmp:
@@ -76,7 +77,8 @@ def load_tensors(path: str | Path) -> tuple[dict, dict]:
         with safe_open(str(p), framework="pt") as f:
             raw, tensors = (f.metadata() or {}).get("flap", "{}"), {k: f.get_tensor(k) for k in f.keys()}
     except Exception as err:  # safetensors raises its own SafetensorError (and OSError) on a damaged file
-        raise FlapError(f"{p} is not a readable safetensors file ({str(err).splitlines()[0] if str(err) else type(err).__name__}); {fix}") from None
+        why = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise FlapError(f"{p} is not a readable safetensors file ({why}); {fix}") from None
     try:
         meta = json.loads(raw)
     except ValueError:

@@ -29,9 +29,9 @@ def _text_record(corpus: dict, join: str) -> dict:
 def prepare(model_params: dict, data_params: dict, corpora: list[str]) -> dict:
     """The base model's record and the calibration corpora's (results/prepare.json), by corpus name;
     evaluation corpora are recorded apart (prepare_eval) so that adding one never invalidates calibration."""
-    from .records import calib_corpus
-    from ..models import load_model
     from ..integrity import check_finite_weights
+    from ..models import load_model
+    from .records import calib_corpus
     lm = load_model(model_params["name"], model_dtype(model_params.get("dtype", "float32")), "cpu")
     check_finite_weights(lm.model, f"model {model_params['name']!r}")  # refused before any stage computes on it
     model = {"spec": model_params["name"], "identity": lm.identity, "arch": asdict(lm.arch),

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .results import achieved_group, method_name
 
+
 def _extras(r: dict) -> dict:
     """Per-task zero-shot scores, extra corpora's perplexities and throughput, as flat CSV columns."""
     out = {f"ppl.{k}": v for k, v in (r.get("perplexity_extra") or {}).items()}
@@ -37,7 +38,8 @@ def zeroshot_table(rows: list[dict], dense: dict) -> list[str]:
     limit = evaluated[0]["zeroshot"].get("limit")
     note = f"first {limit} documents per task" if limit else "full splits"
     return ["## Zero-shot accuracy (%)", "", f"lm-eval {evaluated[0]['zeroshot'].get('lm_eval_version')}, "
-            f"{note}, data source {evaluated[0]['zeroshot'].get('source')}.", ""] + _table(head + ["average"], body) + [""]
+            f"{note}, data source {evaluated[0]['zeroshot'].get('source')}.", ""] \
+        + _table(head + ["average"], body) + [""]
 
 
 def speedup_table(rows: list[dict]) -> list[str]:
@@ -65,13 +67,18 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return out + ["| " + " | ".join(r) + " |" for r in rows]
 
 
+def _over(r: dict | None, ref: dict | None) -> str:
+    return f"{r['perplexity'] / ref['perplexity']:.3f}" if r is not None and ref is not None else ""
+
+
 def compensation_table(rows: list[dict], dense: dict) -> list[str]:
     """Rows = (metric, structure, ratio), columns = compensations (the same selection in every column;
     conf/compensation/ names, e.g. lsq_dense), then each one's perplexity over `bias`'s where both exist."""
     order = {c: i for i, c in enumerate(("none", "bias", "lsq"))}
     comps = sorted({r["compensation"] for r in rows}, key=lambda c: (order.get(c, len(order)), c))
     by = {(r["metric"], r["structure"], r["ratio"], r["compensation"]): r for r in rows}
-    opts = sorted({f"{r['compensation']}: " + ", ".join(f"{k}={v}" for k, v in sorted(r["compensation_options"].items()))
+    opts = sorted({f"{r['compensation']}: "
+                   + ", ".join(f"{k}={v}" for k, v in sorted(r["compensation_options"].items()))
                    for r in rows if r.get("compensation_options")})
     vs = [c for c in comps if c != "bias"] if "bias" in comps else []
     head = ["metric", "structure", "ratio", "removed"] + comps + [f"{c} / bias" for c in vs]
@@ -80,8 +87,7 @@ def compensation_table(rows: list[dict], dense: dict) -> list[str]:
         cells = {c: by.get((m, s, x, c)) for c in comps}
         removed = next(r["achieved_ratio"] for r in cells.values() if r is not None)
         line = [m, s, f"{x:g}", f"{removed:.3f}"] + [f"{r['perplexity']:.2f}" if r else "" for r in cells.values()]
-        line += [f"{cells[c]['perplexity'] / cells['bias']['perplexity']:.3f}" if cells[c] and cells.get("bias") else ""
-                 for c in vs]
+        line += [_over(cells[c], cells.get("bias")) for c in vs]
         body.append(line)
     lines = ["Every column of a row compensates the same selection (compensation never changes which units are "
              "removed); 'removed' is the achieved ratio.", ""]
@@ -167,7 +173,8 @@ def caption(dense: dict, protocol: str, rows: list[dict]) -> str:
             f"{'' if protocol == 'paper' else ', a subset of the split'}); dense model {dense['perplexity']:.2f}. "
             f"Calibration: {', '.join(calibs) or 'none'} (corpus-N windows).")
     if zs is not None:
-        text += (f" Zero-shot: {'first ' + str(zs.get('limit')) + ' documents per task' if zs.get('limit') else 'full splits'}"
+        docs = f"first {zs.get('limit')} documents per task" if zs.get("limit") else "full splits"
+        text += (f" Zero-shot: {docs}"
                  f", lm-eval {zs.get('lm_eval_version')}.")
     return text + " \"(removed x)\": the achieved fraction of attention+MLP weights removed."
 
@@ -208,7 +215,8 @@ def index(tables: dict, dense: dict, protocol: str, commit: str | None) -> str:
              "| table | cells | report | data | figure |", "|---|---|---|---|---|"]
     for name, t in tables.items():
         fig = f"[figure](figures/{name}.png)"
-        lines.append(f"| {t['title']} | {len(t['cells'])} | [{name}.md]({name}.md) | [{name}.csv]({name}.csv) | {fig} |")
+        lines.append(f"| {t['title']} | {len(t['cells'])} | [{name}.md]({name}.md) | [{name}.csv]({name}.csv) "
+                     f"| {fig} |")
     lines += ["", "`dvc metrics show` reads metrics.json (perplexity, achieved ratio, zero-shot average, speedup "
               "per cell); `dvc plots show` draws plots/ppl_vs_ratio.csv and the figures."]
     return "\n".join(lines) + "\n"
@@ -237,10 +245,10 @@ def _figure(layout: str, rows: list[dict], dense: dict, sels: dict, out: Path) -
         adaptive = {k: s for k, s in sels.items() if k in keys and s["structure"].startswith("al_")}
         kept_heatmap(adaptive or {k: s for k, s in sels.items() if k in keys}, out)
     elif layout == "zeroshot":
-        bars({"dense": dense.get("zeroshot_avg")} | {f"{method_name(r)} {r['achieved_ratio']:.3f}": r.get("zeroshot_avg")
-                                                     for r in rows}, "zero-shot average accuracy", out)
+        cells = {f"{method_name(r)} {r['achieved_ratio']:.3f}": r.get("zeroshot_avg") for r in rows}
+        bars({"dense": dense.get("zeroshot_avg")} | cells, "zero-shot average accuracy", out)
     elif layout == "speed":
-        work = next(iter((rows[0].get("speedup") or {"prefill": 0})), "prefill") if rows else "prefill"
+        work = next(iter(rows[0].get("speedup") or {"prefill": 0}), "prefill") if rows else "prefill"
         bars({f"{method_name(r)} {r['achieved_ratio']:.3f}": (r.get("speedup") or {}).get(work) for r in rows},
              f"speedup over dense ({work})", out)
 

@@ -38,7 +38,8 @@ def checked_scores(tensors: dict, meta: dict, arch, metric: str, where: str) -> 
     model (one attention and one MLP row per layer, of the model's widths)."""
     from ..errors import FlapError
     if meta.get("metric") != metric:
-        raise FlapError(f"{where} holds {meta.get('metric')!r} scores, not {metric!r}; refusing it: rerun dvc repro score")
+        raise FlapError(f"{where} holds {meta.get('metric')!r} scores, not {metric!r}; refusing it: "
+                        "rerun dvc repro")
     widths = {"attn": arch.num_heads * arch.head_dim, "mlp": arch.intermediate_size}
     want = {f"layers.{i}.{m}" for i in range(arch.num_layers) for m in widths}
     if set(tensors) != want:

@@ -68,4 +68,5 @@ def search_sequential(model, windows, cell: dict, metric_opts: dict, opts: dict,
                       square_attn=metric_opts.get("square_attn"), sequential=metric_opts.get("sequential"),
                       options=options(opts), batch_size=batch_size)
     res = prune(model, windows, cfg, progress=True)
+    assert res.stats is not None  # a sequential pass always records the statistics it pruned with
     return selection_record(res.selection, arch, cell), stats_to_tensors(res.stats)

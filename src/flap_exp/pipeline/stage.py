@@ -6,9 +6,9 @@ import os
 import resource
 import sys
 import time
+from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
-from typing import Iterator
 
 from ..errors import FlapError
 
@@ -29,7 +29,7 @@ def load_params(path: str | Path = "params.yaml") -> dict:
 
 
 def versions() -> dict:
-    out = {"python": sys.version.split()[0]}
+    out: dict[str, str | None] = {"python": sys.version.split()[0]}
     for name in PACKAGES:
         try:
             out[name] = metadata.version(name)

@@ -22,7 +22,8 @@ def summary(params: dict, cells: dict, rows: list[dict], dense: dict) -> str:
             calib = f" {r['calib']}" if r.get("calib") else ""
             lines.append(f"  {method_name(r) + calib:<44} target {r['ratio']:<4g} removed {r['achieved_ratio']:.3f}"
                          f"  ppl {r['perplexity']:>10.2f}{extra}")
-    lines += ["", "Reports: reports/README.md (one markdown + CSV + figure per table); dvc metrics show; dvc plots show",
+    lines += ["", "Reports: reports/README.md (one markdown + CSV + figure per table); "
+              "dvc metrics show; dvc plots show",
               f"MLflow: {tracking_uri()} (make mlflow-ui, then http://127.0.0.1:5000)"]
     return "\n".join(lines)
 

@@ -148,7 +148,7 @@ def run_params(cell: dict | None, params: dict, record: dict, manifests: dict) -
          "git_commit": _git_commit(), "dvc_exp_name": os.environ.get("DVC_EXP_NAME"),
          **{f"version.{k}": v for k, v in record["versions"].items()}}
     manifest = manifests.get((cell or {}).get("calib"))
-    if manifest is not None:
+    if manifest is not None and cell is not None:
         p.update({"calib": cell["calib"], "calib.corpus": manifest["data"].get("name"),
                   "calib.sha256": manifest["data"]["text_sha256"], "N": manifest["nsamples"], "T": manifest["seqlen"],
                   "seed": manifest["seed"], "dtype": manifest["dtype"]})

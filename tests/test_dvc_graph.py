@@ -1,0 +1,77 @@
+"""The pipeline's graph tells the truth: dvc.yaml's code deps are the import closure of each stage script,
+every composed experiment x protocol x model yields consistent cells, and stage outputs are the paths
+flap_exp.pipeline.paths names."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flap_exp.pipeline import deps, paths
+from flap_exp.pipeline.cells import cells_from_params
+from flap_exp.pipeline.compose import compose
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
+PROTOCOLS = sorted(p.stem for p in (ROOT / "conf" / "protocol").glob("*.yaml"))
+MODELS = {"smollm2-135m": [], "smollm2-135m-mha": [], "local": ["model.name=/models/llama"]}
+
+
+def test_dvc_yaml_code_deps_are_the_import_closure():
+    text = (ROOT / "dvc.yaml").read_text()
+    assert deps.regenerate(text, ROOT) == text, "run: python -m flap_exp.pipeline.deps --write dvc.yaml"
+    # every stage that runs a script has its import block, for that very script
+    stages = yaml.safe_load(text)["stages"]
+    for name, st in stages.items():
+        body = st.get("do", st)
+        script = re.match(r"python (stages/\S+\.py)", body["cmd"])[1]
+        listed = [d for d in body["deps"] if isinstance(d, str)]
+        assert script in listed, name
+        for f in deps.closure(ROOT / script, ROOT / "src"):
+            assert str(Path(f).relative_to(ROOT)) in listed, (name, f)
+
+
+def test_closure_follows_relative_lazy_and_package_imports(tmp_path):
+    src = tmp_path / "src" / "flap_exp"
+    (src / "sub").mkdir(parents=True)
+    (src / "__init__.py").write_text("")
+    (src / "sub" / "__init__.py").write_text("")
+    (src / "a.py").write_text("def f():\n    from .sub import b\n")  # lazy, relative, submodule via `from . import`
+    (src / "sub" / "b.py").write_text("from ..c import x\n")
+    (src / "c.py").write_text("x = 1\n")
+    (src / "unused.py").write_text("")
+    script = tmp_path / "s.py"
+    script.write_text("import os\nfrom flap_exp.a import f\n")
+    got = {str(Path(f).relative_to(tmp_path)) for f in deps.closure(script, tmp_path / "src")}
+    assert got == {"src/flap_exp/__init__.py", "src/flap_exp/a.py", "src/flap_exp/sub/__init__.py",
+                   "src/flap_exp/sub/b.py", "src/flap_exp/c.py"}
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_every_experiment_protocol_model_composes(experiment, protocol, model):
+    params = yaml.safe_load(compose([f"experiment={experiment}", f"protocol={protocol}", f"model={model}",
+                                     *MODELS[model]], ROOT / "conf"))
+    assert params["protocol"] == protocol and "cells" not in params
+    cells = cells_from_params(params)["cells"]
+    assert cells["evaluate"] and cells["tables"]
+    n = params["data"]["calib"]["nsamples"]
+    assert n == {"quick": 128, "paper": 1024}[protocol]
+    for name, table in cells["tables"].items():
+        assert table["cells"] and set(table["cells"]) <= set(cells["evaluate"]), name
+        for m in table["measure"]:
+            assert set(table["cells"]) <= set(cells[m])
+    for key, item in cells["evaluate"].items():
+        assert item["out"] == paths.measurement(key) and item["selection"] == paths.selection(item["cell"])
+        assert item["cell"] in cells["search"] or item["cell"] in cells["search_seq"]
+        if item["calib"] != "none":
+            assert item["calib"] in cells["calibrate"]
+    for key, c in cells["calibrate"].items():
+        assert key == f"{c['corpus']}-{c['nsamples']}" and c["stats"] == paths.stats(key)
+    if experiment == "study":  # the default calibration is the protocol's N; the ablation adds its own
+        assert f"{params['data']['calib']['corpus']}-{n}" in cells["calibrate"]
+        assert {"wiki-64", "wiki-128", "wiki-256", "wiki-1024", f"c4-{n}"} <= set(cells["calibrate"])
+        assert set(cells["tables"]) == {"main", "ablation", "compensation", "calibration", "zeroshot", "speed"}
