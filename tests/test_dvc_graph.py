@@ -75,3 +75,28 @@ def test_every_experiment_protocol_model_composes(experiment, protocol, model):
         assert f"{params['data']['calib']['corpus']}-{n}" in cells["calibrate"]
         assert {"wiki-64", "wiki-128", "wiki-256", "wiki-1024", f"c4-{n}"} <= set(cells["calibrate"])
         assert set(cells["tables"]) == {"main", "ablation", "compensation", "calibration", "zeroshot", "speed"}
+
+
+@pytest.mark.parametrize("structure", ["al_am", "al_mm"])
+def test_search_from_the_standardize_stage_equals_search_from_scores(tmp_path, structure):
+    """The AL search reads the units the standardize stage wrote: same selection as ranking the scores."""
+    import torch
+
+    from flap_exp.arch import ArchView
+    from flap_exp.pipeline.io import save_tensors
+    from flap_exp.pipeline.score import scores_to_tensors, standardize
+    from flap_exp.pipeline.search import search, search_file
+    arch = ArchView(num_layers=3, hidden_size=32, num_heads=4, num_kv_heads=2, head_dim=8, intermediate_size=48)
+    g = torch.Generator().manual_seed(0)
+    scores = scores_to_tensors([(torch.rand(32, generator=g, dtype=torch.float64),
+                                 torch.rand(48, generator=g, dtype=torch.float64)) for _ in range(3)])
+    save_tensors(tmp_path / "u.safetensors", standardize(scores, arch), {"metric": "wifv", "calib": "c-8", "units": True})
+    save_tensors(tmp_path / "s.safetensors", scores, {"metric": "wifv", "calib": "c-8"})
+    cell = {"metric": "wifv", "structure": structure, "ratio": 0.4}
+    want = search(scores, arch, cell, {})
+    got = search_file(str(tmp_path / "u.safetensors"), arch, cell, {})
+    assert got["kept_groups"] == want["kept_groups"] and got["kept_channels"] == want["kept_channels"]
+    assert got["calib"] == "c-8" and 0.3 < got["achieved_ratio"] < 0.5
+    from flap_exp.errors import FlapError
+    with pytest.raises(FlapError, match="reads standardized units"):  # raw scores for an AL cell: refused
+        search_file(str(tmp_path / "s.safetensors"), arch, cell, {})

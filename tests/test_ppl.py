@@ -21,3 +21,17 @@ def test_batched_perplexity_matches_window_by_window_loop():
     assert got.windows == 7 and got.tokens == 112
     assert math.isclose(got.ppl, math.exp(sum(losses) / 7), rel_tol=1e-5)
     assert perplexity(model, tokens, 16, 4, max_windows=2, progress=False).windows == 2
+
+
+def test_next_token_nll_equals_cross_entropy():
+    import torch.nn.functional as F
+
+    from flap_exp.ppl import next_token_nll
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 7, 50, generator=g) * 4
+    y = torch.randint(0, 50, (3, 7), generator=g)
+    want = F.cross_entropy(logits.reshape(-1, 50), y.reshape(-1), reduction="none").view(3, 7)
+    torch.testing.assert_close(next_token_nll(logits, y), want, rtol=1e-6, atol=1e-5)
+    # on a non-contiguous view (the [:, :-1] slice perplexity passes), no copy needed
+    shifted = F.cross_entropy(logits[:, :-1].reshape(-1, 50), y[:, 1:].reshape(-1), reduction="none").view(3, 6)
+    torch.testing.assert_close(next_token_nll(logits[:, :-1], y[:, 1:]), shifted, rtol=1e-6, atol=1e-5)

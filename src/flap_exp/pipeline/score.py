@@ -30,7 +30,20 @@ def standardize(score_tensors: dict, arch) -> dict:
     scores = scores_from_tensors(score_tensors)
     check_finite_scores(scores, "standardize")
     groups, channels = standardized_units(scores, arch)
-    return {"groups": groups, "channels": channels}
+    # the per-layer tensor format of every stage file (`layers.{i}.NAME`), one row per layer
+    return {f"layers.{i}.{name}": t[i].contiguous() for name, t in (("groups", groups), ("channels", channels))
+            for i in range(arch.num_layers)}
+
+
+def units_from_tensors(t: dict, arch) -> tuple:
+    """(groups [L, kv], channels [L, I]) from a standardize stage file; refused if a layer is missing."""
+    from ..errors import FlapError
+    want = {f"layers.{i}.{n}" for i in range(arch.num_layers) for n in ("groups", "channels")}
+    if set(t) != want:
+        raise FlapError(f"standardized units do not fit the model's {arch.num_layers} layers "
+                        f"(tensor {sorted(set(t) ^ want)[0]}); refusing them")
+    import torch
+    return tuple(torch.stack([t[f"layers.{i}.{n}"] for i in range(arch.num_layers)]) for n in ("groups", "channels"))
 
 
 def checked_scores(tensors: dict, meta: dict, arch, metric: str, where: str) -> dict:

@@ -34,7 +34,9 @@ def search(score_tensors: dict, arch, cell: dict, opts: dict) -> dict:
 def search_units(units: dict, arch, cell: dict, opts: dict) -> dict:
     """An adaptive structure's selection from the standardize stage's units (groups, channels)."""
     from ..structures import select_from_units
-    sel = select_from_units(cell["structure"], units["groups"], units["channels"], arch, cell["ratio"], options(opts))
+    from .score import units_from_tensors
+    groups, channels = units_from_tensors(units, arch)
+    sel = select_from_units(cell["structure"], groups, channels, arch, cell["ratio"], options(opts))
     return selection_record(sel, arch, cell)
 
 
