@@ -16,10 +16,10 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from test_pipeline import CELLS, DVC, OVERRIDES, ROOT, TINY_EXPERIMENT, _corpus, _env, _tiny_model, ran
 
 from flap_exp.errors import FlapError
 from flap_exp.pipeline.parallel import ParallelConfig, _check, split
-from test_pipeline import CELLS, DVC, OVERRIDES, ROOT, TINY_EXPERIMENT, _corpus, _env, _tiny_model, ran
 
 HOOK = """import os, sys
 if len(sys.argv) > 0 and os.path.basename(os.path.dirname(sys.argv[0])) == "stages":
@@ -54,8 +54,9 @@ def base(tmp_path_factory) -> Path:
     (repo / "data" / "corpus.txt").write_text(text)
     _tiny_model(repo / "models" / "tiny", text)
     (repo / ".gitignore").write_text("mlflow.db\nmlruns/\n__pycache__/\n")
-    for cmd in (["git", "init", "-q"], [DVC, "init", "-q"], [sys.executable, "-m", "flap_exp.pipeline.compose", *OVERRIDES],
-                ["git", "add", "-A"], ["git", "commit", "-q", "-m", "pipeline"]):
+    compose = [sys.executable, "-m", "flap_exp.pipeline.compose", *OVERRIDES]
+    for cmd in (["git", "init", "-q"], [DVC, "init", "-q"], compose, ["git", "add", "-A"],
+                ["git", "commit", "-q", "-m", "pipeline"]):
         subprocess.run(cmd, cwd=repo, env=_env(repo), check=True, capture_output=True)
     return repo
 
@@ -82,11 +83,13 @@ def _mlflow_runs(repo: Path) -> list:
 
 def _results(repo: Path) -> dict:
     """Every metrics.json (wall times and memory left out) and every selection.json."""
+    def load(f: Path) -> dict:  # a local corpus is recorded by its absolute path: the copies' paths differ
+        return json.loads(f.read_text().replace(str(repo), "<repo>"))
     out = {}
     for f in sorted((repo / "results" / "evaluate").rglob("metrics.json")):
-        out[f.relative_to(repo).as_posix()] = {k: v for k, v in json.loads(f.read_text()).items() if k != "usage"}
+        out[f.relative_to(repo).as_posix()] = {k: v for k, v in load(f).items() if k != "usage"}
     for f in sorted((repo / "results" / "search").rglob("selection.json")):
-        out[f.relative_to(repo).as_posix()] = json.loads(f.read_text())
+        out[f.relative_to(repo).as_posix()] = load(f)
     return out
 
 
@@ -107,7 +110,8 @@ def test_parallel_grid_equals_serial_each_cell_once(base: Path, tmp_path: Path):
     assert runs == serial_runs and set(runs.values()) == {1}, runs
     assert sum(1 for line in runs if line.startswith("stages/evaluate.py")) == len(CELLS) + 1
     # The cells really went through the queue on two workers; the final repro only gathered.
-    assert "on 2 worker(s)" in p.stdout and p.stdout.count("parallel: queued ") == len(CELLS) + 2  # + dense, standardize
+    assert "on 2 worker(s)" in p.stdout
+    assert p.stdout.count("parallel: queued ") == len(CELLS) + 2  # + dense and standardize@wifv
     final = p.stdout.split("parallel: final dvc repro")[1]
     assert set(ran(subprocess.CompletedProcess([], 0, final, ""))) == {"track", "report"}
     assert all(f"Stage 'evaluate@{c}' is cached - skipping run" in final for c in CELLS)
@@ -180,3 +184,70 @@ def test_refuses_a_queue_holding_the_users_experiments(tmp_path: Path):
                                       text=True, check=True).stdout
     subprocess.run([DVC, "queue", "remove", "theirs"], cwd=repo, env=_env(repo), check=True, capture_output=True)
     _check(ParallelConfig(root=str(repo)))
+
+
+CELL_PY = """import os, sys, yaml
+item = sys.argv[1]
+with open(os.environ["FLAP_TEST_CELL_LOG"], "a") as f:
+    f.write(item + "\\n")
+if yaml.safe_load(open("params.yaml"))["fail"][item]:
+    sys.exit(f"cell {item} refuses to run")
+os.makedirs("out", exist_ok=True)
+open(f"out/{item}.txt", "w").write(open("shared.txt").read() + item)
+"""
+TOY_DVC = """stages:
+  base:
+    cmd: python -c "open('shared.txt', 'w').write('s')"
+    outs: [shared.txt]
+  cell:
+    foreach: [a, b, c]
+    do:
+      cmd: python cell.py ${item}
+      deps: [shared.txt, cell.py]
+      params:
+        - fail.${item}
+      outs:
+        - out/${item}.txt
+  gather:
+    cmd: python -c "import os; open('all.txt', 'w').write(','.join(sorted(f for f in os.listdir('out') if f.endswith('.txt'))))"
+    deps: [out]
+    outs: [all.txt]
+"""
+
+
+@pytest.mark.slow  # seconds of work, but the queue's workers and temporary copies take a minute or two here
+def test_failed_cell_is_reported_and_the_others_are_kept(tmp_path: Path):
+    """A toy pipeline: cell b fails -> exit 2 with its log, nothing left queued; fixed -> only b runs."""
+    repo = tmp_path / "r"
+    repo.mkdir()
+    (repo / "dvc.yaml").write_text(TOY_DVC)
+    (repo / "cell.py").write_text(CELL_PY)
+    (repo / "params.yaml").write_text("fail: {a: false, b: false, c: false}\n")
+    for cmd in (["git", "init", "-q"], [DVC, "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-q", "-m", "x"]):
+        subprocess.run(cmd, cwd=repo, env=_env(repo), check=True, capture_output=True)
+    (repo / "params.yaml").write_text("fail: {a: false, b: true, c: false}\n")  # uncommitted: the queue sees it
+    log = tmp_path / "cells.log"
+    env = {**_env(repo), "FLAP_TEST_CELL_LOG": str(log), "PYTHONPATH": str(ROOT / "src")}
+    cmd = [sys.executable, "-m", "flap_exp.pipeline.parallel", "--jobs", "2"]
+    p = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert p.stderr.strip().splitlines()[-1] == ("parallel: error: 1 cell(s) failed: cell@b (logs above; finished "
+                                                 "cells are in the run-cache and will not rerun)")
+    assert "cell b refuses to run" in p.stderr and "Traceback" not in p.stderr.splitlines()[-1]
+    assert sorted(log.read_text().split()) == ["a", "b", "c"]
+    assert not (repo / "all.txt").exists()  # the final repro never started
+    refs = subprocess.run(["git", "for-each-ref", "refs/exps"], cwd=repo, capture_output=True, text=True).stdout
+    assert "flap-par-" not in refs
+    assert "flap-par-" not in subprocess.run([DVC, "queue", "status"], cwd=repo, env=env, capture_output=True,
+                                             text=True).stdout
+    plan = json.loads(subprocess.run([*cmd[:3], "--plan"], cwd=repo, env=env, capture_output=True, text=True,
+                                     check=True).stdout)
+    assert plan == {"shared": ["base"], "cells": {c: [c] for c in ("cell@a", "cell@b", "cell@c")}, "gather": ["gather"]}
+
+    (repo / "params.yaml").write_text("fail: {a: false, b: false, c: false}\n")  # fixed: only b reruns
+    p = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert (repo / "all.txt").read_text() == "a.txt,b.txt,c.txt"
+    assert (repo / "out" / "b.txt").read_text() == "sb"
+    assert sorted(log.read_text().split()) == ["a", "b", "b", "c"]  # a and c restored from the run-cache
+    assert "parallel: queued cell@b" in p.stdout and "parallel: queued cell@a" in p.stdout  # queued, not rerun

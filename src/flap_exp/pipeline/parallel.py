@@ -15,17 +15,19 @@
 The stages come from DVC's own index (`dvc.repo.Repo(...).index.graph`), never from params.yaml, so the
 layout of the cell tables does not matter. A "gathering" stage reads a directory other stages write
 into (track reads results/evaluate/); it and everything downstream of it run in step 4 only.
-`python -m flap_exp.pipeline.parallel --jobs 2` (or `make run-parallel JOBS=2`).
+`python -m flap_exp.pipeline.parallel --jobs 2` (or `make run-parallel JOBS=2`); `--plan` prints the plan
+as JSON and runs nothing (e.g. to submit the cells as cluster jobs).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import secrets
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 
 from ..errors import FlapError
@@ -56,8 +58,12 @@ def _inside(path: str, folder: str) -> bool:
 
 def split(upstream: dict[str, set[str]], deps: dict[str, list[str]], outs: dict[str, list[str]]) -> Plan:
     """Pure: stage -> its transitive upstream stages, dependency paths and output paths -> the plan."""
-    all_outs = [(s, o) for s, os_ in outs.items() for o in os_]
-    gather = {s for s, ds in deps.items() if any(_inside(o, d) for d in ds for t, o in all_outs if t != s)}
+    writers: dict[str, set[str]] = {}  # folder -> the stages with an output strictly inside it
+    for s, paths in outs.items():
+        for o in paths:
+            for folder in PurePosixPath(o).parents:
+                writers.setdefault(folder.as_posix(), set()).add(s)
+    gather = {s for s, ds in deps.items() if any(writers.get(PurePosixPath(d).as_posix(), set()) - {s} for d in ds)}
     gather |= {s for s, up in upstream.items() if up & gather}
     per_cell = [s for s in upstream if s not in gather]
     cells = [s for s in per_cell if not any(s in upstream[t] for t in per_cell)]
@@ -73,7 +79,11 @@ def plan(root: str | Path = ".") -> Plan:
     from dvc.repo import Repo
     with Repo(str(root)) as repo:
         graph = repo.index.graph
-        rel = lambda p: Path(p).resolve().relative_to(Path(repo.root_dir).resolve()).as_posix()  # noqa: E731
+        base = Path(repo.root_dir).resolve()
+
+        def rel(path: str) -> str:
+            return Path(path).resolve().relative_to(base).as_posix()
+
         order = list(reversed(list(nx.topological_sort(graph))))  # upstream first
         name = {s: s.addressing for s in order}
         upstream = {name[s]: {name[u] for u in nx.descendants(graph, s)} for s in order}
@@ -248,14 +258,25 @@ def run_parallel(cfg: ParallelConfig) -> dict[str, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from dvc.exceptions import DvcException
     ap = argparse.ArgumentParser(prog="python -m flap_exp.pipeline.parallel", description=__doc__.splitlines()[0])
     ap.add_argument("--jobs", type=int, default=ParallelConfig.jobs, help="queue workers (default 2)")
     ap.add_argument("--keep", action="store_true", help="keep the queued experiments (dvc exp show)")
+    ap.add_argument("--plan", action="store_true",
+                    help="print the plan as JSON (shared stages, cells, gathering stages) and run nothing")
     a = ap.parse_args(argv)
     try:
+        if a.plan:
+            if not Path("dvc.yaml").is_file():
+                raise FlapError(f"no dvc.yaml in {Path.cwd()}: run from the project root")
+            print(json.dumps(asdict(plan(".")), indent=1))
+            return 0
         run_parallel(ParallelConfig(jobs=a.jobs, keep=a.keep))
     except FlapError as err:
         print(f"parallel: error: {err}", file=sys.stderr)
+        return 2
+    except DvcException as err:  # e.g. a malformed dvc.yaml while reading the plan: one line, no traceback
+        print(f"parallel: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     return 0
 
