@@ -26,6 +26,7 @@ import re
 import secrets
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
@@ -98,6 +99,18 @@ def _dvc(root: str, *args: str, check: bool = True) -> subprocess.CompletedProce
         tail = (p.stderr or p.stdout).strip().splitlines()[-1:] or ["no output"]
         raise FlapError(f"dvc {' '.join(args[:3])} failed: {tail[0]}")
     return p
+
+
+def _start_workers(root: str, jobs: int) -> None:
+    """`dvc queue start`: output to a file, not a pipe, since the detached workers inherit it and a pipe
+    would keep this call waiting until they exit (i.e. until the whole queue is done)."""
+    with tempfile.TemporaryFile(mode="w+") as out:
+        rc = subprocess.run([sys.executable, "-m", "dvc", "queue", "start", "--jobs", str(jobs)], cwd=root,
+                            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
+        out.seek(0)
+        text = out.read().strip().splitlines()
+    if rc != 0:
+        raise FlapError(f"dvc queue start failed: {(text or ['no output'])[-1]}")
 
 
 def _stream(root: str, *args: str) -> list[str]:
@@ -187,7 +200,7 @@ def _wait(cfg: ParallelConfig, queued: dict[str, str]) -> dict[str, str]:
             if name not in done and status not in PENDING:
                 done[name] = status
                 ran = RAN.findall(_dvc(cfg.root, "queue", "logs", name, check=False).stdout)
-                print(f"parallel: [{len(done)}/{len(queued)}] {cell}: {status} after {time.monotonic() - t0:.0f} s"
+                print(f"parallel: [{len(done)}/{len(queued)}] {cell}: {status} at {time.monotonic() - t0:.0f} s"
                       f" (ran: {', '.join(ran) or 'nothing, all restored from the run-cache'})", flush=True)
         if len(done) < len(queued) and workers == 0:
             no_worker_since = no_worker_since or time.monotonic()
@@ -233,8 +246,8 @@ def run_parallel(cfg: ParallelConfig) -> dict[str, list[str]]:
             queued[name] = cell
             print(f"parallel: queued {cell} as experiment {name}", flush=True)
         if queued:
-            _dvc(cfg.root, "queue", "start", "--jobs", str(cfg.jobs))
-            print(f"parallel: {len(queued)} cell(s) on {cfg.jobs} worker(s); "
+            _start_workers(cfg.root, cfg.jobs)
+            print(f"parallel: {len(queued)} cell(s) on {cfg.jobs} worker(s) (times from now); "
                   f"{len(p.cells) - len(queued)} already up to date", flush=True)
             done = _wait(cfg, queued)
             failed = [n for n, s in done.items() if s != "Success"]
