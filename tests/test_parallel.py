@@ -209,7 +209,7 @@ TOY_DVC = """stages:
       outs:
         - out/${item}.txt
   gather:
-    cmd: python -c "import os; open('all.txt', 'w').write(','.join(sorted(f for f in os.listdir('out') if f.endswith('.txt'))))"
+    cmd: python -c "import glob; open('all.txt', 'w').write(','.join(sorted(glob.glob('*.txt', root_dir='out'))))"
     deps: [out]
     outs: [all.txt]
 """

@@ -216,12 +216,17 @@ def _cleanup(cfg: ParallelConfig, names: list[str]) -> None:
     """Remove only the experiments this run queued (running ones are killed first)."""
     if cfg.keep or not names:
         return
-    tasks, _ = queue_status(cfg.root)
+    try:
+        tasks, _ = queue_status(cfg.root)
+    except FlapError:  # never hide the error that brought us here; still try to remove them
+        tasks = {}
     running = [n for n in names if tasks.get(n) == "Running"]
     if running:
         _dvc(cfg.root, "queue", "kill", *running, check=False)
     if _dvc(cfg.root, "exp", "remove", *names, check=False).returncode != 0:
-        _dvc(cfg.root, "queue", "remove", *names, check=False)
+        if _dvc(cfg.root, "queue", "remove", *names, check=False).returncode != 0:
+            print(f"parallel: warning: could not remove experiments {', '.join(names)} (dvc exp remove them)",
+                  file=sys.stderr, flush=True)
 
 
 def run_parallel(cfg: ParallelConfig) -> dict[str, list[str]]:
