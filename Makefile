@@ -49,6 +49,15 @@ VENV_PATH := PATH=$(CURDIR)/.venv/bin:$$PATH
 compose: $(VENV_OK)
 	$(PY) -m flap_exp.pipeline.compose protocol=$(PROTOCOL) experiment=$(EXP) $(OVERRIDES)
 
+# The grid's cells in parallel on DVC's experiment queue (JOBS workers); same results as `make run`.
+JOBS ?= 2
+.PHONY: run-parallel
+run-parallel: $(VENV_OK)
+	$(PY) -m flap_exp.pipeline.compose protocol=$(PROTOCOL) experiment=$(EXP) $(OVERRIDES)
+	$(VENV_PATH) $(PY) -m flap_exp.pipeline.tracking --check
+	$(VENV_PATH) $(PY) -m flap_exp.pipeline.parallel --jobs $(JOBS)
+	$(PY) -m flap_exp.pipeline.summary
+
 MLFLOW_PORT ?= 5000
 mlflow-ui: $(VENV_OK)
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false .venv/bin/mlflow ui --workers 1 --host 127.0.0.1 \
