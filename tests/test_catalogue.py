@@ -119,7 +119,8 @@ def test_cli_path_equals_pipeline_path(params, metric, structure, ratio, extra):
     table = expand({"b": block}, params)["evaluate"]
     calib = None if metric in cells.DATA_FREE else "wiki-128"
     data_comp = calib is None and method != "none"  # a data-free metric's bias reads a calibration too
-    assert list(table) == [f"{cells.cell_key(metric, structure, ratio, calib)}{'-wiki-128' if data_comp else ''}-{method}"]
+    key = cells.cell_key(metric, structure, ratio, calib) + ("-wiki-128" if data_comp else "")
+    assert list(table) == [f"{key}-{method}"]
     rec, tensors, meta = _pipeline(model, windows, metric, structure, ratio, method, params)
     res = prune(copy.deepcopy(model), windows, cfg, progress=False)
     sel = res.selection.to_json()

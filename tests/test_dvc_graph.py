@@ -90,7 +90,8 @@ def test_search_from_the_standardize_stage_equals_search_from_scores(tmp_path, s
     g = torch.Generator().manual_seed(0)
     scores = scores_to_tensors([(torch.rand(32, generator=g, dtype=torch.float64),
                                  torch.rand(48, generator=g, dtype=torch.float64)) for _ in range(3)])
-    save_tensors(tmp_path / "u.safetensors", standardize(scores, arch), {"metric": "wifv", "calib": "c-8", "units": True})
+    units = standardize(scores, arch)
+    save_tensors(tmp_path / "u.safetensors", units, {"metric": "wifv", "calib": "c-8", "units": True})
     save_tensors(tmp_path / "s.safetensors", scores, {"metric": "wifv", "calib": "c-8"})
     cell = {"metric": "wifv", "structure": structure, "ratio": 0.4}
     want = search(scores, arch, cell, {})

@@ -16,10 +16,11 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from test_pipeline import CELLS, DVC, OVERRIDES, ROOT, TINY_STUDY, _corpus, _env, _tiny_model, ran
 
 from flap_exp.errors import FlapError
 from flap_exp.pipeline.parallel import ParallelConfig, _check, split
+
+from test_pipeline import CELLS, DVC, OVERRIDES, ROOT, TINY_STUDY, _corpus, _env, _tiny_model, ran
 
 # test_pipeline's tiny study without its zero-shot and speed tables (whose timings differ run to run)
 STUDY = TINY_STUDY.split("  zeroshot:")[0]

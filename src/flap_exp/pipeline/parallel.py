@@ -118,6 +118,7 @@ def _stream(root: str, *args: str) -> list[str]:
     proc = subprocess.Popen([sys.executable, "-m", "dvc", *args], cwd=root, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     ran = []
+    assert proc.stdout is not None  # stdout=PIPE
     for line in proc.stdout:
         print(line, end="", flush=True)
         ran += RAN.findall(line)
