@@ -22,7 +22,8 @@ if __name__ == "__main__":
     with stage(name) as usage:
         preflight()
         p = load_params()
-        record = eval_record()
+        # only perplexity reads the evaluation corpora: a new one never reruns zero-shot or speed
+        record = eval_record() if a.measure == "ppl" else read_json(paths.PREPARE)
         sel = read_json(paths.selection(a.cell)) if a.cell else None
         method = p["compensations"][a.compensation]["method"] if sel else "none"
         comps, comp = (load_compensation(paths.compensation(a.key), sel, arch_of(record), method, record)
