@@ -530,4 +530,4 @@ def test_extra_corpora_rerun_perplexity_only(repo: Path, first_run):
         assert runs[key].data.metrics["perplexity.again"] == pytest.approx(m["perplexity"])
     import csv
     rows = {r["key"]: r for r in csv.DictReader((repo / "reports/main.csv").open())}
-    assert float(rows["dense"]["ppl.again"]) == pytest.approx(_metrics(repo, "dense")["perplexity"])
+    assert float(rows["dense"]["perplexity.again"]) == pytest.approx(_metrics(repo, "dense")["perplexity"])

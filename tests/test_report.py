@@ -87,3 +87,16 @@ def test_compensation_table_and_csv(tmp_path):
     got = {r["key"]: r for r in csv.DictReader((tmp_path / "compensation.csv").open())}
     assert got["wifv-al_am-0.5-lsq"]["damping"] == "0.01" and got["wifv-al_am-0.5-lsq"]["form"] == "sequential"
     assert got["wifv-al_am-0.5-bias"]["damping"] == "" and float(got["wifv-al_am-0.5-none"]["perplexity"]) == 40.0
+
+
+def test_one_name_per_quantity_in_csv_metrics_json_and_mlflow():
+    """The same quantity has the same name in the CSV, reports/metrics.json and the MLflow run."""
+    from flap_exp.pipeline.report import _extras, metrics_summary
+    from flap_exp.pipeline.tracking import run_metrics
+    r = {**_row("wifv", "al_am", 0.2, 0.2001, 25.0, {"piqa": 0.65}), "key": "k", "perplexity_extra": {"c4": 30.0},
+         "speedup": {"prefill_b1_s128": 1.3}, "throughput_tokens_per_s": {"prefill_b1_s128": 900.0}}
+    csv_names = set(_extras(r)) | {"perplexity", "achieved_ratio", "zeroshot_avg"}
+    mlflow = run_metrics(r, {})
+    dvc = metrics_summary([r], {**DENSE, "key": "dense"})["k"]
+    assert csv_names <= set(mlflow) and set(dvc) <= set(mlflow)
+    assert {"perplexity.c4", "zeroshot.piqa", "speedup.prefill_b1_s128", "tokens_per_s.prefill_b1_s128"} <= csv_names

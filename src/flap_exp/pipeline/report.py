@@ -15,7 +15,7 @@ from .results import achieved_group, method_name
 
 def _extras(r: dict) -> dict:
     """Per-task zero-shot scores, extra corpora's perplexities and throughput, as flat CSV columns."""
-    out = {f"ppl.{k}": v for k, v in (r.get("perplexity_extra") or {}).items()}
+    out = {f"perplexity.{k}": v for k, v in (r.get("perplexity_extra") or {}).items()}  # the MLflow names
     out |= {f"zeroshot.{k}": t["score"] for k, t in (r.get("zeroshot") or {}).get("tasks", {}).items()}
     out |= {f"tokens_per_s.{k}": v for k, v in (r.get("throughput_tokens_per_s") or {}).items()}
     return out | {f"speedup.{k}": v for k, v in (r.get("speedup") or {}).items()}
