@@ -243,7 +243,7 @@ def test_evaluate_refuses_out_of_range_selection_before_measuring(model):
     lm = LM()
     lm.model = model
     with pytest.raises(FlapError) as err:
-        evaluate(lm, sel, None, {}, {}, record)
+        evaluate(lm, sel, None, "ppl", {}, {}, record)
     assert one_line(err) == "selection: kept_channels of layer 0 holds 48, not an index in [0, 48)"
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
@@ -345,7 +345,7 @@ def test_nan_statistics_without_manifest_refused(tmp_path, model, windows):
     t["layers.1.mlp.m2"][3] = float("nan")
     meta = {"model": {"name": "m"}, "weights_sha256": "w", "data": {"text_sha256": "d"}}
     record = {"model": {"identity": {"name": "m"}, "weights_sha256": "w", "arch": vars(arch)},
-              "calib": {"text_sha256": "d"}}
+              "calib": {"text": {"text_sha256": "d"}}}
     f = tmp_path / "stats.safetensors"
     save_file(t, f, metadata={"flap": json.dumps(meta)})
     with pytest.raises(FlapError) as err:
@@ -494,7 +494,7 @@ def test_prepared_weights_edited_in_place_are_refused(model_dir):
     from flap_exp.pipeline.records import load_prepared_model
     params = {"name": str(model_dir), "dtype": "float32"}
     data = {"calib": {"corpus": "text", "path": str(model_dir.parent / "corpus.txt")}}
-    record = prepare(params, data)
+    record = prepare(params, data, ["text"])
     lm = load_prepared_model(params, record)
     assert lm.weights_sha256 == record["model"]["weights_sha256"]
     assert weights_path(str(model_dir)) == str(model_dir) and weights_path("smollm2-135m") == NO_LOCAL_WEIGHTS
@@ -506,7 +506,7 @@ def test_prepared_weights_edited_in_place_are_refused(model_dir):
     assert one_line(err).endswith("); rerun: dvc repro prepare")
     poison(model_dir, "model.layers.0.mlp.gate_proj.weight", float("nan"))
     with pytest.raises(FlapError) as err:
-        prepare(params, data)
+        prepare(params, data, ["text"])
     assert one_line(err) == (f"model {str(model_dir)!r} has non-finite values in model.layers.0.mlp.gate_proj.weight "
                              "(1 NaN, 0 Inf of 1536); refusing it")
 
@@ -518,18 +518,19 @@ def test_local_weights_edited_in_place_rerun_calibration(pipeline_repo):  # noqa
     """model=local: the directory is a DVC dependency of prepare, and no stage labels statistics with the
     hash of weights it did not load (a stage run against a stale prepare.json is refused)."""
     repo = pipeline_repo
-    assert ran(sh(repo, DVC, "repro", "calibrate")) == {"prepare", "calibrate"}
-    assert ran(sh(repo, DVC, "repro", "calibrate")) == set()
+    calib = "calibrate@text-16"
+    assert ran(sh(repo, DVC, "repro", calib)) == {"prepare", calib}
+    assert ran(sh(repo, DVC, "repro", calib)) == set()
     old = json.loads((repo / "results/prepare.json").read_text())["model"]["weights_sha256"]
     poison(repo / "models" / "tiny", "model.layers.0.mlp.up_proj.weight", 0.125)
     outs = snapshot(repo / "results")
-    p = sh(repo, sys.executable, "stages/calibrate.py", check=False)
+    p = sh(repo, sys.executable, "stages/calibrate.py", "text-16", "text", "16", check=False)
     errors = [line for line in p.stderr.splitlines() if "error" in line]  # (transformers prints a progress bar)
     assert p.returncode == 2 and "Traceback" not in p.stderr and len(errors) == 1, p.stderr
-    assert errors[0].startswith("calibrate: error: model 'models/tiny': its weights changed since prepare recorded "
-                                "them (sha256 ") and errors[0].endswith("); rerun: dvc repro prepare")
+    assert errors[0].startswith("calibrate@text-16: error: model 'models/tiny': its weights changed since prepare "
+                                "recorded them (sha256 ") and errors[0].endswith("); rerun: dvc repro prepare")
     assert snapshot(repo / "results") == outs
-    assert ran(sh(repo, DVC, "repro", "calibrate")) == {"prepare", "calibrate"}
+    assert ran(sh(repo, DVC, "repro", calib)) == {"prepare", calib}
     new = json.loads((repo / "results/prepare.json").read_text())["model"]["weights_sha256"]
-    manifest = json.loads((repo / "results/calibrate/manifest.json").read_text())
+    manifest = json.loads((repo / "results/calibrate/text-16/manifest.json").read_text())
     assert new != old and manifest["weights_sha256"] == new
