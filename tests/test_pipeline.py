@@ -211,7 +211,7 @@ def test_repro_builds_every_stage(repo: Path, first_run):
     expected = {"prepare", "prepare_eval", f"calibrate@{C}", "calibrate@text-8", f"score@{C}-wifv",
                 "score@text-8-wifv", "score_free@weight_magnitude", f"standardize@{C}-wifv", "standardize@text-8-wifv",
                 f"search@wifv-al_am-0.5-{C}", "search@wifv-al_am-0.5-text-8", "search@weight_magnitude-ul_um-0.5",
-                f"search_seq@wanda_sp-ul_um-0.5-{C}", "evaluate_dense", "zeroshot_dense", f"zeroshot@{BIAS}",
+                f"search_seq@wanda_sp-ul_um-0.5-{C}", "evaluate_dense", "zeroshot_dense@dense", f"zeroshot@{BIAS}",
                 f"speed@{BIAS}", "track"} | {f"evaluate@{c}" for c in CELLS} | COMPENSATE | REPORTS
     assert stages == expected
     manifest = json.loads((repo / f"results/calibrate/{C}/manifest.json").read_text())

@@ -192,6 +192,9 @@ def expand_study(tables: dict, metrics: dict, compensations: dict, calib: dict) 
     # the dense model's zero-shot row is the table's reference; its speed is every speed cell's baseline already
     dense = {"ppl": True, "zeroshot": any("zeroshot" in t["measure"] for t in table_rows.values())}
     return {**c.t, "tables": table_rows, "prepare": {"corpora": " ".join(corpora) or "none"},
+            # the dense model's zero-shot stage exists only when a table measures zero-shot
+            "zeroshot_dense": {paths.DENSE: {"out": paths.measurement(paths.DENSE, "zeroshot")}} if dense["zeroshot"]
+            else {},
             "dense": {"key": paths.DENSE, **{m: paths.measurement(paths.DENSE, m) for m in paths.MEASURES},
                       "measure": [m for m, on in dense.items() if on]}}
 
