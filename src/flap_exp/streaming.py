@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, TypeVar
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from accelerate import init_empty_weights
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -30,7 +29,7 @@ from . import modeling  # noqa: F401  (registers flap_llama, so pruned directori
 from .arch import ArchView, decoder_layers
 from .calibrate import OnLayer, check_windows, layer_inputs, stats_over_layers
 from .errors import FlapError
-from .ppl import Perplexity, eval_windows
+from .ppl import Perplexity, eval_windows, next_token_nll
 from .runtime import mib, return_freed_memory_to_os
 from .shards import Checkpoint
 from .stats import LayerStats
@@ -159,8 +158,7 @@ def stream_perplexity(sm: StreamedModel, tokens: torch.Tensor, seqlen: int = 128
             for h, batch in zip(hs, part.split(batch_size), strict=True):
                 batch = batch.to(sm.device)
                 lg = head(h)[:, :-1].float()
-                nll = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), batch[:, 1:].reshape(-1), reduction="none")
-                total += nll.view(batch.shape[0], -1).mean(1).double().sum().item()
+                total += next_token_nll(lg, batch[:, 1:]).mean(1).double().sum().item()  # as ppl.perplexity
         del hs
     if not math.isfinite(total):
         raise FlapError(f"perplexity is not finite (NaN/Inf logits in {str(sm.dtype).removeprefix('torch.')}); "
