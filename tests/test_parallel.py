@@ -20,7 +20,7 @@ import pytest
 from flap_exp.errors import FlapError
 from flap_exp.pipeline.parallel import ParallelConfig, _check, split
 
-from test_pipeline import CELLS, DVC, OVERRIDES, ROOT, TINY_STUDY, _corpus, _env, _tiny_model, ran
+from test_pipeline import CELLS, DVC, OVERRIDES, ROOT, TINY_STUDY, _env, ran, tiny_project
 
 # test_pipeline's tiny study without its zero-shot and speed tables (whose timings differ run to run)
 STUDY = TINY_STUDY.split("  zeroshot:")[0]
@@ -48,17 +48,7 @@ def run(repo: Path, *cmd: str, check: bool = True, **extra) -> subprocess.Comple
 def base(tmp_path_factory) -> Path:
     """A committed repository with the tiny model and params.yaml composed; nothing reproduced yet."""
     repo = tmp_path_factory.mktemp("parallel") / "repo"
-    repo.mkdir()
-    for name in ("dvc.yaml", "conf", "stages"):
-        src = ROOT / name
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / name)
-    shutil.copytree(ROOT / "src" / "flap_exp", repo / "src" / "flap_exp", ignore=shutil.ignore_patterns("__pycache__"))
-    (repo / "conf" / "experiment" / "tiny.yaml").write_text(STUDY)
-    text = _corpus()
-    (repo / "data").mkdir()
-    (repo / "data" / "corpus.txt").write_text(text)
-    _tiny_model(repo / "models" / "tiny", text)
-    (repo / ".gitignore").write_text("mlflow.db\nmlruns/\n__pycache__/\n")
+    tiny_project(repo, STUDY)
     compose = [sys.executable, "-m", "flap_exp.pipeline.compose", *OVERRIDES]
     for cmd in (["git", "init", "-q"], [DVC, "init", "-q"], compose, ["git", "add", "-A"],
                 ["git", "commit", "-q", "-m", "pipeline"]):

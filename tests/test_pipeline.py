@@ -118,22 +118,28 @@ def _tiny_model(path: Path, text: str) -> None:
     (path / "flap_identity.json").write_text(json.dumps({"name": "tiny-llama", "source": "test"}))
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    base = tmp_path_factory.mktemp("pipeline")
-    repo = base / "repo"
-    repo.mkdir()
+def tiny_project(repo: Path, study: str) -> None:
+    """The project's pipeline (dvc.yaml, conf/, stages/, src/) around a tiny model, a text corpus and `study`
+    as conf/experiment/tiny.yaml (no git, no DVC yet); test_parallel.py builds its repository the same way."""
+    repo.mkdir(parents=True)
     for name in ("dvc.yaml", "conf", "stages"):
         src = ROOT / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / name)
     shutil.copytree(ROOT / "src" / "flap_exp", repo / "src" / "flap_exp",
                     ignore=shutil.ignore_patterns("__pycache__"))
-    (repo / "conf" / "experiment" / "tiny.yaml").write_text(TINY_STUDY)
+    (repo / "conf" / "experiment" / "tiny.yaml").write_text(study)
     text = _corpus()
     (repo / "data").mkdir()
     (repo / "data" / "corpus.txt").write_text(text)
     _tiny_model(repo / "models" / "tiny", text)
     (repo / ".gitignore").write_text("mlflow.db\nmlruns/\n__pycache__/\n")
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    base = tmp_path_factory.mktemp("pipeline")
+    repo = base / "repo"
+    tiny_project(repo, TINY_STUDY)
     sh(repo, "git", "init", "-q")
     sh(repo, DVC, "init", "-q")
     sh(repo, DVC, "remote", "add", "-d", "local", str(base / "remote"))
