@@ -35,3 +35,19 @@ def test_next_token_nll_equals_cross_entropy():
     # on a non-contiguous view (the [:, :-1] slice perplexity passes), no copy needed
     shifted = F.cross_entropy(logits[:, :-1].reshape(-1, 50), y[:, 1:].reshape(-1), reduction="none").view(3, 6)
     torch.testing.assert_close(next_token_nll(logits[:, :-1], y[:, 1:]), shifted, rtol=1e-6, atol=1e-5)
+
+
+def test_chunked_head_equals_the_models_own_logits(monkeypatch):
+    """perplexity splits a LLaMA into decoder + head and scores the logits a block of rows at a time;
+    the numbers are those of the model's own full logits (the path any other model takes)."""
+    import flap_exp.ppl as ppl
+    model = tiny_model()
+    assert ppl.decoder_and_head(model) == (model.model, model.lm_head)
+    tokens = torch.randint(0, 101, (16 * 9,), generator=torch.Generator().manual_seed(1))
+    monkeypatch.setattr(ppl, "LOGIT_CHUNK_FLOATS", 101 * 5)  # 5 rows per block: blocks cross window borders
+    fused = perplexity(model, tokens, 16, 4, progress=False).ppl
+    monkeypatch.setattr(ppl, "decoder_and_head", lambda m: None)
+    assert math.isclose(fused, perplexity(model, tokens, 16, 4, progress=False).ppl, rel_tol=1e-6)
+    monkeypatch.undo()
+    model.config.model_type = "gemma2"  # a head that may soft-cap: not split
+    assert ppl.decoder_and_head(model) is None

@@ -40,10 +40,15 @@ def perplexity(model: nn.Module, tokens: torch.Tensor, seqlen: int = 128, batch_
     n = windows.shape[0]
     device = next(model.parameters()).device
     total, first = 0.0, 0
+    split = decoder_and_head(model)
     for batch in tqdm(windows.split(batch_size), desc="perplexity", unit="batch", disable=not progress):
         batch = batch.to(device)
-        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()  # a view for float32 models
-        per_window = next_token_nll(logits, batch[:, 1:]).mean(1).double()
+        if split is None:  # a head we do not know how to split: the model's own logits
+            logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()  # a view for float32 models
+            per_window = next_token_nll(logits, batch[:, 1:]).mean(1).double()
+        else:
+            hidden = split[0](input_ids=batch, use_cache=False).last_hidden_state[:, :-1]
+            per_window = chunked_nll(hidden, split[1], batch[:, 1:]).mean(1).double()
         bad = (~torch.isfinite(per_window)).nonzero().flatten()
         if bad.numel():  # a NaN is an error, never a result (and NaN is not valid JSON)
             raise FlapError(f"non-finite loss (NaN/Inf) in perplexity window {first + int(bad[0])} of {n}: the "
@@ -58,6 +63,34 @@ def next_token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     as they are (no reshaped copy and no log-softmax tensor of the vocabulary's size, which F.cross_entropy
     writes; equal to it within float32 rounding, tests/test_ppl.py)."""
     return torch.logsumexp(logits, -1) - logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+# Rows of logits computed at once by chunked_nll: 2^22 floats (16 MiB) stay in cache-friendly sizes where
+# the whole [B, T, vocab] tensor (200 MiB for 8 x 128 x 49,152) would be written and read back from memory.
+LOGIT_CHUNK_FLOATS = 2**22
+
+
+def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
+    """(decoder, lm_head) of a LLaMA-family causal LM, whose logits are exactly
+    lm_head(decoder(x).last_hidden_state); None for any other model, which then gives its own logits (a head
+    may do more: soft-capping, scaling)."""
+    from .arch import LLAMA_FAMILY
+    decoder, head = getattr(model, "model", None), getattr(model, "lm_head", None)
+    if (getattr(getattr(model, "config", None), "model_type", None) not in LLAMA_FAMILY
+            or not isinstance(decoder, nn.Module) or type(head) is not nn.Linear):
+        return None
+    return decoder, head
+
+
+def chunked_nll(hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor) -> torch.Tensor:
+    """next_token_nll of head(hidden) computed a block of positions at a time, [B, T]: the same numbers as the
+    full logits (tests/test_ppl.py) without materialising a [B, T, vocab] tensor."""
+    b, t, h = hidden.shape
+    flat, y = hidden.reshape(b * t, h), targets.reshape(b * t)
+    rows = max(1, LOGIT_CHUNK_FLOATS // head.out_features)
+    out = torch.cat([next_token_nll(head(flat[i:i + rows]).float(), y[i:i + rows])
+                     for i in range(0, b * t, rows)])
+    return out.view(b, t)
 
 
 def _finite_exp(mean_nll: float) -> float:
