@@ -45,3 +45,35 @@ def test_ptb_directory_joins_stripped_sentences(tmp_path):
         load_text(Corpus("ptb", "validation", str(tmp_path)))
     with pytest.raises(FlapError, match="known: train"):
         load_text(Corpus("ptb", "dev", str(tmp_path)))
+
+
+def test_concurrent_cache_fill_downloads_once(tmp_path, monkeypatch):
+    """Two processes (here threads, each with its own lock file handle) needing one wheel member at once:
+    one downloads, the other waits for the lock and finds the entry complete."""
+    import threading
+    import time
+    import zipfile
+
+    from flap_exp import sources
+    monkeypatch.setenv("FLAP_EXP_CACHE", str(tmp_path / "cache"))
+    calls = []
+
+    def fake_download(src, dest):
+        calls.append(src.ident)
+        time.sleep(0.5)  # both threads are inside fetch_members by now
+        wheel = dest / "pkg-1.0-py3-none-any.whl"
+        with zipfile.ZipFile(wheel, "w") as z:
+            z.writestr("pkg/data.txt", "hello")
+        return wheel
+
+    monkeypatch.setattr(sources, "_download_wheel", fake_download)
+    src = sources.WheelSource("pkg", "1.0", "0" * 64)
+    got: list = []
+    threads = [threading.Thread(target=lambda: got.append(sources.fetch_members(src, ["pkg/data.txt"])))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(got) == 2 and got[0] == got[1] and (got[0] / "pkg" / "data.txt").read_text() == "hello"
+    assert calls == ["pkg==1.0"]

