@@ -1,7 +1,8 @@
 """report TABLE: reports/TABLE.md, reports/TABLE.csv and reports/figures/TABLE.png of one table of the study;
 report --index: reports/README.md, reports/metrics.json and reports/plots/ (DVC's metrics and plots)."""
-import sys
+import argparse
 
+from flap_exp.errors import FlapError
 from flap_exp.pipeline.cells import load_cells
 from flap_exp.pipeline.paths import REPORTS
 from flap_exp.pipeline.report import index_files, table_files
@@ -9,13 +10,20 @@ from flap_exp.pipeline.results import collect
 from flap_exp.pipeline.stage import load_params, stage
 
 if __name__ == "__main__":
-    name = sys.argv[1]
-    with stage(f"report@{name}"):
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("table", nargs="?", help="a table of the study (params.yaml: tables)")
+    ap.add_argument("--index", action="store_true", help="the index, metrics and plots instead of a table")
+    a = ap.parse_args()
+    if bool(a.table) == a.index:
+        ap.error("give one TABLE or --index")
+    with stage(f"report@{a.table or 'index'}"):
         p = load_params()
         cells = load_cells(p)
+        if a.table is not None and a.table not in cells["tables"]:
+            raise FlapError(f"no table {a.table!r} in the study (tables: {', '.join(cells['tables'])})")
         rows, dense, sels = collect(cells)
         protocol = p.get("protocol", "quick")
-        if name == "--index":
+        if a.index:
             index_files(cells, rows, dense, protocol, REPORTS)
         else:
-            table_files(name, cells["tables"][name], rows, dense, sels, protocol, REPORTS)
+            table_files(a.table, cells["tables"][a.table], rows, dense, sels, protocol, REPORTS)

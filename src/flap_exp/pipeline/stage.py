@@ -20,7 +20,7 @@ def load_params(path: str | Path = "params.yaml") -> dict:
     import yaml
     p = Path(path)
     if not p.exists():
-        raise FlapError(f"{p} not found: compose it first (python -m flap_exp.pipeline.compose experiment=quick)")
+        raise FlapError(f"{p} not found: compose it first (`make compose`, or python -m flap_exp.pipeline.compose)")
     from .params_check import check_params
     params = yaml.safe_load(p.read_text(encoding="utf-8"))
     if not isinstance(params, dict):
