@@ -68,3 +68,21 @@ def test_cli_one_line_errors(args, msg, tmp_path):
     assert len(err) == 1 and msg in err[0], r.stderr
     assert "Traceback" not in r.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_compose_refuses_a_bad_device_or_dtype(tmp_path, capsys):
+    """model.device/model.dtype are checked when params.yaml is composed, before any stage runs."""
+    from pathlib import Path
+
+    from flap_exp.pipeline.compose import main
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    out, cells = tmp_path / "params.yaml", tmp_path / "cells.yaml"
+    args = ["--conf", str(conf), "--out", str(out), "--cells", str(cells)]
+    assert main(["model.device=gpu", *args]) == 2
+    err = capsys.readouterr().err
+    assert "model.device must be auto, cpu, cuda or cuda:N, got 'gpu'" in err and err.strip().count("\n") == 0
+    assert main(["model.dtype=float64", *args]) == 2
+    assert "model.dtype must be float32, bfloat16 or float16" in capsys.readouterr().err
+    assert not out.exists() and not cells.exists()
+    assert main(["model.device=auto", "model.dtype=bfloat16", *args]) == 0  # spelled right: composed
+    assert "device: auto" in out.read_text()

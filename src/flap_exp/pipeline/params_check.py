@@ -5,6 +5,8 @@ Pure Python (no torch): compose calls it, so does anything that reads params fro
 """
 from __future__ import annotations
 
+import re
+
 from ..errors import FlapError
 from ..validate import check_int
 
@@ -46,9 +48,20 @@ def _corpus(params: dict, dotted: str) -> None:
         raise FlapError(f"{dotted}.path is not set: corpus {c.get('corpus')!r} needs {dotted}.path=FILE")
 
 
+def _device_and_dtype(params: dict) -> None:
+    """model.device and model.dtype spelled as flap_exp.runtime accepts them (whether this machine has the
+    GPU or can run the dtype is checked when a stage loads the model: compose may run elsewhere)."""
+    device, dtype = _get(params, "model.device") or "cpu", _get(params, "model.dtype") or "float32"
+    if not (device in ("auto", "cpu") or re.fullmatch(r"cuda(:\d+)?", str(device))):
+        raise FlapError(f"model.device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise FlapError(f"model.dtype must be float32, bfloat16 or float16, got {dtype!r}")
+
+
 def check_params(params: dict) -> dict:
     """Raise FlapError on the first bad value; return `params` unchanged."""
     _set(params, "model.name", "model=local needs model.name=/path/to/model (or a Hub id)")
+    _device_and_dtype(params)
     _corpus(params, "data.calib")
     _int(params, "data.calib.nsamples", 2, why=" (the variance of one sample is undefined)")
     _int(params, "data.calib.seqlen", 2, why=" (a window of one token predicts nothing)")

@@ -41,8 +41,9 @@ def model_dtype(name: str):
 def load_prepared_model(model_params: dict, record: dict):
     """Load the model named in params and check it is the one `prepare` recorded."""
     from ..models import load_model
-    lm = load_model(model_params["name"], model_dtype(model_params.get("dtype", "float32")),
-                    model_params.get("device", "cpu"))
+    from ..runtime import resolve_device, resolve_dtype
+    device = resolve_device(model_params.get("device", "cpu"))  # "auto": the GPU when there is one
+    lm = load_model(model_params["name"], resolve_dtype(model_params.get("dtype", "float32"), device), str(device))
     want = record["model"]["identity"]
     if lm.identity != want:
         raise FlapError(f"model {model_params['name']!r} is not the one prepare recorded ({want.get('name')}, "
