@@ -25,7 +25,9 @@ run: $(VENV_OK)
 	$(PY) -m flap_exp.pipeline.summary
 
 test: $(VENV_OK)
-	$(PY) -m pytest -q -p no:cacheprovider
+	# One pytest-xdist worker per core (at most 4); --dist loadfile keeps a file's module fixtures (the tiny
+	# pipeline repository, the real model) on one worker, built once.
+	$(PY) -m pytest -q -p no:cacheprovider -n auto --maxprocesses 4 --dist loadfile
 
 # Style and static checks (CI runs this before `make test`); the rule sets are in pyproject.toml.
 lint: $(VENV_OK)

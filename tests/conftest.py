@@ -13,7 +13,14 @@ import flap_exp  # noqa: F401  (registers flap_llama)
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 WIKITEXT2 = SHARED / "data" / "wikitext-2-raw"
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# `make test` runs the files on pytest-xdist workers (one per core, up to 4): each worker takes its share of
+# the cores, and so do the stage subprocesses it starts (OMP_NUM_THREADS is inherited), so two workers on
+# two cores do not fight over four threads.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+_THREADS = max(1, (os.cpu_count() or 1) // _WORKERS)
+torch.set_num_threads(_THREADS)
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(_THREADS))
 
 
 def tiny_config(heads: int = 4, kv: int = 2, layers: int = 3, hidden: int = 32, inter: int = 48,
@@ -50,3 +57,14 @@ def wikitext_dir() -> Path:
     if not (WIKITEXT2 / "wiki.test.raw").exists():
         pytest.fail(f"tests need the WikiText-2 test split at {WIKITEXT2} (../shared/data beside the checkout)")
     return WIKITEXT2
+
+
+# The longest files first: under xdist (`--dist loadfile`) each starts at once on its own worker and the
+# short files fill the other workers meanwhile. The order inside a file is kept (test_pipeline's tests
+# run in order on one repository).
+_LONG_FIRST = ("test_pipeline.py", "test_parallel.py", "test_real_model.py", "test_zeroshot.py")
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: _LONG_FIRST.index(item.path.name) if item.path.name in _LONG_FIRST
+               else len(_LONG_FIRST))

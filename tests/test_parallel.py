@@ -20,11 +20,19 @@ import pytest
 from flap_exp.errors import FlapError
 from flap_exp.pipeline.parallel import ParallelConfig, _check, split
 
-from test_pipeline import CELLS, DVC, OVERRIDES, ROOT, TINY_STUDY, _env, ran, tiny_project
+from test_pipeline import DVC, OVERRIDES, ROOT, _env, ran, tiny_project
 
-# test_pipeline's tiny study without its zero-shot and speed tables (whose timings differ run to run)
-STUDY = TINY_STUDY.split("  zeroshot:")[0]
-GATHER = {"track", "report@main", "report@compensation", "report@calibration", "report_index"}
+# test_pipeline's tiny model and corpus, a two-cell grid (FLAP and Wanda-sp: a per-layer and a sequential search)
+STUDY = """# @package _global_
+tables:
+  main:
+    title: Main
+    blocks:
+      flap: {metrics: [wifv], structures: [al_am], ratios: [0.5]}
+      baselines: {metrics: [wanda_sp], structures: [ul_um], ratios: [0.5]}
+"""
+CELLS = ["wifv-al_am-0.5-text-16-bias", "wanda_sp-ul_um-0.5-text-16-none"]
+GATHER = {"track", "report@main", "report_index"}
 
 HOOK = """import os, sys
 if len(sys.argv) > 0 and os.path.basename(os.path.dirname(sys.argv[0])) == "stages":

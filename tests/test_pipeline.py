@@ -322,48 +322,27 @@ def test_reports_one_per_table_with_index_and_dvc_views(repo: Path, first_run):
     assert "reports/plots/ppl_vs_ratio.csv" in plots and "achieved_ratio" in plots
 
 
-def test_metric_option_reruns_only_its_cells(repo: Path, first_run):
-    before = _mlflow_runs(repo)
-    calib = (repo / f"results/calibrate/{C}/stats.safetensors").read_bytes()
-    scores = (repo / f"results/score/{C}/wifv.safetensors").read_bytes()
-    sh(repo, sys.executable, "-m", "flap_exp.pipeline.compose", *OVERRIDES, "metrics.wifv.square_attn=false")
-    p = sh(repo, DVC, "repro")
-    wifv = {s for s in ran(first_run) if "wifv" in s} | {"track"} | REPORTS
-    # The scores change and are reselected; later wifv stages rerun only if the selection changed
-    # (DVC compares their inputs' hashes); no other metric's cell, nor calibration, ever reruns.
-    assert {f"score@{C}-wifv", f"standardize@{C}-wifv", f"search@wifv-al_am-0.5-{C}", "track"} <= ran(p) <= wifv
-    assert (repo / f"results/calibrate/{C}/stats.safetensors").read_bytes() == calib
-    after = _mlflow_runs(repo)  # replaced, not duplicated
-    assert sorted(after) == sorted(before)
-    assert after[BIAS].info.run_id != before[BIAS].info.run_id
-    assert after[BIAS].data.params["metric.wifv.square_attn"] == "False"
-    wanda = f"wanda_sp-ul_um-0.5-{C}-none"
-    assert after[wanda].info.run_id == before[wanda].info.run_id
-    assert (repo / f"results/score/{C}/wifv.safetensors").read_bytes() != scores
-    # Back to the first config: DVC restores the wifv outputs from its run-cache; track re-logs.
-    sh(repo, sys.executable, "-m", "flap_exp.pipeline.compose", *OVERRIDES)
-    p = sh(repo, DVC, "repro")
-    assert "track" in ran(p) and not any(s.startswith("calibrate") for s in ran(p))
-    assert (repo / f"results/score/{C}/wifv.safetensors").read_bytes() == scores
-    again = _mlflow_runs(repo)
-    assert sorted(again) == sorted(before) and "metric.wifv.square_attn" not in again[BIAS].data.params
-    assert ran(sh(repo, DVC, "repro")) == set()
-
-
-def test_eval_and_structure_changes_rerun_only_what_reads_them(repo: Path, first_run):
-    """Touching only conf/eval reruns evaluation stages only; a structure option only that structure's cells."""
-    sh(repo, sys.executable, "-m", "flap_exp.pipeline.compose", *OVERRIDES, "eval.max_windows=6")
-    p = sh(repo, DVC, "repro")
-    assert ran(p) == {f"evaluate@{c}" for c in CELLS} | {"evaluate_dense", "track"} | REPORTS
-    sh(repo, sys.executable, "-m", "flap_exp.pipeline.compose", *OVERRIDES, "structures.ul_um.min_channels=30")
+def test_structure_and_lsq_options_rerun_only_their_cells(repo: Path, first_run):
+    """A structure option reruns only that structure's cells; compensations.lsq only the lsq cell's compensate
+    and evaluate stages. The two touch disjoint cells, so one repro shows both (an eval change is
+    test_extra_corpora's)."""
+    lsq = f"wifv-al_am-0.5-{C}-lsq"
+    before, bias = _metrics(repo, lsq), _metrics(repo, BIAS)
+    sh(repo, sys.executable, "-m", "flap_exp.pipeline.compose", *OVERRIDES, "structures.ul_um.min_channels=30",
+       "compensations.lsq.damping=0.5")
     p = sh(repo, DVC, "repro")
     ul = {s for s in ran(first_run) if "ul_um" in s}
-    assert {"search@weight_magnitude-ul_um-0.5", f"search_seq@wanda_sp-ul_um-0.5-{C}"} <= ran(p) <= (
-        ul | {"evaluate_dense", "track"} | {f"evaluate@{c}" for c in CELLS} | REPORTS)
-    assert not any("al_am" in s and not s.startswith("evaluate") for s in ran(p))
+    lsq_stages = {f"compensate_lsq@{lsq}", f"evaluate@{lsq}"}
+    assert {"search@weight_magnitude-ul_um-0.5", f"search_seq@wanda_sp-ul_um-0.5-{C}"} | lsq_stages <= ran(p)
+    assert ran(p) <= ul | lsq_stages | {"track"} | REPORTS
+    after = _metrics(repo, lsq)
+    assert after["compensation_options"]["damping"] == 0.5 and after["perplexity"] != before["perplexity"]
+    assert _metrics(repo, BIAS) == bias
+    assert _mlflow_runs(repo)[lsq].data.params["compensation.lsq.damping"] == "0.5"
     sh(repo, sys.executable, "-m", "flap_exp.pipeline.compose", *OVERRIDES)
     p = sh(repo, DVC, "repro")
     assert not ran(p) - ({"track"} | REPORTS)  # everything else restored from DVC's run-cache
+    assert _metrics(repo, lsq)["perplexity"] == before["perplexity"]
     assert ran(sh(repo, DVC, "repro")) == set()
 
 
@@ -402,24 +381,6 @@ def test_evaluate_refuses_a_compensation_file_of_another_method_or_selection(rep
     p = sh(repo, sys.executable, "stages/evaluate.py", f"wanda_sp-ul_um-0.5-{C}-none", "--cell", f"wifv-al_am-0.5-{C}",
            "--compensation", "none", check=False)
     assert p.returncode == 2 and "computed for another selection" in p.stderr and "Traceback" not in p.stderr
-    assert ran(sh(repo, DVC, "repro")) == set()
-
-
-def test_lsq_option_reruns_only_lsq_cells(repo: Path, first_run):
-    """compensations.lsq is read by the lsq cells only: a damping change reruns them, nothing else."""
-    lsq = f"wifv-al_am-0.5-{C}-lsq"
-    before, bias = _metrics(repo, lsq), _metrics(repo, BIAS)
-    sh(repo, sys.executable, "-m", "flap_exp.pipeline.compose", *OVERRIDES, "compensations.lsq.damping=0.5")
-    p = sh(repo, DVC, "repro")
-    assert ran(p) == {f"compensate_lsq@{lsq}", f"evaluate@{lsq}", "track"} | REPORTS
-    after = _metrics(repo, lsq)
-    assert after["compensation_options"]["damping"] == 0.5 and after["perplexity"] != before["perplexity"]
-    assert _metrics(repo, BIAS) == bias
-    assert _mlflow_runs(repo)[lsq].data.params["compensation.lsq.damping"] == "0.5"
-    sh(repo, sys.executable, "-m", "flap_exp.pipeline.compose", *OVERRIDES)
-    p = sh(repo, DVC, "repro")
-    assert not any(s.startswith("calibrate") for s in ran(p))
-    assert _metrics(repo, lsq)["perplexity"] == before["perplexity"]
     assert ran(sh(repo, DVC, "repro")) == set()
 
 
@@ -523,17 +484,35 @@ def test_remote_round_trip(repo: Path, first_run, tmp_path: Path):
     assert _metrics(clone, BIAS) == before
 
 
-def test_extra_corpora_rerun_perplexity_only(repo: Path, first_run):
-    """Run last: a second perplexity corpus reaches metrics, MLflow and the CSV; zero-shot does not rerun."""
-    sh(repo, sys.executable, "-m", "flap_exp.pipeline.compose", *OVERRIDES,
+def test_metric_option_and_extra_corpus_rerun_only_what_reads_them(repo: Path, first_run):
+    """Run last (it does not go back): a wifv option and a second perplexity corpus in one repro. The wifv
+    cells are reselected; every cell's perplexity is recomputed (the corpus) and reaches metrics, MLflow and
+    the CSV; no other metric's selection, compensation or zero-shot, and no calibration, reruns.
+    Going back to a config restores from DVC's run-cache: test_structure_and_lsq_options, test_protocol_switch."""
+    before = _mlflow_runs(repo)
+    calib = (repo / f"results/calibrate/{C}/stats.safetensors").read_bytes()
+    scores = (repo / f"results/score/{C}/wifv.safetensors").read_bytes()
+    sh(repo, sys.executable, "-m", "flap_exp.pipeline.compose", *OVERRIDES, "metrics.wifv.square_attn=false",
        "+data.eval_extra.again={corpus: text, path: data/corpus.txt}")
     p = sh(repo, DVC, "repro")
-    assert ran(p) == {f"evaluate@{c}" for c in CELLS} | {"prepare_eval", "evaluate_dense", "track"} | REPORTS
-    runs = _mlflow_runs(repo)
+    wifv = {s for s in ran(first_run) if "wifv" in s}
+    perplexity = {f"evaluate@{c}" for c in CELLS} | {"prepare_eval", "evaluate_dense"}
+    # The scores change and are reselected; later wifv stages rerun only if the selection changed (DVC compares
+    # their inputs' hashes).
+    assert {f"score@{C}-wifv", f"standardize@{C}-wifv", f"search@wifv-al_am-0.5-{C}", "track"} | perplexity <= ran(p)
+    assert ran(p) <= wifv | perplexity | {"track"} | REPORTS
+    assert (repo / f"results/calibrate/{C}/stats.safetensors").read_bytes() == calib
+    assert (repo / f"results/score/{C}/wifv.safetensors").read_bytes() != scores
+    after = _mlflow_runs(repo)  # replaced, not duplicated
+    assert sorted(after) == sorted(before) == sorted(CELLS + ["dense"])
+    assert after[BIAS].info.run_id != before[BIAS].info.run_id
+    assert after[BIAS].data.params["metric.wifv.square_attn"] == "False"
+    assert "metric.wifv.square_attn" not in before[BIAS].data.params
     for key in CELLS + ["dense"]:
         m = _metrics(repo, key)
         assert m["perplexity_extra"]["again"] == pytest.approx(m["perplexity"])  # same text, same numbers
-        assert runs[key].data.metrics["perplexity.again"] == pytest.approx(m["perplexity"])
+        assert after[key].data.metrics["perplexity.again"] == pytest.approx(m["perplexity"])
     import csv
     rows = {r["key"]: r for r in csv.DictReader((repo / "reports/main.csv").open())}
     assert float(rows["dense"]["perplexity.again"]) == pytest.approx(_metrics(repo, "dense")["perplexity"])
+    assert ran(sh(repo, DVC, "repro")) == set()

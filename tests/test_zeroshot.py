@@ -225,12 +225,13 @@ def test_tokenizer_without_pad_token_is_handled_and_restored(tiny_model, tokeniz
 
 @pytest.mark.slow
 def test_smollm2_beats_chance(smollm2):
-    """Dense SmolLM2-135M, first 200 documents: above chance by more than 3 binomial standard errors
-    of a guesser (measured here: PIQA acc 0.64, ARC-e acc 0.51, HellaSwag acc_norm 0.47; ~95 s)."""
+    """Dense SmolLM2-135M: above chance by more than 3 binomial standard errors of a guesser, on the first
+    200 PIQA documents (3 SE of a coin flip need them: measured acc 0.64) and the first 100 of ARC-e and
+    HellaSwag (measured on 200: ARC-e acc 0.51, HellaSwag acc_norm 0.47), ~60 s."""
     model, tok = smollm2
-    n = 200
-    out = evaluate_zeroshot(model, tok, ["piqa", "arc_easy", "hellaswag"], limit=n, batch_size=16)
-    for name, chance in {"piqa": 0.5, "arc_easy": 0.25, "hellaswag": 0.25}.items():
-        r = out["tasks"][name]
+    out = {**evaluate_zeroshot(model, tok, ["piqa"], limit=200, batch_size=16)["tasks"],
+           **evaluate_zeroshot(model, tok, ["arc_easy", "hellaswag"], limit=100, batch_size=16)["tasks"]}
+    for name, chance, n in (("piqa", 0.5, 200), ("arc_easy", 0.25, 100), ("hellaswag", 0.25, 100)):
+        r = out[name]
         assert r["n_docs"] == n
         assert r["score"] > chance + 3 * math.sqrt(chance * (1 - chance) / n), (name, r)
