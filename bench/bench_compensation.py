@@ -100,6 +100,7 @@ def main() -> None:
     ap.add_argument("--flap-ratios", default="0.2,0.3,0.5")
     ap.add_argument("--choice-ratios", default="0.2,0.5", help="ratios whose held-out ppl choose the default")
     ap.add_argument("--wanda-ratios", default="0.2,0.5", help="empty: skip Wanda-sp")
+    ap.add_argument("--flap-comps", default="none,bias,lsq", help="FLAP's compensations on the test split")
     ap.add_argument("--out", default=str(ROOT / "reports" / "bench_compensation.json"))
     a = ap.parse_args()
     n, max_windows = (256, 64) if a.quick else (1024, None)
@@ -136,8 +137,14 @@ def main() -> None:
         partial.write_text(json.dumps(res, indent=1))  # a long run's rows survive an interruption
         return r
 
+    fitted: dict = {}  # (selection, damping, form) -> compensation: the held-out choice's fits are reused
+
     def lsq(sel, damping: float, form: str):
-        return lsq_compensation(base, sel, arch, windows, CompensationConfig("lsq", damping, form), progress=False)
+        key = (id(sel), damping, form)
+        if key not in fitted:
+            fitted[key] = lsq_compensation(base, sel, arch, windows, CompensationConfig("lsq", damping, form),
+                                           progress=False)
+        return fitted[key]
 
     # cost: a plain forward over the calibration tokens, the calibration pass, an lsq pass
     plain_forward(base, windows[:8])  # warm-up
@@ -187,10 +194,15 @@ def main() -> None:
     print(f"held-out choice: damping {damping} ({grid}), form {form} ({forms})", flush=True)
 
     # 2. FLAP at 0.2/0.3/0.5: none, bias, lsq with the chosen default (only these rows see the test split)
-    for r, sel in flap.items():
-        row(f"flap@{r}", sel, "none")
-        row(f"flap@{r}", sel, "bias", compensation_biases(base, stats, sel, arch))
-        row(f"flap@{r}", sel, "lsq", lsq(sel, damping, form), form=form, damping=damping)
+    comps = a.flap_comps.split(",")
+    for r in ratios(a.flap_ratios):
+        sel = flap[r]
+        if "none" in comps:
+            row(f"flap@{r}", sel, "none")
+        if "bias" in comps:
+            row(f"flap@{r}", sel, "bias", compensation_biases(base, stats, sel, arch))
+        if "lsq" in comps:
+            row(f"flap@{r}", sel, "lsq", lsq(sel, damping, form), form=form, damping=damping)
 
     # 3. a per-layer MLP floor at 0.5 (same achieved ratio, by raising the nominal one), bias and lsq
     floor = int(a.floor * arch.intermediate_size)
