@@ -165,6 +165,15 @@ def test_minimum_units_per_layer():
     assert int(bare.keep_groups[0].sum()) < 2 and int(bare.keep_channels[0].sum()) < 5
     kept = get_structure("al_am")(scores, arch, 0.5, StructureOptions(min_groups=2, min_channels=5))
     assert all(int(g.sum()) >= 2 for g in kept.keep_groups) and all(int(c.sum()) >= 5 for c in kept.keep_channels)
+    # AL-AM's floors count toward the budget: with scores without ties, the floored selection still removes
+    # 0.5 within one unit, where enforcing the floors after the threshold would keep more
+    scores = random_scores(arch)
+    floored = StructureOptions(min_groups=4, min_channels=48)
+    sel = get_structure("al_am")(scores, arch, 0.5, floored)
+    assert all(int(g.sum()) >= 4 for g in sel.keep_groups) and all(int(c.sum()) >= 48 for c in sel.keep_channels)
+    assert abs(sel.achieved_ratio(arch) - 0.5) * arch.total_params <= arch.group_params
+    bare = get_structure("al_am")(scores, arch, 0.5, StructureOptions())
+    assert any(int(c.sum()) < 48 for c in bare.keep_channels)  # the floor binds somewhere
 
 
 def test_ratio_zero_keeps_everything():

@@ -173,6 +173,11 @@ def al_am_units(groups: torch.Tensor, channels: torch.Tensor, arch: ArchView, ra
     if ratio == 0:  # the official search would still drop the lowest unit (keep > tau)
         return Selection(list(torch.ones_like(groups, dtype=torch.bool)),
                          list(torch.ones_like(channels, dtype=torch.bool)))
+    # Per-layer floors count toward the budget: the units a floor keeps rank first, so the threshold takes
+    # the whole ratio from the other units and the selection still reaches it (with no floor, as official).
+    floor_g = enforce_minimum(torch.zeros_like(groups, dtype=torch.bool), groups, opts.min_groups)
+    floor_c = enforce_minimum(torch.zeros_like(channels, dtype=torch.bool), channels, opts.min_channels)
+    groups, channels = groups.masked_fill(floor_g, math.inf), channels.masked_fill(floor_c, math.inf)
     units = torch.cat([groups.flatten(), channels.flatten()])
     cost = torch.cat([torch.full((groups.numel(),), group_cost(arch, opts.head_cost), dtype=torch.float64),
                       torch.ones(channels.numel(), dtype=torch.float64)])
@@ -180,9 +185,7 @@ def al_am_units(groups: torch.Tensor, channels: torch.Tensor, arch: ArchView, ra
     cum = cost[order].cumsum(0)
     k = int((cum - (1 - ratio) * cum[-1]).abs().argmin())
     tau = units[order[k]]
-    keep_g = enforce_minimum(groups > tau, groups, opts.min_groups)
-    keep_c = enforce_minimum(channels > tau, channels, opts.min_channels)
-    return Selection(list(keep_g), list(keep_c))
+    return Selection(list((groups > tau) | floor_g), list((channels > tau) | floor_c))
 
 
 StructureFn = Callable[[Scores, ArchView, float, StructureOptions], Selection]
