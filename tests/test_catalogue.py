@@ -20,6 +20,7 @@ from flap_exp.arch import ArchView
 from flap_exp.calibrate import collect_stats
 from flap_exp.cli import _parser, prune_config
 from flap_exp.compensation import CompensationConfig, comps_to_tensors
+from flap_exp.errors import FlapError
 from flap_exp.metrics import METRICS
 from flap_exp.pipeline import cells
 from flap_exp.pipeline.compensate import compensate as pipeline_compensate
@@ -172,3 +173,29 @@ def test_compose_validates_compensation_options(override, msg):
 
 def test_compensation_fields_agree():
     assert catalogue.COMPENSATION_FIELDS == tuple(f.name for f in fields(CompensationConfig))
+
+
+def test_structure_variant_is_its_base_search_with_its_options(params):
+    """conf/structure/al_am_floor: a cell of its own (key and table row), searched by al_am with a floor of a
+    quarter of each MLP (a fraction resolved with the model's width), removing the same share as al_am."""
+    model = tiny_model(heads=4, kv=2)
+    arch = ArchView.from_config(model.config)
+    windows = torch.randint(0, 101, (12, 16), generator=torch.Generator().manual_seed(3))
+    structures = tuple(params["structures"])
+    assert "al_am_floor" in structures and params["structures"]["al_am_floor"]["min_channels"] == 0.25
+    table = cells.expand_study({"t": {"blocks": {"b": {"metrics": ["wifv"], "structures": ["al_am", "al_am_floor"],
+                                                        "ratios": [0.5]}}}},
+                               params["metrics"], params["compensations"], CALIB, structures)
+    assert sorted(table["search"]) == ["wifv-al_am-0.5-wiki-128", "wifv-al_am_floor-0.5-wiki-128"]
+    assert len({c["input"] for c in table["search"].values()}) == 1  # both read one standardize output
+    rec, _, _ = _pipeline(model, windows, "wifv", "al_am_floor", 0.5, "bias", params)
+    floor = round(0.25 * arch.intermediate_size)
+    stats = collect_stats(model, windows, params["data"]["calib"]["batch_size"], progress=False)
+    base = search(score(model, stats, "wifv", params["metrics"]["wifv"].get("square_attn")), arch,
+                  {"metric": "wifv", "structure": "al_am", "ratio": 0.5}, {"min_channels": floor})
+    assert rec["kept_channels"] == base["kept_channels"] and rec["kept_groups"] == base["kept_groups"]
+    assert min(rec["kept_channels_per_layer"]) >= floor
+    assert abs(rec["achieved_ratio"] - 0.5) * arch.total_params <= arch.group_params
+    with pytest.raises(FlapError, match="unknown structure 'xx_floor'"):
+        cells.expand_study({"t": {"blocks": {"b": {"metrics": ["wifv"], "structures": ["al_am"], "ratios": [0.5]}}}},
+                           params["metrics"], params["compensations"], CALIB, structures + ("xx_floor",))

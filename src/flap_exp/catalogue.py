@@ -37,6 +37,20 @@ STRUCTURES = ("ul_um", "ul_mm", "al_mm", "al_am")
 PER_LAYER = frozenset({"ul_um", "ul_mm"})  # structures that decide layer by layer (sequential metrics need one)
 ADAPTIVE = frozenset({"al_mm", "al_am"})
 
+
+
+def structure_of(name: str) -> str:
+    """The registry structure of a conf/structure entry: its own name, or a variant's, whose name starts with
+    it (al_am_floor -> al_am: the same search with its own options, e.g. a per-layer floor)."""
+    if name in STRUCTURES:
+        return name
+    bases = [s for s in STRUCTURES if name.startswith(s + "_")]
+    if not bases:
+        raise FlapError(f"unknown structure {name!r}; known: {', '.join(STRUCTURES)}, or a variant named "
+                        "STRUCTURE_... (conf/structure/)")
+    return max(bases, key=len)
+
+
 #: Compensation methods (= conf/compensation/*.yaml) and what each reads besides the selection:
 #: nothing, the calibration statistics (per-channel means), or the calibration windows (its own pass).
 COMPENSATIONS: dict[str, str] = {"none": "nothing", "bias": "stats", "lsq": "windows"}

@@ -30,6 +30,7 @@ from ..catalogue import (
     check_compensation_params,
     default_compensation,
     is_sequential,
+    structure_of,
 )
 from ..errors import FlapError
 from . import paths
@@ -39,7 +40,7 @@ DATA_FREE = {m for m, f in METHODS.items() if not f.needs_data}
 #: What a table may measure besides perplexity (each its own stage: zeroshot@KEY, speed@KEY).
 EXTRA_MEASURES = ("zeroshot", "speed")
 #: The params that decide the cells (their hash is recorded in cells.yaml).
-INPUTS = ("tables", "metrics", "compensations", "calib")
+INPUTS = ("tables", "metrics", "compensations", "calib", "structures")  # structures: variants' names only
 
 
 def ratio_tag(r: float) -> str:
@@ -150,11 +151,15 @@ class _Cells:
         return out
 
 
-def expand_study(tables: dict, metrics: dict, compensations: dict, calib: dict) -> dict:
+def expand_study(tables: dict, metrics: dict, compensations: dict, calib: dict,
+                 structures: tuple[str, ...] = STRUCTURES) -> dict:
     """tables: {table: {blocks: {block: {metrics, structures, ratios, compensation?, calibration?}}, measure?,
     title?, layout?}}; metrics/compensations: conf/metric and conf/compensation as composed; calib: data.calib
-    (the default corpus and the protocol's N). Returns the cells.yaml tables (without the header)."""
+    (the default corpus and the protocol's N); structures: the conf/structure entries' names (variants
+    included). Returns the cells.yaml tables (without the header)."""
     check_compensations(compensations)
+    for name in structures:
+        structure_of(name)
     c = _Cells()
     table_rows: dict[str, dict] = {}
     for tname, table in (tables or {}).items():
@@ -179,8 +184,8 @@ def expand_study(tables: dict, metrics: dict, compensations: dict, calib: dict) 
                                                         any(COMPENSATIONS[compensations[x]["method"]] != "nothing"
                                                             for x in comps)) else None
                     for s in spec["structures"]:
-                        _check(where, "structure", s, STRUCTURES)
-                        if sequential and s not in PER_LAYER:
+                        _check(where, "structure", s, structures)
+                        if sequential and structure_of(s) not in PER_LAYER:
                             raise FlapError(f"{where}: {metric} calibrates sequentially and needs a per-layer "
                                             f"structure ({', '.join(sorted(PER_LAYER))}), not {s!r}")
                         for r in spec["ratios"]:
@@ -212,7 +217,8 @@ def _cell(c: _Cells, metric: str, structure: str, ratio: float, ckey: str | None
                                   "stats": paths.seq_stats(key)}
     else:
         scores = c.scores(metric, None if data_free else ckey)
-        source = c.units(metric, None if data_free else ckey, scores) if structure in ADAPTIVE else scores
+        adaptive = structure_of(structure) in ADAPTIVE
+        source = c.units(metric, None if data_free else ckey, scores) if adaptive else scores
         c.t["search"][key] = {**cell, "input": source, "selection": selection}
     out = []
     for comp in comps:
@@ -241,6 +247,8 @@ def inputs_sha256(params: dict) -> str:
     src = {"tables": params.get("tables"), "metrics": params.get("metrics"),
            "compensations": params.get("compensations"),
            "calib": {"corpus": calib.get("corpus"), "nsamples": calib.get("nsamples")}}
+    if set(params.get("structures") or STRUCTURES) != set(STRUCTURES):  # variants: their names decide cells
+        src["structure names"] = sorted(params["structures"])
     return hashlib.sha256(json.dumps(src, sort_keys=True).encode()).hexdigest()
 
 
@@ -248,7 +256,8 @@ def cells_from_params(params: dict) -> dict:
     """cells.yaml's content for a composed params.yaml."""
     calib = params["data"]["calib"]
     cells = expand_study(params.get("tables") or {}, params.get("metrics") or {}, params.get("compensations") or {},
-                         {"corpus": calib["corpus"], "nsamples": calib["nsamples"]})
+                         {"corpus": calib["corpus"], "nsamples": calib["nsamples"]},
+                         tuple(params.get("structures") or STRUCTURES))
     return {"params_sha256": inputs_sha256(params), "cells": cells}
 
 

@@ -92,7 +92,12 @@ def check_params(params: dict) -> dict:
         for key in ("square_attn", "sequential"):
             _bool(params, f"metrics.{m}.{key}")
     for s in (_get(params, "structures") or {}):
-        _int(params, f"structures.{s}.min_groups", 0)
-        _int(params, f"structures.{s}.min_channels", 0)
+        for floor in ("min_groups", "min_channels"):  # a count, or a share of the layer's units in (0, 1)
+            v = _get(params, f"structures.{s}.{floor}")
+            if isinstance(v, float) and not v.is_integer():
+                if not 0 < v < 1:
+                    raise FlapError(f"structures.{s}.{floor} must be a count or a fraction in (0, 1), got {v}")
+            else:
+                _int(params, f"structures.{s}.{floor}", 0)
         _int(params, f"structures.{s}.remove_groups", 0, allow_none=True)
     return params

@@ -7,9 +7,21 @@ throwaway copy of the model gives both the selection and those statistics.
 from __future__ import annotations
 
 
-def options(opts: dict):
+def options(opts: dict, arch=None):
+    """StructureOptions from a conf/structure block. A floor given as a fraction in (0, 1) is a share of the
+    layer's units (min_channels: 0.25 keeps a quarter of each MLP), so one conf fits every model; without
+    `arch` (compose's check) only its range is checked."""
+    from ..errors import FlapError
     from ..structures import StructureOptions
-    return StructureOptions(int(opts.get("min_groups") or 0), int(opts.get("min_channels") or 0),
+
+    def floor(name: str, units: str) -> int:
+        v = opts.get(name) or 0
+        if isinstance(v, float) and not v.is_integer():
+            if not 0 < v < 1:
+                raise FlapError(f"{name} must be a count or a fraction in (0, 1) of the layer's units, got {v}")
+            return 0 if arch is None else max(1, round(v * getattr(arch, units)))
+        return int(v)
+    return StructureOptions(floor("min_groups", "num_kv_heads"), floor("min_channels", "intermediate_size"),
                             opts.get("remove_groups"), ul_rounding=opts.get("ul_rounding") or "fill",
                             head_cost=opts.get("head_cost") or "exact")
 
@@ -24,24 +36,27 @@ def selection_record(sel, arch, cell: dict) -> dict:
 
 
 def search(score_tensors: dict, arch, cell: dict, opts: dict) -> dict:
+    from ..catalogue import structure_of
     from ..structures import check_ratio, get_structure
     from .score import scores_from_tensors
-    sel = get_structure(cell["structure"])(scores_from_tensors(score_tensors), arch, check_ratio(cell["ratio"]),
-                                           options(opts))
+    structure = get_structure(structure_of(cell["structure"]))
+    sel = structure(scores_from_tensors(score_tensors), arch, check_ratio(cell["ratio"]), options(opts, arch))
     return selection_record(sel, arch, cell)
 
 
 def search_units(units: dict, arch, cell: dict, opts: dict) -> dict:
     """An adaptive structure's selection from the standardize stage's units (groups, channels)."""
+    from ..catalogue import structure_of
     from ..structures import select_from_units
     from .score import units_from_tensors
     groups, channels = units_from_tensors(units, arch)
-    sel = select_from_units(cell["structure"], groups, channels, arch, cell["ratio"], options(opts))
+    sel = select_from_units(structure_of(cell["structure"]), groups, channels, arch, cell["ratio"], options(opts, arch))
     return selection_record(sel, arch, cell)
 
 
 def search_file(path: str, arch, cell: dict, opts: dict) -> dict:
     """The selection of a cell from its input file: standardized units (AL structures) or raw scores (UL)."""
+    from ..catalogue import structure_of
     from ..errors import FlapError
     from ..structures import ADAPTIVE_UNITS
     from .io import load_tensors
@@ -49,7 +64,7 @@ def search_file(path: str, arch, cell: dict, opts: dict) -> dict:
     tensors, meta = load_tensors(path)
     if meta.get("metric") != cell["metric"]:
         raise FlapError(f"{path} holds {meta.get('metric')!r} scores, not {cell['metric']!r}; refusing it")
-    adaptive = cell["structure"] in ADAPTIVE_UNITS
+    adaptive = structure_of(cell["structure"]) in ADAPTIVE_UNITS
     if adaptive != bool(meta.get("units")):
         raise FlapError(f"{path}: structure {cell['structure']} reads "
                         f"{'standardized units' if adaptive else 'raw scores'}, this file holds the other kind")
@@ -61,14 +76,16 @@ def search_file(path: str, arch, cell: dict, opts: dict) -> dict:
 def search_sequential(model, windows, cell: dict, metric_opts: dict, opts: dict, batch_size: int):
     """(selection record, stats tensors) of a sequentially calibrated cell; prunes `model` in place."""
     from ..arch import ArchView
+    from ..catalogue import structure_of
+    from ..compensation import CompensationConfig
     from ..prune import PruneConfig, prune
     from ..stats import stats_to_tensors
     arch = ArchView.from_config(model.config)
-    from ..compensation import CompensationConfig
     # The selection only: the cell's compensation is its own stage (compensate@CELL-COMP).
-    cfg = PruneConfig(cell["metric"], cell["structure"], float(cell["ratio"]), compensation=CompensationConfig("none"),
+    cfg = PruneConfig(cell["metric"], structure_of(cell["structure"]), float(cell["ratio"]),
+                      compensation=CompensationConfig("none"),
                       square_attn=metric_opts.get("square_attn"), sequential=metric_opts.get("sequential"),
-                      options=options(opts), batch_size=batch_size)
+                      options=options(opts, arch), batch_size=batch_size)
     res = prune(model, windows, cfg, progress=True)
     assert res.stats is not None  # a sequential pass always records the statistics it pruned with
     return selection_record(res.selection, arch, cell), stats_to_tensors(res.stats)
