@@ -73,19 +73,6 @@ def covered(tokens: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     return mask
 
 
-def matched_floor_ratio(scores, arch, target: float, floor: int) -> float:
-    """Nominal AL-AM ratio whose selection with the floor removes `target` of the weights (bisection)."""
-    lo, hi = target, 0.95
-    opts = StructureOptions(min_channels=floor)
-    for _ in range(30):
-        mid = (lo + hi) / 2
-        if get_structure("al_am")(scores, arch, mid, opts).achieved_ratio(arch) < target:
-            lo = mid
-        else:
-            hi = mid
-    return hi
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m")
@@ -204,14 +191,13 @@ def main() -> None:
         if "lsq" in comps:
             row(f"flap@{r}", sel, "lsq", lsq(sel, damping, form), form=form, damping=damping)
 
-    # 3. a per-layer MLP floor at 0.5 (same achieved ratio, by raising the nominal one), bias and lsq
+    # 3. a per-layer MLP floor at 0.5 (AL-AM's floors count toward the ratio: the same share removed), bias and lsq
     floor = int(a.floor * arch.intermediate_size)
-    nominal = matched_floor_ratio(scores, arch, 0.5, floor) if floor else None
-    fsel = get_structure("al_am")(scores, arch, nominal, StructureOptions(min_channels=floor)) if floor else None
+    fsel = get_structure("al_am")(scores, arch, 0.5, StructureOptions(min_channels=floor)) if floor else None
     for comp, comps in ((("bias", compensation_biases(base, stats, fsel, arch)), ("lsq", lsq(fsel, damping, form)))
                         if floor else ()):
         row(f"flap@0.5+floor{floor}", fsel, comp, comps, form=form if comp == "lsq" else None,
-            damping=damping if comp == "lsq" else None, nominal_ratio=round(nominal, 4))
+            damping=damping if comp == "lsq" else None)
 
     # 4. Wanda-sp (its own sequential selection, as the official code) at 0.2 and 0.5: none, bias, lsq
     for r in ratios(a.wanda_ratios):
