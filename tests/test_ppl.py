@@ -38,13 +38,13 @@ def test_next_token_nll_equals_cross_entropy():
 
 
 def test_chunked_head_equals_the_models_own_logits(monkeypatch):
-    """perplexity splits a LLaMA into decoder + head and scores the logits a block of rows at a time;
+    """perplexity splits a LLaMA into decoder + head and scores a slice of the vocabulary at a time;
     the numbers are those of the model's own full logits (the path any other model takes)."""
     import flap_exp.ppl as ppl
     model = tiny_model()
     assert ppl.decoder_and_head(model) == (model.model, model.lm_head)
     tokens = torch.randint(0, 101, (16 * 9,), generator=torch.Generator().manual_seed(1))
-    monkeypatch.setattr(ppl, "LOGIT_CHUNK_FLOATS", 101 * 5)  # 5 rows per block: blocks cross window borders
+    monkeypatch.setattr(ppl, "VOCAB_CHUNK", 7)  # 15 slices of the 101-token vocabulary, the last one short
     fused = perplexity(model, tokens, 16, 4, progress=False).ppl
     monkeypatch.setattr(ppl, "decoder_and_head", lambda m: None)
     assert math.isclose(fused, perplexity(model, tokens, 16, 4, progress=False).ppl, rel_tol=1e-6)
