@@ -10,6 +10,8 @@ import copy
 import pytest
 import torch
 
+import flap_exp.prune as prune_module
+from flap_exp.calibrate import collect_stats
 from flap_exp.data import Corpus, calibration_windows, load_text, tokenize
 from flap_exp.models import load_model
 from flap_exp.ppl import perplexity
@@ -44,14 +46,26 @@ def setup(wikitext_dir):
 def results(setup):
     lm, windows, evals = setup
     out = {"dense": perplexity(lm.model, evals, T, max_windows=WINDOWS, progress=False).ppl}
-    for name, cfg in list(RUNS.items()) + [("flap_matched", None)]:
-        if cfg is None:  # FLAP at the ratio the official floor rule let Wanda-sp achieve
-            cfg = PruneConfig("wifv", "al_am", out["wanda_sp_floor_ratio"], compensate=True)
-        m = copy.deepcopy(lm.model)
-        res = prune(m, windows, cfg, progress=False)
-        out[name] = perplexity(m, evals, T, max_windows=WINDOWS, progress=False).ppl
-        out[name + "_ratio"] = res.achieved_ratio
-        del m
+    # Every one-shot run calibrates a copy of the same dense model on the same windows: the statistics are
+    # computed once and handed to the others (the sequential Wanda-sp runs calibrate their own way).
+    once = {}
+
+    def collect_once(model, w, *args, **kw):
+        assert w is windows
+        if "stats" not in once:
+            once["stats"] = collect_stats(model, w, *args, **kw)
+        return once["stats"]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(prune_module, "collect_stats", collect_once)
+        for name, cfg in list(RUNS.items()) + [("flap_matched", None)]:
+            if cfg is None:  # FLAP at the ratio the official floor rule let Wanda-sp achieve
+                cfg = PruneConfig("wifv", "al_am", out["wanda_sp_floor_ratio"], compensate=True)
+            m = copy.deepcopy(lm.model)
+            res = prune(m, windows, cfg, progress=False)
+            out[name] = perplexity(m, evals, T, max_windows=WINDOWS, progress=False).ppl
+            out[name + "_ratio"] = res.achieved_ratio
+            del m
     print(out)
     return out
 
