@@ -349,8 +349,10 @@ def test_structure_and_lsq_options_rerun_only_their_cells(repo: Path, first_run)
 def test_protocol_switch_and_back_recomputes_nothing_cached(repo: Path, first_run):
     before = _metrics(repo, BIAS)
     sh(repo, sys.executable, "-m", "flap_exp.pipeline.compose", "protocol=paper", *OVERRIDES)
-    p = sh(repo, DVC, "repro")  # the tiny overrides fix N, windows and documents: only the repeats differ
-    assert ran(p) == {f"speed@{BIAS}", "track"} | REPORTS
+    p = sh(repo, DVC, "repro")  # the tiny overrides fix N, windows and documents: the repeats and lsq's damping differ
+    lsq = f"wifv-al_am-0.5-{C}-lsq"
+    assert ran(p) == {f"speed@{BIAS}", f"compensate_lsq@{lsq}", f"evaluate@{lsq}", "track"} | REPORTS
+    assert _metrics(repo, lsq)["compensation_options"]["damping"] == 0.001
     assert "Protocol **paper**" in (repo / "reports/main.md").read_text()
     assert sorted(_mlflow_runs(repo, "paper")) == sorted(CELLS + ["dense"])  # its own runs, beside quick's
     sh(repo, sys.executable, "-m", "flap_exp.pipeline.compose", *OVERRIDES)
