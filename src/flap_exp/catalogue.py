@@ -51,6 +51,16 @@ def structure_of(name: str) -> str:
     return max(bases, key=len)
 
 
+def floor_fraction(name: str, value) -> float | None:
+    """A per-layer floor (min_groups, min_channels) given as a share of the layer's units: the fraction,
+    checked to lie in (0, 1); None for a count (checked where counts are)."""
+    if not (isinstance(value, float) and not value.is_integer()):
+        return None
+    if not 0 < value < 1:
+        raise FlapError(f"{name} must be a count or a fraction in (0, 1) of the layer's units, got {value}")
+    return value
+
+
 #: Compensation methods (= conf/compensation/*.yaml) and what each reads besides the selection:
 #: nothing, the calibration statistics (per-channel means), or the calibration windows (its own pass).
 COMPENSATIONS: dict[str, str] = {"none": "nothing", "bias": "stats", "lsq": "windows"}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 
+from ..catalogue import floor_fraction
 from ..errors import FlapError
 from ..validate import check_int
 
@@ -93,11 +94,8 @@ def check_params(params: dict) -> dict:
             _bool(params, f"metrics.{m}.{key}")
     for s in (_get(params, "structures") or {}):
         for floor in ("min_groups", "min_channels"):  # a count, or a share of the layer's units in (0, 1)
-            v = _get(params, f"structures.{s}.{floor}")
-            if isinstance(v, float) and not v.is_integer():
-                if not 0 < v < 1:
-                    raise FlapError(f"structures.{s}.{floor} must be a count or a fraction in (0, 1), got {v}")
-            else:
-                _int(params, f"structures.{s}.{floor}", 0)
+            name = f"structures.{s}.{floor}"
+            if floor_fraction(name, _get(params, name)) is None:
+                _int(params, name, 0)
         _int(params, f"structures.{s}.remove_groups", 0, allow_none=True)
     return params

@@ -11,16 +11,15 @@ def options(opts: dict, arch=None):
     """StructureOptions from a conf/structure block. A floor given as a fraction in (0, 1) is a share of the
     layer's units (min_channels: 0.25 keeps a quarter of each MLP), so one conf fits every model; without
     `arch` (compose's check) only its range is checked."""
-    from ..errors import FlapError
+    from ..catalogue import floor_fraction
     from ..structures import StructureOptions
 
     def floor(name: str, units: str) -> int:
         v = opts.get(name) or 0
-        if isinstance(v, float) and not v.is_integer():
-            if not 0 < v < 1:
-                raise FlapError(f"{name} must be a count or a fraction in (0, 1) of the layer's units, got {v}")
-            return 0 if arch is None else max(1, round(v * getattr(arch, units)))
-        return int(v)
+        share = floor_fraction(name, v)
+        if share is None:
+            return int(v)
+        return 0 if arch is None else max(1, round(share * getattr(arch, units)))
     return StructureOptions(floor("min_groups", "num_kv_heads"), floor("min_channels", "intermediate_size"),
                             opts.get("remove_groups"), ul_rounding=opts.get("ul_rounding") or "fill",
                             head_cost=opts.get("head_cost") or "exact")
