@@ -88,6 +88,12 @@ def main() -> None:
     ap.add_argument("--choice-ratios", default="0.2,0.5", help="ratios whose held-out ppl choose the default")
     ap.add_argument("--wanda-ratios", default="0.2,0.5", help="empty: skip Wanda-sp")
     ap.add_argument("--flap-comps", default="none,bias,lsq", help="FLAP's compensations on the test split")
+    ap.add_argument("--wanda-comps", default="none,bias,lsq", help="Wanda-sp's compensations on the test split")
+    # The dense perplexities do not depend on the calibration: a long run may take them from an earlier run of
+    # the same evaluation (same model, test windows and held-out windows), recorded as reused, never recomputed.
+    ap.add_argument("--dense-from", help="an earlier output JSON whose dense row to reuse (same protocol)")
+    ap.add_argument("--no-cost", action="store_true",
+                    help="skip the plain-forward reference (on a shared CPU its ratios would not be honest)")
     ap.add_argument("--out", default=str(ROOT / "reports" / "bench_compensation.json"))
     a = ap.parse_args()
     n, max_windows = (256, 64) if a.quick else (1024, None)
@@ -134,11 +140,21 @@ def main() -> None:
         return fitted[key]
 
     # cost: a plain forward over the calibration tokens, the calibration pass, an lsq pass
-    plain_forward(base, windows[:8])  # warm-up
-    _, t_fwd = timed(lambda: plain_forward(base, windows))  # decoder + last-token logits: a conservative unit
+    t_fwd = None
+    if not a.no_cost:
+        plain_forward(base, windows[:8])  # warm-up
+        _, t_fwd = timed(lambda: plain_forward(base, windows))  # decoder + last-token logits: a conservative unit
     stats, t_cal = timed(lambda: collect_stats(base, windows, 8, progress=False))
-    h, t = evaluate(base)
-    res["dense"] = {"heldout_ppl": h, "test_ppl": t}
+    if a.dense_from:
+        prior = json.loads(Path(a.dense_from).read_text())
+        same = {k: prior.get(k) for k in ("model", "T", "eval_windows", "heldout_windows", "N")}
+        if same != {k: res[k] for k in same}:
+            raise SystemExit(f"--dense-from {a.dense_from}: another protocol ({same}); this run is "
+                             f"{ {k: res[k] for k in same} }")
+        res["dense"] = {**prior["dense"], "reused_from": a.dense_from}
+    else:
+        h, t = evaluate(base)
+        res["dense"] = {"heldout_ppl": h, "test_ppl": t}
     print("dense", res["dense"], flush=True)
     scores = channel_scores(get_metric("wifv"), base, stats)
     ratios = lambda text: [float(x) for x in text.split(",") if x]  # noqa: E731
@@ -191,7 +207,20 @@ def main() -> None:
         if "lsq" in comps:
             row(f"flap@{r}", sel, "lsq", lsq(sel, damping, form), form=form, damping=damping)
 
-    # 3. a per-layer MLP floor at 0.5 (AL-AM's floors count toward the ratio: the same share removed), bias and lsq
+    # 3. Wanda-sp (its own sequential selection, as the official code) at 0.2 and 0.5: none, bias, lsq
+    for r in ratios(a.wanda_ratios):
+        m = copy.deepcopy(base)
+        sel = prune(m, windows, PruneConfig("wanda_sp", "ul_um", r, compensate=False), progress=False).selection
+        wcomps = a.wanda_comps.split(",")
+        if "none" in wcomps:
+            row(f"wanda_sp@{r}", sel, "none", pruned=m)
+        del m
+        if "bias" in wcomps:
+            row(f"wanda_sp@{r}", sel, "bias", compensation_biases(base, stats, sel, arch))
+        if "lsq" in wcomps:
+            row(f"wanda_sp@{r}", sel, "lsq", lsq(sel, damping, form), form=form, damping=damping)
+
+    # 4. a per-layer MLP floor at 0.5 (AL-AM's floors count toward the ratio: the same share removed), bias and lsq
     floor = int(a.floor * arch.intermediate_size)
     fsel = get_structure("al_am")(scores, arch, 0.5, StructureOptions(min_channels=floor)) if floor else None
     for comp, comps in ((("bias", compensation_biases(base, stats, fsel, arch)), ("lsq", lsq(fsel, damping, form)))
@@ -199,18 +228,10 @@ def main() -> None:
         row(f"flap@0.5+floor{floor}", fsel, comp, comps, form=form if comp == "lsq" else None,
             damping=damping if comp == "lsq" else None)
 
-    # 4. Wanda-sp (its own sequential selection, as the official code) at 0.2 and 0.5: none, bias, lsq
-    for r in ratios(a.wanda_ratios):
-        m = copy.deepcopy(base)
-        sel = prune(m, windows, PruneConfig("wanda_sp", "ul_um", r, compensate=False), progress=False).selection
-        row(f"wanda_sp@{r}", sel, "none", pruned=m)
-        del m
-        row(f"wanda_sp@{r}", sel, "bias", compensation_biases(base, stats, sel, arch))
-        row(f"wanda_sp@{r}", sel, "lsq", lsq(sel, damping, form), form=form, damping=damping)
-
-    res["cost"] = {"plain_forward_s": t_fwd, "calibrate_s": t_cal, "calibrate_over_forward": t_cal / t_fwd,
+    res["cost"] = {"plain_forward_s": t_fwd, "calibrate_s": t_cal,
+                   "calibrate_over_forward": t_cal / t_fwd if t_fwd else None,
                    "lsq_s": {f"{f}@{r}": v for (f, r), v in timing.items()},
-                   "lsq_over_forward": {f"{f}@{r}": v / t_fwd for (f, r), v in timing.items()},
+                   "lsq_over_forward": {f"{f}@{r}": v / t_fwd for (f, r), v in timing.items()} if t_fwd else None,
                    "covariance_peak_mib": max(arch.intermediate_size, arch.attn_channels) ** 2 * 8 / 2**20,
                    "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
@@ -234,9 +255,13 @@ def print_table(res: dict) -> None:
           f"{ {k: round(v, 1) for k, v in c['heldout_gmean_ppl_by_damping'].items()} }, form {c['form']} "
           f"{ {k: round(v, 1) for k, v in c['heldout_gmean_ppl_by_form'].items()} }")
     k = res["cost"]
-    print(f"cost: plain forward {k['plain_forward_s']:.1f}s, calibration {k['calibrate_over_forward']:.2f}x, lsq "
-          + ", ".join(f"{n} {v:.2f}x" for n, v in k["lsq_over_forward"].items())
-          + f"; covariance peak {k['covariance_peak_mib']:.0f} MiB, peak RSS {k['peak_rss_gib']:.2f} GiB")
+    if k["plain_forward_s"] is None:  # --no-cost: seconds only, no ratios
+        print(f"cost (no plain-forward reference): calibration {k['calibrate_s']:.0f}s, lsq "
+              + ", ".join(f"{n} {v:.0f}s" for n, v in k["lsq_s"].items()))
+    else:
+        print(f"cost: plain forward {k['plain_forward_s']:.1f}s, calibration {k['calibrate_over_forward']:.2f}x, lsq "
+              + ", ".join(f"{n} {v:.2f}x" for n, v in k["lsq_over_forward"].items()))
+    print(f"covariance peak {k['covariance_peak_mib']:.0f} MiB, peak RSS {k['peak_rss_gib']:.2f} GiB")
 
 
 if __name__ == "__main__":
