@@ -51,6 +51,14 @@ def test_accumulator_matches_numpy():
     cross = (tn - tn.mean(0)).T @ (xn - xn.mean(0)) / len(xn)
     np.testing.assert_allclose(acc.cross_cov.numpy(), cross, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(acc.target_mean.numpy(), tn.mean(0), rtol=1e-6)
+    # finish(): the same matrices, made in place (the lsq pass's memory), and the accumulator is spent
+    cov, cross_cov = acc.cov, acc.cross_cov
+    got, got_cross = acc.finish()
+    assert got.data_ptr() == acc.m2.data_ptr() and got_cross is not None
+    torch.testing.assert_close(got, cov, rtol=1e-15, atol=0)
+    torch.testing.assert_close(got_cross, cross_cov, rtol=1e-15, atol=0)
+    with pytest.raises(ValueError, match="update\\(\\) after finish"):
+        acc.update(x[:3], t[:3])
 
 
 @pytest.mark.parametrize("damping", [0.0, 0.3])
@@ -62,7 +70,10 @@ def test_solve_equals_numpy_lstsq_with_intercept(damping):
     x += torch.randn(d, generator=g, dtype=torch.float64)  # a non-zero mean: the intercept matters
     keep = torch.tensor([1, 0, 1, 1, 0, 1, 0, 1, 1, 1], dtype=torch.bool)
     acc = accumulate(x)
-    w_k, b = lsq_solve(w, acc.cov, acc.mean, keep, damping)
+    cov = acc.cov
+    before = cov.clone()
+    w_k, b = lsq_solve(w, cov, acc.mean, keep, damping)
+    assert torch.equal(cov, before)  # the damping is added to a copy of Σ[K, K], never to the caller's Σ
 
     # independent: ordinary least squares on the stacked tokens, [x_K, 1] -> W x, ridge rows toward W[:, K]
     xn, wn, kn = x.numpy(), w.numpy(), keep.numpy()

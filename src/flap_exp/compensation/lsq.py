@@ -14,7 +14,8 @@ kept head's context and a kept MLP channel do not depend on the removed ones; k/
 with the new projections applied by hand, and every hook is removed on exit. As in calibrate.py the
 windows are embedded once and pushed through one layer at a time: the memory is the model, two or three
 copies of the hidden states (N x T x d) per stream, the kept o_proj inputs of one layer and the
-covariance of one projection (d_in^2 float64; twice that for drift).
+matrices of one projection: while accumulating, its d_in^2 float64 moments plus one batch's d_in^2
+product in float32; while solving, at most four d_in^2 float64 (five for drift; `lsq_extra_bytes`).
 
 Cost per layer, sequential: one attention pass (stopped at o_proj), gate/up once (their kept outputs are
 held for the new down_proj when they fit in `store_budget`, else gate/up run twice), no dense
@@ -31,7 +32,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ..arch import ArchView, decoder_layers
-from ..calibrate import layer0_inputs
+from ..calibrate import layer_inputs
 from ..errors import FlapError
 from ..selection import Selection
 from .base import CompensationConfig, LayerComp
@@ -114,41 +115,59 @@ def check_form(cfg: CompensationConfig) -> None:
         raise FlapError(f"lsq damping must be a finite number >= 0, got {d!r}")
 
 
-@torch.no_grad()
-def lsq_compensation(model: nn.Module, sel: Selection, arch: ArchView, windows: torch.Tensor,
-                     cfg: CompensationConfig, batch_size: int = 8, progress: bool = True,
-                     on_moments: OnMoments | None = None, store_budget: int = 2 * 2**30) -> list[LayerComp]:
-    """Per-layer LayerComps (float64, with new kept-column weights) for `sel` on the DENSE `model`.
+def lsq_extra_bytes(arch: ArchView, windows: int, seqlen: int, elem: int, form: str, store: bool) -> int:
+    """Memory of the lsq pass beyond two copies of the windows' hidden states (an estimate, for budgets).
 
-    store_budget: bytes of kept MLP inputs (N x T x |K|) the pass may hold to avoid recomputing gate/up.
-
-    The model is left unchanged; apply the result with surgery.mask_model / prune_model.
+    The kept o_proj inputs of one layer (N x T x d_attn at most), the kept MLP inputs when `store`, the
+    drift form's two extra hidden-state copies, and one projection's float64 matrices: the covariance (made
+    in place from the moments), Σ[K, K] + λI, its Cholesky factor and Σ[:, K] (at most four d_in^2; five
+    with drift's cross covariance).
     """
-    check_form(cfg)
-    if windows.ndim != 2 or windows.shape[0] < 1:
-        raise FlapError(f"lsq needs calibration windows of shape N x T, got {tuple(windows.shape)}")
-    if len(sel.keep_groups) != arch.num_layers or len(sel.keep_channels) != arch.num_layers:
-        raise FlapError(f"the selection has {len(sel.keep_groups)} layers, the model {arch.num_layers}")
-    device = next(model.parameters()).device
-    batches = [layer0_inputs(model, b.to(device)) for b in windows.split(batch_size)]
-    kws = [kw for _, kw in batches]
-    dense = [h for h, _ in batches]  # the dense stream (dense and drift forms)
-    pruned = list(dense)  # the pruned, reconstructed stream (sequential and drift forms)
-    layers = decoder_layers(model)
-    _check_decomposition(layers[0], dense[0], kws[0])
-    if cfg.form == "sequential":  # only one stream is needed: drop the other's references
-        dense = []
-    elif cfg.form == "dense":
-        pruned = []
-    d_attn = arch.attn_channels
-    out = []
-    for i, layer in enumerate(tqdm(layers, desc=f"lsq ({cfg.form})", unit="layer", disable=not progress)):
+    d_max = max(arch.intermediate_size, arch.attn_channels)
+    drift = form == "drift"
+    per_token = arch.attn_channels + (arch.intermediate_size if store else 0) + (2 * arch.hidden_size if drift else 0)
+    return windows * seqlen * per_token * elem + (5 if drift else 4) * d_max * d_max * 8
+
+
+class LsqPass:
+    """The lsq pass, one decoder layer per `step`: the in-memory run calls it on each layer of the model,
+    the streamed run (stream_prune.py) on each layer as it is loaded from its shard, before cutting it.
+
+    hs, kws: per batch of windows, the hidden states and kwargs entering decoder layer 0.
+    store_budget: bytes of kept MLP inputs (N x T x |K|) the pass may hold to avoid recomputing gate/up.
+    on_moments: optional observer of each projection's statistics (tests check them against a plain derivation).
+    """
+
+    def __init__(self, hs: list[torch.Tensor], kws: list[dict], sel: Selection, arch: ArchView,
+                 cfg: CompensationConfig, store_budget: int = 2 * 2**30, on_moments: OnMoments | None = None):
+        check_form(cfg)
+        if len(sel.keep_groups) != arch.num_layers or len(sel.keep_channels) != arch.num_layers:
+            raise FlapError(f"the selection has {len(sel.keep_groups)} layers, the model {arch.num_layers}")
+        self.sel, self.arch, self.cfg, self.kws, self.store_budget = sel, arch, cfg, kws, store_budget
+        self.on_moments = on_moments
+        # the dense stream (dense and drift forms) and the pruned, reconstructed one (sequential and drift);
+        # a form that needs only one stream drops the other's references
+        self.dense = [] if cfg.form == "sequential" else list(hs)
+        self.pruned = [] if cfg.form == "dense" else list(hs)
+        self.next = 0
+
+    @torch.no_grad()
+    def step(self, i: int, layer: DecoderLayer) -> LayerComp:
+        """Layer i's LayerComp; `layer` is the DENSE layer i (left unchanged). Layers come in order."""
+        if i != self.next:
+            raise FlapError(f"the lsq pass is at layer {self.next}, not {i}: layers must come in order")
+        self.next += 1
+        cfg, arch, kws, sel = self.cfg, self.arch, self.kws, self.sel
+        dense, pruned = self.dense, self.pruned
+        if i == 0:
+            _check_decomposition(layer, (dense or pruned)[0], kws[0])
+        device = layer.self_attn.o_proj.weight.device
         o, down = layer.self_attn.o_proj, layer.mlp.down_proj
         keep_a, keep_m = sel.channel_mask(i, arch).to(device), sel.keep_channels[i].to(device)
         drift = cfg.form == "drift"
 
         # attention: statistics of o_proj's input, then the solve
-        acc = CovAccumulator(d_attn, device, d_attn if drift else None)
+        acc = CovAccumulator(arch.attn_channels, device, arch.attn_channels if drift else None)
         kept_x, dense_mid = [], []
         for b, kw in enumerate(kws):
             src = dense[b] if cfg.form == "dense" else pruned[b]
@@ -163,10 +182,12 @@ def lsq_compensation(model: nn.Module, sel: Selection, arch: ArchView, windows: 
                     dense_mid.append(dense[b] + o(x))
             if cfg.form != "dense":
                 kept_x.append(x[..., keep_a])
-        if on_moments is not None:
-            on_moments(i, "o_proj", acc)
-        w_o, b_o = lsq_solve(o.weight, acc.cov, acc.mean, keep_a, cfg.damping, cross=acc.cross_cov,
+        if self.on_moments is not None:
+            self.on_moments(i, "o_proj", acc)
+        cov, cross = acc.finish()
+        w_o, b_o = lsq_solve(o.weight, cov, acc.mean, keep_a, cfg.damping, cross=cross,
                              target_mean=acc.target_mean, name=f"layer {i} o_proj")
+        del cov, cross
         del acc
         if cfg.form != "dense":
             pruned = [h + _apply(xk, slice(None), o, w_o, b_o) for h, xk in zip(pruned, kept_x, strict=True)]
@@ -178,7 +199,7 @@ def lsq_compensation(model: nn.Module, sel: Selection, arch: ArchView, windows: 
         # above the budget they are recomputed instead, so memory stays bounded on large models/N.
         kept_bytes = sum(h[..., :1].numel() for h in pruned) * int(keep_m.sum()) * pruned[0].element_size() \
             if pruned else 0
-        store = cfg.form != "dense" and kept_bytes <= store_budget
+        store = cfg.form != "dense" and kept_bytes <= self.store_budget
         kept_x = []
         for b in range(len(kws)):
             src = dense_mid[b] if cfg.form == "dense" else pruned[b]
@@ -193,17 +214,40 @@ def lsq_compensation(model: nn.Module, sel: Selection, arch: ArchView, windows: 
                 acc.update(x)
                 if cfg.form == "dense":
                     dense_mid[b] = dense_mid[b] + down(x)
-        if on_moments is not None:
-            on_moments(i, "down_proj", acc)
-        w_d, b_d = lsq_solve(down.weight, acc.cov, acc.mean, keep_m, cfg.damping, cross=acc.cross_cov,
+        if self.on_moments is not None:
+            self.on_moments(i, "down_proj", acc)
+        cov, cross = acc.finish()
+        w_d, b_d = lsq_solve(down.weight, cov, acc.mean, keep_m, cfg.damping, cross=cross,
                              target_mean=acc.target_mean, name=f"layer {i} down_proj")
+        del cov, cross
         del acc
         if store:  # the pruned stream's layer output, with the new down_proj
             pruned = [h + _apply(xk, slice(None), down, w_d, b_d) for h, xk in zip(pruned, kept_x, strict=True)]
         elif cfg.form != "dense":
             pruned = [h + _apply(down_input(layer, h), keep_m, down, w_d, b_d) for h in pruned]
         del kept_x
+        self.pruned = pruned
         if cfg.form != "sequential":
-            dense = dense_mid
-        out.append(LayerComp(b_o, b_d, w_o, w_d))
-    return out
+            self.dense = dense_mid
+        return LayerComp(b_o, b_d, w_o, w_d)
+
+
+@torch.no_grad()
+def lsq_compensation(model: nn.Module, sel: Selection, arch: ArchView, windows: torch.Tensor,
+                     cfg: CompensationConfig, batch_size: int = 8, progress: bool = True,
+                     on_moments: OnMoments | None = None, store_budget: int = 2 * 2**30) -> list[LayerComp]:
+    """Per-layer LayerComps (float64, with new kept-column weights) for `sel` on the DENSE `model`.
+
+    store_budget: bytes of kept MLP inputs (N x T x |K|) the pass may hold to avoid recomputing gate/up.
+
+    The model is left unchanged; apply the result with surgery.mask_model / prune_model.
+    """
+    check_form(cfg)
+    if windows.ndim != 2 or windows.shape[0] < 1:
+        raise FlapError(f"lsq needs calibration windows of shape N x T, got {tuple(windows.shape)}")
+    hs, kws = layer_inputs(model, windows, batch_size, next(model.parameters()).device)
+    lsq = LsqPass(hs, kws, sel, arch, cfg, store_budget, on_moments)
+    del hs
+    layers = decoder_layers(model)
+    return [lsq.step(i, layer)
+            for i, layer in enumerate(tqdm(layers, desc=f"lsq ({cfg.form})", unit="layer", disable=not progress))]

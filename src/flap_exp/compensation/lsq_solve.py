@@ -52,10 +52,10 @@ def lsq_solve(w: torch.Tensor, cov: torch.Tensor, mean: torch.Tensor, keep: torc
     n_keep = int(k.sum())
     if n_keep == 0:  # nothing left to regress on: the best constant is the mean output
         return W.new_zeros(W.shape[0], 0), W @ mu_t
-    A = S[k][:, k]
-    scale = A.diagonal().mean()
-    lam = damping * scale
-    M = A + lam * torch.eye(n_keep, dtype=torch.float64, device=dev)
+    ix = k.nonzero().squeeze(1)
+    M = S[ix[:, None], ix]  # Σ[K, K], gathered directly (no |K| x d intermediate)
+    lam = damping * M.diagonal().mean()
+    M.diagonal().add_(lam)  # + λ I, in place
     L, info = torch.linalg.cholesky_ex(M)
     piv = L.diagonal() ** 2 if int(info) == 0 else None
     if piv is None or not bool(piv.min() > _RCOND * M.diagonal().max().clamp_min(torch.finfo(torch.float64).tiny)):
