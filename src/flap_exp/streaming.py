@@ -71,6 +71,12 @@ class StreamedModel:
         base.rotary_emb.to(self.device)
         self.layers = decoder_layers(self.model)
         self.tied = bool(getattr(self.config, "tie_word_embeddings", False)) and "lm_head.weight" not in self.ckpt
+        self.cut = False  # set by stream_prune once it has cut the skeleton's layers: no longer the checkpoint's
+
+    def _check_intact(self) -> None:
+        if self.cut:
+            raise FlapError("this StreamedModel's layers were cut by a streamed prune; open the directory again "
+                            "(StreamedModel(folder)) to run it once more")
 
     def _ckpt_name(self, name: str) -> str:
         return "model.embed_tokens.weight" if self.tied and name == "lm_head.weight" else name
@@ -78,6 +84,7 @@ class StreamedModel:
     @contextlib.contextmanager
     def loaded(self, module: M, prefix: str) -> Iterator[M]:
         """`module` (named `prefix` in the checkpoint) with its weights on the device; released on exit."""
+        self._check_intact()
         names = [n for n, _ in module.named_parameters()]
         tensors = self.ckpt.load([self._ckpt_name(prefix + n) for n in names], self.dtype, self.device)
         for n in names:
@@ -102,6 +109,7 @@ class StreamedModel:
         return sum(self.ckpt.nbytes(self._ckpt_name(prefix + n), self.dtype) for n, _ in module.named_parameters())
 
     def plan(self, seqlen: int) -> MemoryPlan:
+        self._check_intact()
         elem = torch.empty(0, dtype=self.dtype).element_size()
         layer = max(self._bytes(f"model.layers.{i}.", m) for i, m in enumerate(self.layers))
         embed = self._bytes("model.embed_tokens.", self.model.model.embed_tokens)
