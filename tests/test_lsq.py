@@ -61,6 +61,38 @@ def test_accumulator_matches_numpy():
         acc.update(x[:3], t[:3])
 
 
+@pytest.mark.parametrize("drift", [False, True], ids=["plain", "drift"])
+def test_kept_columns_only_give_the_same_moments_and_fit(drift):
+    """CovAccumulator(cols=K) keeps Σ[:, K] (and the cross covariance's columns K): the same numbers as the
+    full matrices' columns, and lsq_solve gives the same fit from either layout."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(158, 9, generator=g, dtype=torch.float64) @ torch.randn(9, 9, generator=g, dtype=torch.float64)
+    t = x + 0.1 * torch.randn(158, 9, generator=g, dtype=torch.float64) if drift else None
+    keep = torch.tensor([1, 0, 1, 1, 0, 1, 0, 1, 1], dtype=torch.bool)
+    full = accumulate(x, target=t)
+    part = CovAccumulator(9, target_dim=9 if drift else None, cols=keep)
+    start = 0
+    for s in (7, 50, 1, 100):
+        part.update(x[start:start + s], None if t is None else t[start:start + s])
+        start += s
+    assert part.m2.shape == (9, 6)
+    torch.testing.assert_close(part.cov, full.cov[:, keep], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(part.mean, full.mean, rtol=0, atol=0)
+    torch.testing.assert_close(part.variances(), full.variances()[keep], rtol=1e-12, atol=1e-12)
+    w = torch.randn(4, 9, generator=g, dtype=torch.float64)
+    extra = {}
+    if drift:
+        extra = {"cross": full.cross_cov, "target_mean": full.target_mean}
+    ref = lsq_solve(w, full.cov, full.mean, keep, 0.05, **extra)
+    if drift:
+        extra = {"cross": part.cross_cov, "target_mean": part.target_mean}
+    got = lsq_solve(w, part.cov, part.mean, keep, 0.05, **extra)
+    for a, b in zip(got, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    with pytest.raises(FlapError, match="the covariance is \\(9, 5\\); expected \\[9, 9\\] or its kept columns"):
+        lsq_solve(w, full.cov[:, :5], full.mean, keep, 0.05)
+
+
 @pytest.mark.parametrize("damping", [0.0, 0.3])
 def test_solve_equals_numpy_lstsq_with_intercept(damping):
     g = torch.Generator().manual_seed(1)
@@ -163,7 +195,8 @@ def record_moments(model, sel, arch, windows, form):
     seen = {}
     lsq_compensation(model, sel, arch, windows, CompensationConfig("lsq", 0.01, form), progress=False,
                      on_moments=lambda i, name, acc: seen.__setitem__((i, name), (acc.mean.clone(),
-                                                                                  acc.m2.diagonal().clone())))
+                                                                                  acc.variances().clone(),
+                                                                                  acc.cols)))
     return seen
 
 
@@ -177,10 +210,11 @@ def test_sequential_and_dense_statistics_differ_exactly_where_they_must(windows)
     for i, s in enumerate(stats):
         for name, cs in (("o_proj", s.attn), ("down_proj", s.mlp)):
             torch.testing.assert_close(den[i, name][0], cs.mean, rtol=1e-9, atol=1e-9)
-            torch.testing.assert_close(den[i, name][1], cs.m2, rtol=1e-9, atol=1e-9)
+            torch.testing.assert_close(den[i, name][1], cs.m2[den[i, name][2]], rtol=1e-9, atol=1e-9)
     # layer 0's attention input is the same stream; everything after it sees the pruned, reconstructed model
     torch.testing.assert_close(seq[0, "o_proj"][0], den[0, "o_proj"][0], rtol=0, atol=0)
     torch.testing.assert_close(seq[0, "o_proj"][1], den[0, "o_proj"][1], rtol=0, atol=0)
+    assert torch.equal(seq[0, "o_proj"][2], sel.channel_mask(0, arch).nonzero().squeeze(1))  # the kept columns
     for key in [(0, "down_proj")] + [(i, n) for i in range(1, arch.num_layers) for n in ("o_proj", "down_proj")]:
         assert (seq[key][0] - den[key][0]).abs().max() > 1e-3, key
     # sequential: the kept inputs' statistics are those of the masked model carrying the lsq result
@@ -192,7 +226,7 @@ def test_sequential_and_dense_statistics_differ_exactly_where_they_must(windows)
         for name, cs, keep in (("o_proj", s.attn, sel.channel_mask(i, arch)), ("down_proj", s.mlp,
                                                                               sel.keep_channels[i])):
             torch.testing.assert_close(seq[i, name][0][keep], cs.mean[keep], rtol=1e-7, atol=1e-9)
-            torch.testing.assert_close(seq[i, name][1][keep], cs.m2[keep], rtol=1e-7, atol=1e-9)
+            torch.testing.assert_close(seq[i, name][1], cs.m2[keep], rtol=1e-7, atol=1e-9)
 
 
 def test_layer0_attention_unpruned_gives_identical_layer0(windows):

@@ -9,7 +9,8 @@ Each batch is centred on its own float64 mean and its outer-product sum is forme
 precision (float32 for float32/16 activations: the costly d x d product; float64 if the activations are
 float64), then merged in float64 with Chan et al.'s pairwise rule, which is exact up to rounding. The
 merge is in place (an add and a rank-1 `addr_`), so an update holds the moments plus one batch product.
-Memory: d^2 float64 per matrix (SmolLM2's MLP: 1536^2 x 8 B = 19 MB; LLaMA-7B's: 11008^2 x 8 B = 0.97 GB);
+Memory: d^2 float64 per matrix, d x c with `cols` (SmolLM2's MLP: 1536^2 x 8 B = 19 MB; LLaMA-7B's:
+11008^2 x 8 B = 0.97 GB);
 the lsq pass holds the matrices of one projection of one layer at a time, and `finish()` turns the
 moments into covariances in place.
 """
@@ -23,13 +24,21 @@ def _batch_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 class CovAccumulator:
-    def __init__(self, d: int, device=None, target_dim: int | None = None):
+    """Moments of a d-dimensional input; with `cols` (a bool mask or indices) only the columns `cols` of the
+    second and cross moments are kept ([d, c] instead of [d, d]): all the lsq solve reads (Σ[:, K] holds
+    Σ[K, K] in its rows K), at c/d of the cost and memory. The mean always covers all d inputs."""
+
+    def __init__(self, d: int, device=None, target_dim: int | None = None, cols: torch.Tensor | None = None):
         f64 = dict(dtype=torch.float64, device=device)
         self.count, self.finished = 0, False
+        if cols is not None and cols.dtype == torch.bool:
+            cols = cols.nonzero().squeeze(1)
+        self.cols = None if cols is None else cols.to(device)
+        c = d if cols is None else len(cols)
         self.mean = torch.zeros(d, **f64)
-        self.m2 = torch.zeros(d, d, **f64)
+        self.m2 = torch.zeros(d, c, **f64)
         self.target_mean = torch.zeros(target_dim, **f64) if target_dim is not None else None
-        self.cross = torch.zeros(target_dim, d, **f64) if target_dim is not None else None
+        self.cross = torch.zeros(target_dim, c, **f64) if target_dim is not None else None
 
     @torch.no_grad()
     def update(self, x: torch.Tensor, target: torch.Tensor | None = None) -> CovAccumulator:
@@ -48,15 +57,16 @@ class CovAccumulator:
         n = self.count + nb
         frac = nb / n  # weight of the new batch in the merged mean
         delta = mb - self.mean
-        # in place: the batch's d x d product (in its precision) and a rank-1 update, no d x d temporaries
-        self.m2.add_(xc.T @ xc).addr_(delta, delta, alpha=self.count * frac)
+        xk, dk = (xc, delta) if self.cols is None else (xc[:, self.cols], delta[self.cols])
+        # in place: the batch's d x c product (in its precision) and a rank-1 update, no d x c temporaries
+        self.m2.add_(xc.T @ xk).addr_(delta, dk, alpha=self.count * frac)
         if target is not None:
             assert self.cross is not None and self.target_mean is not None  # made with target_dim: checked above
             t = target.reshape(-1, target.shape[-1])
             tb = t.mean(0, dtype=torch.float64)
             tc = t.to(dt) - tb.to(dt)
             tdelta = tb - self.target_mean
-            self.cross.add_(tc.T @ xc).addr_(tdelta, delta, alpha=self.count * frac)
+            self.cross.add_(tc.T @ xk).addr_(tdelta, dk, alpha=self.count * frac)
             self.target_mean += tdelta * frac
         self.mean += delta * frac
         self.count = n
@@ -72,6 +82,10 @@ class CovAccumulator:
         if self.cross is not None:
             self.cross.div_(max(self.count, 1))
         return self.m2, self.cross
+
+    def variances(self) -> torch.Tensor:
+        """n x the variance of each kept column (the diagonal of M2 restricted to `cols`)."""
+        return self.m2.diagonal() if self.cols is None else self.m2[self.cols].diagonal()
 
     @property
     def cov(self) -> torch.Tensor:

@@ -14,12 +14,13 @@ kept head's context and a kept MLP channel do not depend on the removed ones; k/
 with the new projections applied by hand, and every hook is removed on exit. As in calibrate.py the
 windows are embedded once and pushed through one layer at a time: the memory is the model, two or three
 copies of the hidden states (N x T x d) per stream, the kept o_proj inputs of one layer and the
-matrices of one projection: while accumulating, its d_in^2 float64 moments plus one batch's d_in^2
-product in float32; while solving, at most four d_in^2 float64 (five for drift; `lsq_extra_bytes`).
+matrices of one projection: while accumulating, its d_in x |K| float64 moments (only the kept columns are
+needed) plus one batch's product in float32; while solving, at most three d_in^2 float64 (four for drift;
+`lsq_extra_bytes`).
 
 Cost per layer, sequential: one attention pass (stopped at o_proj), gate/up once (their kept outputs are
 held for the new down_proj when they fit in `store_budget`, else gate/up run twice), no dense
-o_proj/down_proj output: about one plain layer forward plus the d_in^2 outer products and the solves.
+o_proj/down_proj output: about one plain layer forward plus the d_in x |K| outer products and the solves.
 """
 from __future__ import annotations
 
@@ -120,13 +121,13 @@ def lsq_extra_bytes(arch: ArchView, windows: int, seqlen: int, elem: int, form: 
 
     The kept o_proj inputs of one layer (N x T x d_attn at most), the kept MLP inputs when `store`, the
     drift form's two extra hidden-state copies, and one projection's float64 matrices: the covariance (made
-    in place from the moments), Σ[K, K] + λI, its Cholesky factor and Σ[:, K] (at most four d_in^2; five
-    with drift's cross covariance).
+    in place from the moments, only its kept columns Σ[:, K]), Σ[K, K] + λI and its Cholesky factor (at
+    most three d_in^2; four with drift's cross covariance).
     """
     d_max = max(arch.intermediate_size, arch.attn_channels)
     drift = form == "drift"
     per_token = arch.attn_channels + (arch.intermediate_size if store else 0) + (2 * arch.hidden_size if drift else 0)
-    return windows * seqlen * per_token * elem + (5 if drift else 4) * d_max * d_max * 8
+    return windows * seqlen * per_token * elem + (4 if drift else 3) * d_max * d_max * 8
 
 
 class LsqPass:
@@ -167,7 +168,8 @@ class LsqPass:
         drift = cfg.form == "drift"
 
         # attention: statistics of o_proj's input, then the solve
-        acc = CovAccumulator(arch.attn_channels, device, arch.attn_channels if drift else None)
+        # only the kept columns of the moments: all the solve reads (Σ[:, K]), at |K|/d of the cost
+        acc = CovAccumulator(arch.attn_channels, device, arch.attn_channels if drift else None, cols=keep_a)
         kept_x, dense_mid = [], []
         for b, kw in enumerate(kws):
             src = dense[b] if cfg.form == "dense" else pruned[b]
@@ -194,7 +196,7 @@ class LsqPass:
         del kept_x
 
         # MLP: statistics of down_proj's input with the compensated attention, then the solve
-        acc = CovAccumulator(arch.intermediate_size, device, arch.intermediate_size if drift else None)
+        acc = CovAccumulator(arch.intermediate_size, device, arch.intermediate_size if drift else None, cols=keep_m)
         # Keeping the kept MLP inputs saves recomputing gate/up for the layer's output (~1/4 of the pass);
         # above the budget they are recomputed instead, so memory stays bounded on large models/N.
         kept_bytes = sum(h[..., :1].numel() for h in pruned) * int(keep_m.sum()) * pruned[0].element_size() \

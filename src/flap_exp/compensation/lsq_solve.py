@@ -33,9 +33,10 @@ def lsq_solve(w: torch.Tensor, cov: torch.Tensor, mean: torch.Tensor, keep: torc
               name: str = "projection") -> tuple[torch.Tensor, torch.Tensor]:
     """(W'_K [d_out, |K|], b [d_out]) in float64, on `w`'s device.
 
-    w: [d_out, d_in] dense weight; cov: [d_in, d_in] covariance of the regressors' input; mean: [d_in];
-    keep: bool [d_in]; cross/target_mean (drift form): Cov(target input, input) [d_in, d_in] and the target
-    input's mean [d_in]. `name` (e.g. "layer 3 down_proj") goes into every error message.
+    w: [d_out, d_in] dense weight; cov: [d_in, d_in] covariance of the regressors' input, or only its
+    columns K [d_in, |K|] (what `CovAccumulator(cols=keep)` keeps); mean: [d_in]; keep: bool [d_in];
+    cross/target_mean (drift form): Cov(target input, input) [d_in, d_in] or its columns K [d_in, |K|], and
+    the target input's mean [d_in]. `name` (e.g. "layer 3 down_proj") goes into every error message.
     """
     if not (isinstance(damping, (int, float)) and math.isfinite(damping) and damping >= 0):
         raise FlapError(f"{name}: lsq damping must be a finite number >= 0, got {damping!r}")
@@ -52,8 +53,14 @@ def lsq_solve(w: torch.Tensor, cov: torch.Tensor, mean: torch.Tensor, keep: torc
     n_keep = int(k.sum())
     if n_keep == 0:  # nothing left to regress on: the best constant is the mean output
         return W.new_zeros(W.shape[0], 0), W @ mu_t
-    ix = k.nonzero().squeeze(1)
-    M = S[ix[:, None], ix]  # Σ[K, K], gathered directly (no |K| x d intermediate)
+    d_in = W.shape[1]
+    for label, t in (("covariance", S), ("cross covariance", C)):
+        if t.ndim != 2 or t.shape[0] != d_in or t.shape[1] not in (d_in, n_keep):
+            raise FlapError(f"{name}: the {label} is {tuple(t.shape)}; expected [{d_in}, {d_in}] or its kept "
+                            f"columns [{d_in}, {n_keep}]")
+    cols = lambda t: t if t.shape[1] == n_keep else t[:, k]  # noqa: E731  (Σ[:, K] from either layout)
+    S_K = cols(S)
+    M = S_K[k]  # Σ[K, K] (a copy: the caller's matrix is never changed)
     lam = damping * M.diagonal().mean()
     M.diagonal().add_(lam)  # + λ I, in place
     L, info = torch.linalg.cholesky_ex(M)
@@ -62,7 +69,7 @@ def lsq_solve(w: torch.Tensor, cov: torch.Tensor, mean: torch.Tensor, keep: torc
         hint = "use a damping > 0" if damping == 0 else "its kept inputs are constant or dependent"
         raise FlapError(f"{name}: the covariance of the {n_keep} kept inputs is singular (Cholesky failed"
                         f"{'' if piv is not None else f' at pivot {int(info)}'}); {hint}")
-    rhs = W @ C[:, k] + lam * W[:, k]  # [d_out, |K|]
+    rhs = W @ (S_K if cross is None else cols(C)) + lam * W[:, k]  # [d_out, |K|]
     w_kept = torch.cholesky_solve(rhs.T.contiguous(), L).T  # M is symmetric: W' M = rhs
     bias = W @ mu_t - w_kept @ mu[k]
     if not (torch.isfinite(w_kept).all() and torch.isfinite(bias).all()):
