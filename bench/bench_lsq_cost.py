@@ -1,0 +1,90 @@
+"""What lsq's pass costs next to one plain forward over the same calibration tokens (SmolLM2-135M).
+
+Times, in one process and in this order, repeated: a plain batched forward (decoder + last-token logits),
+the calibration pass (`collect_stats`) and the lsq pass (sequential form) for FLAP (wifv, al_am) at
+`--ratio`; the solves are timed inside the pass. Prints the medians as ratios to the plain forward and
+writes reports/bench_lsq_cost.json.
+
+    python bench/bench_lsq_cost.py --n 32 --ratio 0.5 --threads 1
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from flap_exp.arch import ArchView
+from flap_exp.calibrate import collect_stats
+from flap_exp.compensation import lsq_solve as solve_module
+from flap_exp.compensation.base import CompensationConfig
+from flap_exp.compensation.lsq import lsq_compensation
+from flap_exp.data import Corpus, calibration_windows, load_text, tokenize
+from flap_exp.metrics import channel_scores, get_metric
+from flap_exp.models import load_model
+from flap_exp.structures import StructureOptions, get_structure
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@torch.no_grad()
+def plain_forward(model, windows, batch_size: int = 8) -> None:
+    for b in windows.split(batch_size):
+        model(input_ids=b, use_cache=False, logits_to_keep=1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=32, help="calibration windows of 128 tokens")
+    ap.add_argument("--ratio", type=float, default=0.5)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default=str(ROOT / "reports" / "bench_lsq_cost.json"))
+    a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    lm = load_model("smollm2-135m")
+    model, arch = lm.model, ArchView.from_config(lm.model.config)
+    windows = calibration_windows(tokenize(lm.tokenizer, load_text(Corpus("wiki"), join=" ").text), a.n, 128, seed=0)
+    stats = collect_stats(model, windows, 8, progress=False)
+    sel = get_structure("al_am")(channel_scores(get_metric("wifv"), model, stats), arch, a.ratio, StructureOptions())
+    solve_s = [0.0]
+    real_solve = solve_module.lsq_solve
+
+    def timed_solve(*args, **kw):
+        t = time.perf_counter()
+        out = real_solve(*args, **kw)
+        solve_s[0] += time.perf_counter() - t
+        return out
+
+    import flap_exp.compensation.lsq as lsq_module
+    lsq_module.lsq_solve = timed_solve  # type: ignore[assignment]  # time the solves inside the pass
+    plain_forward(model, windows[:8])  # warm-up
+    runs: dict[str, list[float]] = {"plain_forward": [], "calibration": [], "lsq": [], "lsq_solves": []}
+    for _ in range(a.repeats):
+        for name, fn in (("plain_forward", lambda: plain_forward(model, windows)),
+                         ("calibration", lambda: collect_stats(model, windows, 8, progress=False)),
+                         ("lsq", lambda: lsq_compensation(model, sel, arch, windows,
+                                                          CompensationConfig("lsq", 0.01, "sequential"),
+                                                          progress=False))):
+            solve_s[0] = 0.0
+            t = time.perf_counter()
+            fn()
+            runs[name].append(time.perf_counter() - t)
+            if name == "lsq":
+                runs["lsq_solves"].append(solve_s[0])
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    res = {"n": a.n, "ratio": a.ratio, "achieved_ratio": sel.achieved_ratio(arch), "threads": torch.get_num_threads(),
+           "repeats": a.repeats, "seconds": runs,
+           "over_plain_forward": {k: v / med["plain_forward"] for k, v in med.items()}}
+    Path(a.out).write_text(json.dumps(res, indent=1))
+    print(f"SmolLM2-135M, {a.n} x 128 tokens, FLAP {a.ratio}, {res['threads']} thread(s), median of {a.repeats}")
+    for k, v in res["over_plain_forward"].items():
+        print(f"  {k:<14}{med[k]:>8.2f} s  {v:>5.2f}x the plain forward")
+
+
+if __name__ == "__main__":
+    main()
