@@ -16,10 +16,11 @@ import time
 from pathlib import Path
 
 import torch
+from bench_compensation import plain_forward  # the same reference forward as the compensation benchmark
 
+import flap_exp.compensation.lsq as lsq_module
 from flap_exp.arch import ArchView
 from flap_exp.calibrate import collect_stats
-from flap_exp.compensation import lsq_solve as solve_module
 from flap_exp.compensation.base import CompensationConfig
 from flap_exp.compensation.lsq import lsq_compensation
 from flap_exp.data import Corpus, calibration_windows, load_text, tokenize
@@ -28,12 +29,6 @@ from flap_exp.models import load_model
 from flap_exp.structures import StructureOptions, get_structure
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@torch.no_grad()
-def plain_forward(model, windows, batch_size: int = 8) -> None:
-    for b in windows.split(batch_size):
-        model(input_ids=b, use_cache=False, logits_to_keep=1)
 
 
 def main() -> None:
@@ -52,7 +47,7 @@ def main() -> None:
     stats = collect_stats(model, windows, 8, progress=False)
     sel = get_structure("al_am")(channel_scores(get_metric("wifv"), model, stats), arch, a.ratio, StructureOptions())
     solve_s = [0.0]
-    real_solve = solve_module.lsq_solve
+    real_solve = lsq_module.lsq_solve
 
     def timed_solve(*args, **kw):
         t = time.perf_counter()
@@ -60,7 +55,6 @@ def main() -> None:
         solve_s[0] += time.perf_counter() - t
         return out
 
-    import flap_exp.compensation.lsq as lsq_module
     lsq_module.lsq_solve = timed_solve  # type: ignore[assignment]  # time the solves inside the pass
     plain_forward(model, windows[:8])  # warm-up
     runs: dict[str, list[float]] = {"plain_forward": [], "calibration": [], "lsq": [], "lsq_solves": []}
