@@ -83,6 +83,10 @@ def main() -> None:
     ap.add_argument("--dampings", default="0,0.001,0.01,0.1,1", help="lsq damping grid (sequential form)")
     ap.add_argument("--forms", default="sequential,dense,drift")
     ap.add_argument("--floor", type=float, default=0.25, help="min_channels as a fraction of the MLP width (0: skip)")
+    # Once lsq refits the survivors, the selection that suits a mean-shift bias need not be the best one:
+    # FLAP's score (wifv) under the other structures, bias and lsq, at one ratio
+    ap.add_argument("--structures", default="", help="e.g. al_mm,ul_mm,ul_um (empty: skip)")
+    ap.add_argument("--structure-ratio", type=float, default=0.5)
     # Smaller runs for a CPU shared by many (the defaults are the protocol of issue 11)
     ap.add_argument("--flap-ratios", default="0.2,0.3,0.5")
     ap.add_argument("--choice-ratios", default="0.2,0.5", help="ratios whose held-out ppl choose the default")
@@ -130,14 +134,16 @@ def main() -> None:
         partial.write_text(json.dumps(res, indent=1))  # a long run's rows survive an interruption
         return r
 
-    fitted: dict = {}  # (selection, damping, form) -> compensation: the held-out choice's fits are reused
+    # (selection, damping, form) -> (selection, compensation): the held-out choice's fits are reused. The
+    # selection is held with its fit: keyed by id(), a freed selection's id could be reused by a new one.
+    fitted: dict = {}
 
     def lsq(sel, damping: float, form: str):
         key = (id(sel), damping, form)
         if key not in fitted:
-            fitted[key] = lsq_compensation(base, sel, arch, windows, CompensationConfig("lsq", damping, form),
-                                           progress=False)
-        return fitted[key]
+            fitted[key] = sel, lsq_compensation(base, sel, arch, windows, CompensationConfig("lsq", damping, form),
+                                                progress=False)
+        return fitted[key][1]
 
     # cost: a plain forward over the calibration tokens, the calibration pass, an lsq pass
     t_fwd = None
@@ -227,6 +233,12 @@ def main() -> None:
                         if floor else ()):
         row(f"flap@0.5+floor{floor}", fsel, comp, comps, form=form if comp == "lsq" else None,
             damping=damping if comp == "lsq" else None)
+
+    # 5. FLAP's score under other structures at one ratio, bias and lsq (the same selection for both)
+    for s in [x for x in a.structures.split(",") if x]:
+        ssel = get_structure(s)(scores, arch, a.structure_ratio, StructureOptions())
+        row(f"flap[{s}]@{a.structure_ratio}", ssel, "bias", compensation_biases(base, stats, ssel, arch))
+        row(f"flap[{s}]@{a.structure_ratio}", ssel, "lsq", lsq(ssel, damping, form), form=form, damping=damping)
 
     res["cost"] = {"plain_forward_s": t_fwd, "calibrate_s": t_cal,
                    "calibrate_over_forward": t_cal / t_fwd if t_fwd else None,
