@@ -3,7 +3,10 @@
 Times, in one process and in this order, repeated: a plain batched forward (decoder + last-token logits),
 the calibration pass (`collect_stats`) and the lsq pass (sequential form) for FLAP (wifv, al_am) at
 `--ratio`; the solves are timed inside the pass. Prints the medians as ratios to the plain forward and
-writes reports/bench_lsq_cost.json.
+writes reports/bench_lsq_cost.json. It also counts the pass's multiply-adds per token against a dense
+decoder layer's (`macs`): any exact least-squares fit from every calibration token must form the kept
+columns of the second moments, Σ[:, K] (d_in x |K| per token and projection), which a calibration pass of
+per-channel statistics does not; the count shows how much of the pass that arithmetic is.
 
     python bench/bench_lsq_cost.py --n 32 --ratio 0.5 --threads 1
 """
@@ -29,6 +32,25 @@ from flap_exp.models import load_model
 from flap_exp.structures import StructureOptions, get_structure
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def macs(arch: ArchView, sel) -> dict[str, float]:
+    """Multiply-adds per token, averaged over layers, as multiples of one dense layer's linear layers.
+
+    dense:     q, k, v, o, gate, up, down (what a plain forward and the calibration pass compute)
+    lsq pass:  q, k, v, gate, up for every unit (a pruned unit's input is a row of Σ[:, K]), the refitted
+               o/down on the kept inputs (the stream to the next layer) and the moments Σ[:, K] of o and down
+    """
+    d, f, da = arch.hidden_size, arch.intermediate_size, arch.attn_channels
+    kv = arch.num_kv_heads * arch.head_dim
+    dense = d * da + 2 * d * kv + da * d + 3 * d * f
+    kept = [(int(sel.channel_mask(i, arch).sum()), int(sel.keep_channels[i].sum())) for i in range(arch.num_layers)]
+    n = len(kept)
+    units = d * da + 2 * d * kv + 2 * d * f
+    stream = sum(d * ka + d * km for ka, km in kept) / n
+    moments = sum(da * ka + f * km for ka, km in kept) / n
+    return {"dense_layer": 1.0, "lsq_units": units / dense, "lsq_kept_projections": stream / dense,
+            "lsq_moments": moments / dense, "lsq_pass": (units + stream + moments) / dense}
 
 
 def main() -> None:
@@ -71,13 +93,16 @@ def main() -> None:
             if name == "lsq":
                 runs["lsq_solves"].append(solve_s[0])
     med = {k: statistics.median(v) for k, v in runs.items()}
-    res = {"n": a.n, "ratio": a.ratio, "achieved_ratio": sel.achieved_ratio(arch), "threads": torch.get_num_threads(),
+    res = {"macs_over_dense_layer": macs(arch, sel),
+           "n": a.n, "ratio": a.ratio, "achieved_ratio": sel.achieved_ratio(arch), "threads": torch.get_num_threads(),
            "repeats": a.repeats, "seconds": runs,
            "over_plain_forward": {k: v / med["plain_forward"] for k, v in med.items()}}
     Path(a.out).write_text(json.dumps(res, indent=1))
     print(f"SmolLM2-135M, {a.n} x 128 tokens, FLAP {a.ratio}, {res['threads']} thread(s), median of {a.repeats}")
     for k, v in res["over_plain_forward"].items():
         print(f"  {k:<14}{med[k]:>8.2f} s  {v:>5.2f}x the plain forward")
+    print("multiply-adds per token, x a dense layer's: "
+          + ", ".join(f"{k} {v:.2f}" for k, v in res["macs_over_dense_layer"].items()))
 
 
 if __name__ == "__main__":
