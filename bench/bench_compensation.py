@@ -35,7 +35,7 @@ from flap_exp.metrics import channel_scores, get_metric
 from flap_exp.models import load_model
 from flap_exp.ppl import perplexity
 from flap_exp.prune import PruneConfig, prune
-from flap_exp.structures import StructureOptions, get_structure
+from flap_exp.structures import StructureOptions, check_ratio, get_structure
 from flap_exp.surgery import prune_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,8 +100,22 @@ def main() -> None:
                     help="skip the plain-forward reference (on a shared CPU its ratios would not be honest)")
     ap.add_argument("--out", default=str(ROOT / "reports" / "bench_compensation.json"))
     a = ap.parse_args()
+    # the extra structures are checked before the hours of work, not when their block is reached
+    structures = [x for x in a.structures.split(",") if x]
+    try:
+        extra_structures = {x: get_structure(x) for x in structures}
+        check_ratio(a.structure_ratio)
+    except FlapError as err:
+        ap.error(str(err))
     n, max_windows = (256, 64) if a.quick else (1024, None)
     n, max_windows = a.n or n, a.eval_windows or max_windows
+    prior = None  # --dense-from: checked against this run's protocol before any work
+    if a.dense_from:
+        prior = json.loads(Path(a.dense_from).read_text())
+        this = {"model": a.model, "T": T, "eval_windows": max_windows or "all", "heldout_windows": a.heldout, "N": n}
+        same = {k: prior.get(k) for k in this}
+        if same != this:
+            ap.error(f"--dense-from {a.dense_from}: another protocol ({same}); this run is {this}")
     os.environ.setdefault("FLAP_EXP_WIKITEXT2", str(ROOT.parent / "shared" / "data" / "wikitext-2-raw"))
     lm = load_model(a.model)
     base, tok = lm.model, lm.tokenizer
@@ -151,12 +165,7 @@ def main() -> None:
         plain_forward(base, windows[:8])  # warm-up
         _, t_fwd = timed(lambda: plain_forward(base, windows))  # decoder + last-token logits: a conservative unit
     stats, t_cal = timed(lambda: collect_stats(base, windows, 8, progress=False))
-    if a.dense_from:
-        prior = json.loads(Path(a.dense_from).read_text())
-        same = {k: prior.get(k) for k in ("model", "T", "eval_windows", "heldout_windows", "N")}
-        if same != {k: res[k] for k in same}:
-            raise SystemExit(f"--dense-from {a.dense_from}: another protocol ({same}); this run is "
-                             f"{ {k: res[k] for k in same} }")
+    if prior is not None:
         res["dense"] = {**prior["dense"], "reused_from": a.dense_from}
     else:
         h, t = evaluate(base)
@@ -235,8 +244,8 @@ def main() -> None:
             damping=damping if comp == "lsq" else None)
 
     # 5. FLAP's score under other structures at one ratio, bias and lsq (the same selection for both)
-    for s in [x for x in a.structures.split(",") if x]:
-        ssel = get_structure(s)(scores, arch, a.structure_ratio, StructureOptions())
+    for s, structure in extra_structures.items():
+        ssel = structure(scores, arch, a.structure_ratio, StructureOptions())
         row(f"flap[{s}]@{a.structure_ratio}", ssel, "bias", compensation_biases(base, stats, ssel, arch))
         row(f"flap[{s}]@{a.structure_ratio}", ssel, "lsq", lsq(ssel, damping, form), form=form, damping=damping)
 
