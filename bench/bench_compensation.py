@@ -225,7 +225,7 @@ def main() -> None:
     # 3. Wanda-sp (its own sequential selection, as the official code) at 0.2 and 0.5: none, bias, lsq
     for r in ratios(a.wanda_ratios):
         m = copy.deepcopy(base)
-        sel = prune(m, windows, PruneConfig("wanda_sp", "ul_um", r, compensate=False), progress=False).selection
+        sel = prune(m, windows, PruneConfig("wanda_sp", "ul_um", r, compensation="none"), progress=False).selection
         wcomps = a.wanda_comps.split(",")
         if "none" in wcomps:
             row(f"wanda_sp@{r}", sel, "none", pruned=m)

@@ -105,7 +105,7 @@ def main() -> None:
         print(name, q[name], flush=True)
         del m
     m = copy.deepcopy(base)  # Wanda-sp runs its own sequential calibration, as the official code
-    r = prune(m, windows, PruneConfig("wanda_sp", "ul_um", 0.2, compensate=False), progress=False).achieved_ratio
+    r = prune(m, windows, PruneConfig("wanda_sp", "ul_um", 0.2, compensation="none"), progress=False).achieved_ratio
     q["wanda_sp"] = {"ppl": ppl(m), "ratio": r}
     print("wanda_sp", q["wanda_sp"], flush=True)
     del m

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 from flap_exp import models
 from flap_exp.arch import ArchView
 from flap_exp.errors import FlapError
-from flap_exp.integrity import files_sha256
+from flap_exp.manifest import files_sha256
 from flap_exp.metrics import METRICS, Metric
 from flap_exp.persist import MANIFEST, load_pruned, read_manifest, save_pruned
 from flap_exp.ppl import perplexity
@@ -85,7 +85,8 @@ def test_non_finite_weight_refused_before_pruning(metric, value, windows):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     structure = "ul_um" if METRICS[metric].sequential else "al_am"
     with pytest.raises(FlapError) as err:
-        prune(model, windows, PruneConfig(metric, structure, 0.5, compensate=METRICS[metric].needs_data))
+        comp = "bias" if METRICS[metric].needs_data else "none"
+        prune(model, windows, PruneConfig(metric, structure, 0.5, compensation=comp))
     msg = one_line(err)
     kind = "1 NaN, 0 Inf" if math.isnan(value) else "0 NaN, 1 Inf"
     assert msg == f"model has non-finite values in model.layers.1.mlp.down_proj.weight ({kind} of 1536); refusing it"
@@ -134,7 +135,7 @@ def test_nan_metric_refused_in_prune_dense_and_sequential(sequential, monkeypatc
     monkeypatch.setitem(METRICS, "nan_metric", nan_metric)
     model = tiny_model()
     with pytest.raises(FlapError) as err:
-        prune(model, windows, PruneConfig("nan_metric", "ul_um", 0.5, compensate=False), progress=False)
+        prune(model, windows, PruneConfig("nan_metric", "ul_um", 0.5, compensation="none"), progress=False)
     where = "nan_metric scores" if sequential else "structure ul_um"
     assert one_line(err).startswith(f"{where}: non-finite score at layer 0 attention (o_proj input channels) (32 NaN")
     assert model.config.model_type == "llama"

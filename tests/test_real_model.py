@@ -22,13 +22,13 @@ pytestmark = pytest.mark.slow
 N, T, WINDOWS = 64, 128, 48  # small: about a minute in all on 2 cores
 
 RUNS = {
-    "flap": PruneConfig("wifv", "al_am", 0.2, compensate=True),
-    "flap_nocomp": PruneConfig("wifv", "al_am", 0.2, compensate=False),
+    "flap": PruneConfig("wifv", "al_am", 0.2, compensation="bias"),
+    "flap_nocomp": PruneConfig("wifv", "al_am", 0.2, compensation="none"),
     "ifv": PruneConfig("ifv", "al_am", 0.2),
     "wifn": PruneConfig("wifn", "al_am", 0.2),
-    "wanda_sp": PruneConfig("wanda_sp", "ul_um", 0.2, compensate=False),
-    "magnitude": PruneConfig("weight_magnitude", "ul_um", 0.2, compensate=False),
-    "wanda_sp_floor": PruneConfig("wanda_sp", "ul_um", 0.2, compensate=False,
+    "wanda_sp": PruneConfig("wanda_sp", "ul_um", 0.2, compensation="none"),
+    "magnitude": PruneConfig("weight_magnitude", "ul_um", 0.2, compensation="none"),
+    "wanda_sp_floor": PruneConfig("wanda_sp", "ul_um", 0.2, compensation="none",
                                   options=StructureOptions(ul_rounding="floor")),
 }
 
@@ -60,7 +60,7 @@ def results(setup):
         mp.setattr(prune_module, "collect_stats", collect_once)
         for name, cfg in list(RUNS.items()) + [("flap_matched", None)]:
             if cfg is None:  # FLAP at the ratio the official floor rule let Wanda-sp achieve
-                cfg = PruneConfig("wifv", "al_am", out["wanda_sp_floor_ratio"], compensate=True)
+                cfg = PruneConfig("wifv", "al_am", out["wanda_sp_floor_ratio"], compensation="bias")
             m = copy.deepcopy(lm.model)
             res = prune(m, windows, cfg, progress=False)
             out[name] = perplexity(m, evals, T, max_windows=WINDOWS, progress=False).ppl

@@ -10,19 +10,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.synthetic import BIG_CONFIG, write_random_checkpoint
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from flap_exp.calibrate import collect_stats
 from flap_exp.compensation import CompensationConfig
 from flap_exp.errors import FlapError
-from flap_exp.persist import load_pruned, save_pruned
+from flap_exp.persist import load_pruned, save_pruned, write_streamed
 from flap_exp.ppl import perplexity
 from flap_exp.prune import PruneConfig, prune
 from flap_exp.runtime import parse_bytes, resolve_device, resolve_dtype
 from flap_exp.shards import INDEX
-from flap_exp.stream_prune import prune_streamed
-from flap_exp.streaming import StreamedModel, stream_perplexity, stream_stats
-from flap_exp.synthetic import BIG_CONFIG, write_random_checkpoint
+from flap_exp.streaming import StreamedModel
 
 from conftest import tiny_model
 
@@ -75,7 +74,7 @@ def assert_stats_equal(a, b, rtol=0.0):
 def test_streamed_stats_equal_in_memory(model_dir, windows, device):
     ref = collect_stats(load(model_dir, device=device), windows, batch_size=3, progress=False)
     sm = StreamedModel(model_dir, torch.float32, device)
-    got = stream_stats(sm, windows, batch_size=3, progress=False)
+    got = collect_stats(sm, windows, batch_size=3, progress=False)
     assert_stats_equal(got, ref)
     assert all(p.device.type == "meta" for p in sm.model.parameters())  # every weight released again
 
@@ -88,14 +87,14 @@ def _in_memory_prune(folder, windows, cfg, out):
 
 
 @pytest.mark.parametrize("cfg", [PruneConfig("wifv", "al_am", 0.4, batch_size=3),
-                                 PruneConfig("wifv", "ul_mm", 0.3, compensate=False, batch_size=4),
-                                 PruneConfig("wanda_sp", "ul_um", 0.5, compensate=False, batch_size=3),
-                                 PruneConfig("weight_magnitude", "ul_um", 0.5, compensate=False)],
+                                 PruneConfig("wifv", "ul_mm", 0.3, compensation="none", batch_size=4),
+                                 PruneConfig("wanda_sp", "ul_um", 0.5, compensation="none", batch_size=3),
+                                 PruneConfig("weight_magnitude", "ul_um", 0.5, compensation="none")],
                          ids=["wifv-al_am-bias", "wifv-ul_mm", "wanda_sp-sequential", "magnitude"])
 def test_streamed_prune_equals_in_memory(model_dir, windows, cfg, tmp_path):
     ref = _in_memory_prune(model_dir, windows, cfg, tmp_path / "mem")
     sm = StreamedModel(model_dir)
-    got = prune_streamed(sm, windows, cfg, tmp_path / "stream", {}, progress=False)
+    got = write_streamed(sm, windows, cfg, tmp_path / "stream", {}, progress=False)
     assert got.selection.to_json() == ref.selection.to_json()
     assert got.achieved_ratio == ref.achieved_ratio > 0
     if ref.stats is not None:
@@ -119,7 +118,7 @@ def test_streamed_lsq_equals_in_memory(model_dir, windows, cfg, tmp_path):
     """lsq runs inside the streamed cutting loop: the same fitted weights as the in-memory pass (which holds the
     kept MLP inputs, where the streamed one recomputes them), the same logits after reloading."""
     ref = _in_memory_prune(model_dir, windows, cfg, tmp_path / "mem")
-    got = prune_streamed(StreamedModel(model_dir), windows, cfg, tmp_path / "stream", {}, progress=False)
+    got = write_streamed(StreamedModel(model_dir), windows, cfg, tmp_path / "stream", {}, progress=False)
     assert got.selection.to_json() == ref.selection.to_json() and got.compensation == cfg.resolved_compensation()
     a, b = load(tmp_path / "mem"), load(tmp_path / "stream")
     sa, sb = a.state_dict(), b.state_dict()
@@ -136,15 +135,14 @@ def test_streamed_lsq_equals_in_memory(model_dir, windows, cfg, tmp_path):
 
 def test_streamed_lsq_budget_counts_its_pass(model_dir, windows, tmp_path):
     """A budget that suffices for the bias is refused up front for lsq, with lsq named; nothing is written."""
-    sm = StreamedModel(model_dir)
-    enough_for_bias = sm.plan(16).needed(10)
-    prune_streamed(sm, windows, PruneConfig(batch_size=5), tmp_path / "bias", {}, budget=enough_for_bias,
-                   progress=False)
+    enough_for_bias = StreamedModel(model_dir).plan(16).needed(10)
+    sm = StreamedModel(model_dir, budget=enough_for_bias)
+    write_streamed(sm, windows, PruneConfig(batch_size=5), tmp_path / "bias", {}, progress=False)
     with pytest.raises(FlapError, match="layers were cut by a streamed prune; open the directory again"):
-        prune_streamed(sm, windows, PruneConfig(), tmp_path / "again", {})  # a spent skeleton is refused
+        write_streamed(sm, windows, PruneConfig(), tmp_path / "again", {})  # a spent skeleton is refused
     with pytest.raises(FlapError, match=r"too small for streamed pruning with lsq \(sequential\)"):
-        prune_streamed(StreamedModel(model_dir), windows, PruneConfig(compensation="lsq"), tmp_path / "lsq", {},
-                       budget=enough_for_bias)
+        write_streamed(StreamedModel(model_dir, budget=enough_for_bias), windows, PruneConfig(compensation="lsq"),
+                       tmp_path / "lsq", {})
     assert not (tmp_path / "lsq").exists() and not (tmp_path / "again").exists()
 
 
@@ -152,23 +150,22 @@ def test_streamed_tied_embeddings_prune_and_ppl(tmp_path, windows):
     folder = tied_model_dir(tmp_path)
     cfg = PruneConfig("wifv", "al_am", 0.3, batch_size=4)
     _in_memory_prune(folder, windows, cfg, tmp_path / "mem")
-    prune_streamed(StreamedModel(folder), windows, cfg, tmp_path / "stream", {}, progress=False)
+    write_streamed(StreamedModel(folder), windows, cfg, tmp_path / "stream", {}, progress=False)
     a, b = load(tmp_path / "mem"), load(tmp_path / "stream")
     assert torch.equal(a(windows).logits, b(windows).logits)
     tokens = windows.flatten()
     ref = perplexity(a, tokens, 16, 4, progress=False)
-    got = stream_perplexity(StreamedModel(tmp_path / "stream"), tokens, 16, 4, progress=False)
+    got = perplexity(StreamedModel(tmp_path / "stream"), tokens, 16, 4, progress=False)
     assert math.isclose(got.ppl, ref.ppl, rel_tol=1e-12) and got.windows == ref.windows
 
 
 def test_streamed_perplexity_in_chunks_equals_plain(model_dir, windows):
     tokens = windows.flatten()
     ref = perplexity(load(model_dir), tokens, 16, 3, progress=False)
-    sm = StreamedModel(model_dir)
-    plan = sm.plan(16)
+    plan = StreamedModel(model_dir).plan(16)
     # a budget that holds only ~4 windows' hidden states besides the weights and one batch of logits
     budget = plan.weights + 2 * 3 * 16 * 101 * 4 + 4 * plan.per_window
-    got = stream_perplexity(sm, tokens, 16, 3, budget=budget, progress=False)
+    got = perplexity(StreamedModel(model_dir, budget=budget), tokens, 16, 3, progress=False)
     assert math.isclose(got.ppl, ref.ppl, rel_tol=1e-12) and got.windows == ref.windows == 10
 
 
@@ -177,7 +174,7 @@ def test_streamed_perplexity_in_chunks_equals_plain(model_dir, windows):
 def test_half_precision_streamed_matches_in_memory_and_stats_stay_float64(model_dir, windows, dtype, device):
     dt = resolve_dtype(dtype, resolve_device(device))
     ref = collect_stats(load(model_dir, dt, device), windows, batch_size=5, progress=False)
-    got = stream_stats(StreamedModel(model_dir, dt, device), windows, batch_size=5, progress=False)
+    got = collect_stats(StreamedModel(model_dir, dt, device), windows, batch_size=5, progress=False)
     assert_stats_equal(got, ref)
     f32 = collect_stats(load(model_dir), windows, batch_size=5, progress=False)
     # half precision moves the statistics, but only by its rounding: the same channels, same magnitudes
@@ -193,7 +190,7 @@ def test_half_precision_overflow_is_an_error_not_a_result(tmp_path, windows):
     folder = save_sharded(m, tmp_path / "hot")
     collect_stats(load(folder), windows, progress=False)  # float32 copes
     with pytest.raises(FlapError, match="non-finite"):
-        stream_stats(StreamedModel(folder, torch.float16), windows, progress=False)
+        collect_stats(StreamedModel(folder, torch.float16), windows, progress=False)
 
 
 # --- bad input ---------------------------------------------------------------------------------------
@@ -205,7 +202,7 @@ def test_missing_and_truncated_shards_are_named_and_nothing_is_written(model_dir
     victim.write_bytes(data[: len(data) - 100])
     out = tmp_path / "out"
     with pytest.raises(FlapError, match=f"shard {victim.name} .*truncated"):
-        prune_streamed(StreamedModel(model_dir), windows, PruneConfig(), out, {})
+        write_streamed(StreamedModel(model_dir), windows, PruneConfig(), out, {})
     victim.unlink()
     with pytest.raises(FlapError, match=f"shard {victim.name} is missing"):
         StreamedModel(model_dir)
@@ -216,10 +213,10 @@ def test_budget_smaller_than_one_layer_names_the_needed_figure(model_dir, window
     sm = StreamedModel(model_dir)
     need = sm.plan(16).needed(10)
     with pytest.raises(FlapError, match=rf"needs {need / 2**20:.1f} MiB"):
-        prune_streamed(sm, windows, PruneConfig(), tmp_path / "out", {}, budget=need - 1)
+        write_streamed(StreamedModel(model_dir, budget=need - 1), windows, PruneConfig(), tmp_path / "out", {})
     assert not (tmp_path / "out").exists()
     with pytest.raises(FlapError, match="too small for perplexity"):
-        stream_perplexity(sm, windows.flatten(), 16, 3, budget=sm.plan(16).weights // 2)
+        perplexity(StreamedModel(model_dir, budget=sm.plan(16).weights // 2), windows.flatten(), 16, 3)
 
 
 def test_device_and_dtype_and_budget_strings():
@@ -331,8 +328,9 @@ def test_model_four_times_larger_than_the_streamed_peak_rss(tmp_path):
     # 48 layers of ~15.7M parameters (63 MB in float32) + embedding and head: ~3.1 GB of float32 weights
     weights = write_random_checkpoint(BIG_CONFIG, tmp_path / "big")
     budget = 768 * 2**20  # flap-exp's own working set; the interpreter + torch add ~370 MiB on top
-    r = subprocess.run([sys.executable, "-m", "flap_exp.synthetic", str(tmp_path / "big"), str(tmp_path / "pruned"),
-                        str(budget), "bias"],
+    helper = Path(__file__).parent / "helpers" / "synthetic.py"
+    r = subprocess.run([sys.executable, str(helper), str(tmp_path / "big"), str(tmp_path / "pruned"), str(budget),
+                        "bias"],
                        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(SRC)}, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     got = json.loads(r.stdout.strip().splitlines()[-1])

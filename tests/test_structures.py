@@ -202,7 +202,7 @@ def test_sequential_wanda_sp_uses_the_same_rule(rounding, windows):
     from conftest import tiny_model
     model = tiny_model(heads=4, kv=2)
     arch, p = ArchView.from_config(model.config), 0.3  # floor(0.3 * 2) = 0 groups per layer
-    res = prune(model, windows, PruneConfig("wanda_sp", "ul_um", p, compensate=False,
+    res = prune(model, windows, PruneConfig("wanda_sp", "ul_um", p, compensation="none",
                                             options=StructureOptions(ul_rounding=rounding)), progress=False)
     ref = get_structure("ul_um")(random_scores(arch), arch, p, StructureOptions(ul_rounding=rounding))
     assert [int(c.sum()) for c in res.selection.keep_channels] == [int(c.sum()) for c in ref.keep_channels]

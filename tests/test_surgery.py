@@ -107,8 +107,8 @@ def test_prune_orchestrator_all_metrics_and_sequential(model, windows):
     for metric in ("wifv", "ifv", "wifn", "weight_magnitude", "wanda_sp"):
         m = copy.deepcopy(model)
         structure = "ul_um" if metric in ("wanda_sp", "weight_magnitude") else "al_am"
-        res = prune(m, windows, PruneConfig(metric, structure, 0.5, compensate=metric not in ("wanda_sp",)),
-                    progress=False)
+        comp = "none" if metric == "wanda_sp" else "bias"
+        res = prune(m, windows, PruneConfig(metric, structure, 0.5, compensation=comp), progress=False)
         assert 0 < res.achieved_ratio < 1
         assert torch.isfinite(logits(m)).all()
 
@@ -118,8 +118,8 @@ def test_sequential_wanda_sp_differs_from_dense_statistics():
     from conftest import tiny_model
     base = tiny_model(layers=4)
     w = torch.randint(0, 101, (8, 16), generator=torch.Generator().manual_seed(2))
-    seq = prune(copy.deepcopy(base), w, PruneConfig("wanda_sp", "ul_um", 0.5, compensate=True), progress=False)
-    dense = prune(copy.deepcopy(base), w, PruneConfig("wanda_sp", "ul_um", 0.5, compensate=True, sequential=False),
+    seq = prune(copy.deepcopy(base), w, PruneConfig("wanda_sp", "ul_um", 0.5, compensation="bias"), progress=False)
+    dense = prune(copy.deepcopy(base), w, PruneConfig("wanda_sp", "ul_um", 0.5, compensation="bias", sequential=False),
                   progress=False)
     torch.testing.assert_close(seq.stats[0].mlp.mean, dense.stats[0].mlp.mean)
     assert not torch.allclose(seq.stats[2].mlp.mean, dense.stats[2].mlp.mean)

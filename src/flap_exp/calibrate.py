@@ -7,7 +7,6 @@ activations unless `on_layer` changes a layer (sequential pruning, as the Wanda-
 """
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -19,13 +18,14 @@ from .arch import decoder_layers
 from .errors import FlapError
 from .hooks import input_hooks
 from .stats import ChannelStats, LayerStats
+from .store import LayerStore, as_store
 
 if TYPE_CHECKING:
     from .arch import DecoderLayer
 
-#: Called after layer i's statistics are known; returns True if it changed the layer, so that the
-#: layer's outputs are recomputed before they feed layer i+1.
-OnLayer = Callable[[int, "DecoderLayer", LayerStats], bool]
+#: Called after layer i's statistics are known; returns None, or the layer (e.g. a masked copy) whose outputs
+#: feed layer i+1 instead (sequential pruning).
+OnLayer = Callable[[int, "DecoderLayer", LayerStats], "nn.Module | None"]
 
 # The kwargs a decoder layer needs besides its hidden states; anything else (caches) is dropped.
 _LAYER_KWARGS = ("attention_mask", "position_embeddings", "position_ids")
@@ -62,29 +62,26 @@ def layer0_inputs(model: nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tens
     return store["h"], store["kw"]
 
 
-def layer_inputs(model: nn.Module, windows: torch.Tensor, batch_size: int, device) -> tuple[list, list]:
-    """Per batch of windows: the hidden states and kwargs entering decoder layer 0 (on `device`)."""
+def layer_inputs(store: LayerStore, windows: torch.Tensor, batch_size: int) -> tuple[list, list]:
+    """Per batch of windows: the hidden states and kwargs entering decoder layer 0 (on the store's device)."""
     hs, kws = [], []
-    for batch in windows.split(batch_size):
-        h, kw = layer0_inputs(model, batch.to(device))
-        hs.append(h)
-        kws.append(kw)
+    with store.embedding():
+        for batch in windows.split(batch_size):
+            h, kw = layer0_inputs(store.model, batch.to(store.device))
+            hs.append(h)
+            kws.append(kw)
     return hs, kws
 
 
-#: Yields decoder layer i ready to run (in memory: the layer itself; streamed: its weights loaded, then released).
-LayerSource = Callable[[int], "contextlib.AbstractContextManager[DecoderLayer]"]
-
-
 @torch.no_grad()
-def stats_over_layers(source: LayerSource, num_layers: int, hs: list, kws: list, device,
-                      on_layer: OnLayer | None = None, progress: bool = True) -> list[LayerStats]:
-    """The layer-by-layer pass shared by the in-memory and the streamed calibration."""
+def stats_over_layers(store: LayerStore, hs: list, kws: list, on_layer: OnLayer | None = None,
+                      progress: bool = True) -> list[LayerStats]:
+    """The layer-by-layer pass: each layer's o_proj/down_proj input statistics, its outputs feeding the next."""
     result = []
-    for i in tqdm(range(num_layers), desc="calibrate", unit="layer", disable=not progress):
-        with source(i) as layer:
+    for i in tqdm(range(store.num_layers), desc="calibrate", unit="layer", disable=not progress):
+        with store.layer(i) as layer:
             targets = {"attn": layer.self_attn.o_proj, "mlp": layer.mlp.down_proj}
-            acc = {k: ChannelStats.empty(m.in_features, device) for k, m in targets.items()}
+            acc = {k: ChannelStats.empty(m.in_features, store.device) for k, m in targets.items()}
 
             def record(name: str, x: torch.Tensor, acc: dict[str, ChannelStats] = acc) -> None:  # this layer's acc
                 acc[name] = acc[name].update(x)
@@ -96,8 +93,9 @@ def stats_over_layers(source: LayerSource, num_layers: int, hs: list, kws: list,
                 if not (torch.isfinite(s.mean).all() and torch.isfinite(s.m2).all()):
                     raise FlapError(f"non-finite activations (NaN/Inf) at layer {i} {targets[name].__class__.__name__} "
                                     f"input ({name}); check the model's dtype and weights")
-            if on_layer is not None and on_layer(i, layer, stats):
-                outs = [layer(h, **kw) for h, kw in zip(hs, kws, strict=True)]
+            changed = on_layer(i, layer, stats) if on_layer is not None else None
+            if changed is not None:
+                outs = [changed(h, **kw) for h, kw in zip(hs, kws, strict=True)]
         hs = outs
         result.append(LayerStats(*(ChannelStats(s.count, s.mean.cpu(), s.m2.cpu(), s.meansq.cpu())
                                    for s in (stats.attn, stats.mlp))))
@@ -110,12 +108,11 @@ def check_windows(windows: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def collect_stats(model: nn.Module, windows: torch.Tensor, batch_size: int = 8,
+def collect_stats(source: nn.Module | LayerStore, windows: torch.Tensor, batch_size: int = 8,
                   on_layer: OnLayer | None = None, progress: bool = True) -> list[LayerStats]:
     """Per-layer float64 statistics of the o_proj and down_proj inputs over all N x T window tokens."""
     check_windows(windows)
-    device = next(model.parameters()).device
-    hs, kws = layer_inputs(model, windows, batch_size, device)
-    layers = decoder_layers(model)
-    return stats_over_layers(lambda i: contextlib.nullcontext(layers[i]), len(layers), hs, kws, device,
-                             on_layer, progress)
+    store = as_store(source)
+    store.check_budget(windows.shape[0], windows.shape[1], f"calibrating {windows.shape[0]} windows")
+    hs, kws = layer_inputs(store, windows, batch_size)
+    return stats_over_layers(store, hs, kws, on_layer, progress)

@@ -105,12 +105,13 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _ppl(model, tokenizer, text, seqlen: int, batch_size: int, max_windows=None) -> dict:
-    """Perplexity on `text` (a data.Text, read before the model is loaded so that a bad corpus fails fast)."""
+def _ppl(model, tokenizer, text, seqlen: int, batch_size: int, max_windows=None, streamed: bool = False) -> dict:
+    """Perplexity on `text` (a data.Text, read before the model is loaded so that a bad corpus fails fast) of an
+    in-memory model or a layer store."""
     from .data import tokenize
     from .ppl import perplexity
     return {**perplexity(model, tokenize(tokenizer, text.text), seqlen, batch_size, max_windows).to_dict(),
-            "data": text.identity}
+            "data": text.identity, **({"streamed": True} if streamed else {})}
 
 
 def _warn(lines: list[str]) -> None:
@@ -151,39 +152,71 @@ def prune_config(a: argparse.Namespace):
                        batch_size=a.batch_size).validate()
 
 
+def _tokenizer(folder):
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as err:
+        raise FlapError(f"{folder}: no usable tokenizer ({str(err).strip().splitlines()[0]})") from None
+
+
+def _streamed(spec: str, device, dtype, budget):
+    """(StreamedModel, tokenizer, identity) of a local or embedded model directory (every shard checked)."""
+    from pathlib import Path
+
+    from .manifest import MANIFEST
+    from .models import local_model_dir
+    from .streaming import StreamedModel
+    if (Path(spec) / MANIFEST).exists():
+        folder, identity = Path(spec), dict[str, object]()
+    else:
+        folder, identity = local_model_dir(spec)
+    sm = StreamedModel(folder, dtype, device, budget)
+    identity.setdefault("revision", getattr(sm.config, "_commit_hash", None))  # as models.load_model records it
+    return sm, _tokenizer(folder), identity
+
+
 def cmd_prune(a: argparse.Namespace) -> dict:
     from .compensation import config_record
     from .data import Corpus, calibration_windows, load_text, tokenize
     from .models import load_model
-    from .persist import save_pruned
+    from .persist import save_pruned, write_streamed
     from .prune import prune
+    from .runtime import parse_bytes
+    from .validate import check_out_dir, check_structure_options
     _check_prune_sizes(a)
     cfg = prune_config(a)
     device, dtype = _runtime(a)
     arch = _check_prune(a)
-    if a.stream:
-        from .stream_cli import prune_streamed_cmd
-        return prune_streamed_cmd(a, cfg, device, dtype)
+    budget = parse_bytes(a.memory_budget)
+    if a.stream:  # every shard and the budget checked before the text is read
+        sm, tok, identity = _streamed(a.model, device, dtype, budget)
+        sm.check_budget(a.nsamples, a.seqlen, f"calibrating {a.nsamples} windows")
     calib = load_text(Corpus(a.calib, a.calib_split, a.calib_path), join=" ")  # official: train rows joined by " "
     ev = load_text(Corpus(a.eval_data, a.eval_data_split, a.eval_data_path)) if a.eval else None
-    lm = load_model(a.model, dtype=dtype, device=str(device))
-    if arch is None:  # no config at hand before loading (a Hub id, a first conversion): check now
-        from .validate import check_structure_options
-        _warn(check_structure_options(lm.arch, a.structure, a.ratio, a.min_groups, a.min_channels, a.remove_groups))
-    windows = calibration_windows(tokenize(lm.tokenizer, calib.text), a.nsamples, a.seqlen, a.seed)
-    res = prune(lm.model, windows, cfg)
-    manifest = {"base_model": lm.identity, "settings": cfg.to_dict(), "achieved_ratio": res.achieved_ratio,
+    if not a.stream:
+        lm = load_model(a.model, dtype=dtype, device=str(device))
+        tok, identity = lm.tokenizer, lm.identity
+        if arch is None:  # no config at hand before loading (a Hub id, a first conversion): check now
+            _warn(check_structure_options(lm.arch, a.structure, a.ratio, a.min_groups, a.min_channels,
+                                          a.remove_groups))
+    windows = calibration_windows(tokenize(tok, calib.text), a.nsamples, a.seqlen, a.seed)
+    manifest = {"base_model": identity, "settings": cfg.to_dict(),
                 "compensation": config_record(cfg.resolved_compensation()),
                 "calibration": {"data": calib.identity, "nsamples": a.nsamples, "seqlen": a.seqlen, "seed": a.seed},
-                "selection": res.selection.to_json(), "seconds": res.seconds,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    from .validate import check_out_dir
-    check_out_dir(a.out, a.model, a.overwrite)  # again: the path may have changed during the long work
-    save_pruned(lm.model, lm.tokenizer, manifest, a.out)
+    if a.stream:
+        res = write_streamed(sm, windows, cfg, a.out, {**manifest, "dtype": str(dtype).removeprefix("torch.")}, tok)
+    else:
+        res = prune(lm.model, windows, cfg)
+        check_out_dir(a.out, a.model, a.overwrite)  # again: the path may have changed during the long work
+        save_pruned(lm.model, tok, {**manifest, "achieved_ratio": res.achieved_ratio,
+                                    "selection": res.selection.to_json(), "seconds": res.seconds}, a.out)
     out = {"out": a.out, "achieved_ratio": round(res.achieved_ratio, 6), "compensation": manifest["compensation"],
-           "seconds": res.seconds}
+           "seconds": res.seconds, **({"streamed": True} if a.stream else {})}
     if a.eval:
-        out["perplexity"] = _ppl(lm.model, lm.tokenizer, ev, a.seqlen, a.batch_size)
+        model = _streamed(a.out, device, dtype, budget)[0] if a.stream else lm.model
+        out["perplexity"] = _ppl(model, tok, ev, a.seqlen, a.batch_size, streamed=a.stream)
     return out
 
 
@@ -193,7 +226,7 @@ def _check_model_spec(spec: str) -> None:
     import os
     from pathlib import Path
 
-    from .persist import MANIFEST, read_manifest, verify_weights
+    from .manifest import MANIFEST, read_manifest, verify_weights
     if (Path(spec) / MANIFEST).exists():
         verify_weights(spec, read_manifest(spec))
     elif spec.startswith(("/", "./", "../", "~")) and not os.path.isdir(os.path.expanduser(spec)):
@@ -204,24 +237,26 @@ def cmd_ppl(a: argparse.Namespace) -> dict:
     from pathlib import Path
 
     from .data import Corpus, load_text
+    from .manifest import MANIFEST
     from .models import load_model
-    from .persist import MANIFEST, load_pruned
+    from .persist import load_pruned
+    from .runtime import parse_bytes
     from .validate import check_int
     check_int("--seqlen", a.seqlen, 2, " (a window of one token predicts nothing)")
     check_int("--batch-size", a.batch_size, 1)
     check_int("--max-windows", a.max_windows, 1, allow_none=True)
     device, dtype = _runtime(a)
-    _check_model_spec(a.model)
+    _check_model_spec(a.model)  # a pruned directory's weights against its manifest, once
     if a.stream:
-        from .stream_cli import ppl_streamed_cmd
-        return ppl_streamed_cmd(a, device, dtype)
+        model, tok, _ = _streamed(a.model, device, dtype, parse_bytes(a.memory_budget))
+        model.check_budget(1, a.seqlen, "perplexity")
     text = load_text(Corpus(a.data, a.data_split, a.data_path))
-    if (Path(a.model) / MANIFEST).exists():
-        model, tok, _ = load_pruned(a.model, dtype=dtype, device=str(device))
-    else:
+    if not a.stream and (Path(a.model) / MANIFEST).exists():
+        model, tok, _ = load_pruned(a.model, dtype=dtype, device=str(device), verify=False)  # verified above
+    elif not a.stream:
         lm = load_model(a.model, dtype=dtype, device=str(device))
         model, tok = lm.model, lm.tokenizer
-    return _ppl(model, tok, text, a.seqlen, a.batch_size, a.max_windows)
+    return _ppl(model, tok, text, a.seqlen, a.batch_size, a.max_windows, streamed=a.stream)
 
 
 def main(argv: list[str] | None = None) -> int:

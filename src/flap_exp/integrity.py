@@ -1,17 +1,14 @@
-"""Refuse what cannot be trusted: non-finite weights or scores, and files that differ from their recorded hash.
+"""Refuse what cannot be trusted: non-finite weights or scores, (files against their recorded hashes: manifest.py).
 
 A NaN is an error, never a result: a model with a NaN/Inf weight is refused before anything is computed
 from it, and a NaN/Inf score never reaches a selection. Pure checks: tensors or paths in, FlapError out.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.nn as nn
 
 from .errors import FlapError
-from .sources import sha256_file
 
 
 def _bad(t: torch.Tensor) -> str | None:
@@ -50,19 +47,3 @@ def check_finite_tensors(tensors: dict, where: str) -> None:
         bad = _bad(t)
         if bad:
             raise FlapError(f"{where}: tensor {key} has non-finite values ({bad}); refusing it")
-
-
-def files_sha256(folder: str | Path, names) -> dict[str, str]:
-    folder = Path(folder)
-    return {n: sha256_file(folder / n) for n in sorted(names)}
-
-
-def verify_files(folder: str | Path, recorded: dict[str, str], record: str, fix: str) -> None:
-    """Refuse `folder` if a file recorded (name -> sha256) in `record` is missing or differs; `fix` says what to do."""
-    folder = Path(folder)
-    for name, digest in sorted(recorded.items()):
-        f = folder / name
-        if not f.is_file():
-            raise FlapError(f"{f} is missing but recorded in {record}; {fix}")
-        if sha256_file(f) != digest:
-            raise FlapError(f"{f} does not match the sha256 recorded in {record} (it was changed); {fix}")

@@ -23,10 +23,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .arch import decoder_layers
 from .catalogue import METHODS
 from .errors import FlapError
 from .stats import ChannelStats, LayerStats
+from .store import LayerStore, as_store
 
 ChannelScoreFn = Callable[[torch.Tensor, "ChannelStats | None"], torch.Tensor]
 
@@ -79,12 +79,16 @@ def layer_channel_scores(metric: Metric, w_o: torch.Tensor, w_down: torch.Tensor
     return (attn * attn if sq else attn), mlp
 
 
-def channel_scores(metric: Metric, model: nn.Module, stats: list[LayerStats] | None,
+def channel_scores(metric: Metric, source: nn.Module | LayerStore, stats: list[LayerStats] | None,
                    square_attn: bool | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per-layer channel scores of a dense model."""
-    layers = decoder_layers(model)
-    if stats is not None and len(stats) != len(layers):
-        raise FlapError(f"statistics cover {len(stats)} layers but the model has {len(layers)}")
-    return [layer_channel_scores(metric, layer.self_attn.o_proj.weight.cpu(), layer.mlp.down_proj.weight.cpu(),
-                                 stats[i] if stats is not None else None, square_attn)
-            for i, layer in enumerate(layers)]
+    """Per-layer channel scores of a dense model (in memory or a layer store)."""
+    store = as_store(source)
+    if stats is not None and len(stats) != store.num_layers:
+        raise FlapError(f"statistics cover {len(stats)} layers but the model has {store.num_layers}")
+    out = []
+    for i in range(store.num_layers):
+        with store.layer(i) as layer:
+            out.append(layer_channel_scores(metric, layer.self_attn.o_proj.weight.cpu(),
+                                            layer.mlp.down_proj.weight.cpu(), stats[i] if stats is not None else None,
+                                            square_attn))
+    return out

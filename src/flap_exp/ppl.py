@@ -10,7 +10,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .calibrate import layer_inputs
 from .errors import FlapError
+from .store import LayerStore, as_store
 
 
 @dataclass
@@ -35,27 +37,33 @@ def eval_windows(tokens: torch.Tensor, seqlen: int, max_windows: int | None = No
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, tokens: torch.Tensor, seqlen: int = 128, batch_size: int = 8,
+def perplexity(source: nn.Module | LayerStore, tokens: torch.Tensor, seqlen: int = 128, batch_size: int = 8,
                max_windows: int | None = None, progress: bool = True) -> Perplexity:
+    """Layer-major over chunks of windows (a batch for a resident model, as many windows as the memory budget
+    holds for a streamed one, so that its weights are read once per chunk); the head a slice of the
+    vocabulary at a time (chunked_nll)."""
+    store = as_store(source)
     windows = eval_windows(tokens, seqlen, max_windows)
     n = windows.shape[0]
-    device = next(model.parameters()).device
+    # a batch's float32 logits of one vocabulary slice and their exponentials come on top of the states
+    extra = 2 * min(batch_size, n) * seqlen * min(VOCAB_CHUNK, store.config.vocab_size) * 4
+    chunk = store.chunk_windows(n, batch_size, seqlen, "perplexity", extra)
     total, first = 0.0, 0
-    split = decoder_and_head(model)
-    for batch in tqdm(windows.split(batch_size), desc="perplexity", unit="batch", disable=not progress):
-        batch = batch.to(device)
-        if split is None:  # a head we do not know how to split: the model's own logits
-            logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()  # a view for float32 models
-            per_window = next_token_nll(logits, batch[:, 1:]).mean(1).double()
-        else:
-            hidden = split[0](input_ids=batch, use_cache=False).last_hidden_state[:, :-1]
-            per_window = chunked_nll(hidden, split[1], batch[:, 1:]).mean(1).double()
-        bad = (~torch.isfinite(per_window)).nonzero().flatten()
-        if bad.numel():  # a NaN is an error, never a result (and NaN is not valid JSON)
-            raise FlapError(f"non-finite loss (NaN/Inf) in perplexity window {first + int(bad[0])} of {n}: the "
-                            "model's outputs are not finite (check its weights and dtype)")
-        total += per_window.sum().item()
-        first += batch.shape[0]
+    for part in tqdm(windows.split(chunk), desc="perplexity", unit="chunk", disable=not progress):
+        hs, kws = layer_inputs(store, part, batch_size)
+        for i in range(store.num_layers):
+            with store.layer(i) as layer:
+                hs = [layer(h, **kw) for h, kw in zip(hs, kws, strict=True)]
+        with store.head() as (norm, head):
+            for h, batch in zip(hs, part.split(batch_size), strict=True):
+                per_window = chunked_nll(norm(h)[:, :-1], head, batch[:, 1:].to(h.device)).mean(1).double()
+                bad = (~torch.isfinite(per_window)).nonzero().flatten()
+                if bad.numel():  # a NaN is an error, never a result (and NaN is not valid JSON)
+                    raise FlapError(f"non-finite loss (NaN/Inf) in perplexity window {first + int(bad[0])} of {n}: "
+                                    "the model's outputs are not finite (check its weights and dtype)")
+                total += per_window.sum().item()
+                first += batch.shape[0]
+        del hs
     return Perplexity(_finite_exp(total / n), n, n * seqlen, seqlen)
 
 
@@ -71,18 +79,6 @@ def next_token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 # writes the whole [B, T, vocab] tensor (200 MiB for 8 x 128 x 49,152) and reads it back. On this CPU the
 # head + loss this way took 0.60 s against 0.65 s for the head's logits alone (1016 rows, one thread).
 VOCAB_CHUNK = 4096
-
-
-def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
-    """(decoder, lm_head) of a LLaMA-family causal LM, whose logits are exactly
-    lm_head(decoder(x).last_hidden_state); None for any other model, which then gives its own logits (a head
-    may do more: soft-capping, scaling)."""
-    from .arch import LLAMA_FAMILY
-    decoder, head = getattr(model, "model", None), getattr(model, "lm_head", None)
-    if (getattr(getattr(model, "config", None), "model_type", None) not in LLAMA_FAMILY
-            or not isinstance(decoder, nn.Module) or type(head) is not nn.Linear):
-        return None
-    return decoder, head
 
 
 def chunked_nll(hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor) -> torch.Tensor:

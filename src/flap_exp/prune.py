@@ -1,28 +1,30 @@
-"""The pruning job as one pure-ish function of a typed config: calibrate, score, select, compensate, cut."""
+"""The pruning job as one function of a typed config, on any layer store: calibrate, score, select, then
+compensate and cut one layer at a time (optionally handing each cut layer to a sink that writes it)."""
 from __future__ import annotations
 
 import copy
 import time
 from dataclasses import asdict, dataclass, field, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn as nn
+from tqdm.auto import tqdm
 
-from .arch import ArchView
 from .calibrate import collect_stats
 from .catalogue import default_compensation
-from .compensation import CompensationConfig, LayerComp, check_config, compensate, get_compensation
+from .compensation import CompensationConfig, CompensationInputs, LayerComp, begin, check_config, get_compensation
 from .errors import FlapError
 from .integrity import check_finite_scores, check_finite_weights
 from .metrics import channel_scores, get_metric, layer_channel_scores
 from .selection import Selection
 from .stats import LayerStats
-from .structures import PER_LAYER, StructureOptions, _remove_groups, check_ratio, get_structure, ul_layer
-from .surgery import mask_model, prune_model
+from .store import LayerStore, ResidentStore, as_store
+from .structures import PER_LAYER, StructureOptions, check_ratio, get_structure, groups_removed, ul_layer
+from .surgery import cut_layer, flap_config, mask_layer
 
 if TYPE_CHECKING:
-    from .arch import DecoderLayer
+    from .arch import ArchView, DecoderLayer
 
 
 @dataclass(frozen=True)
@@ -36,19 +38,13 @@ class PruneConfig:
     sequential: bool | None = None  # None: the metric's default (on for wanda_sp only, as its official code)
     options: StructureOptions = field(default_factory=StructureOptions)
     batch_size: int = 8  # calibration windows per forward; larger is faster until memory runs out
-    # Deprecated alias of `compensation` kept for old callers: True = bias, False = none.
-    compensate: bool | None = None
 
     def resolved_compensation(self) -> CompensationConfig:
-        """The compensation this job runs: the explicit one, the deprecated bool, or the metric's default."""
-        if self.compensation is not None and self.compensate is not None:
-            raise FlapError("give either compensation or the deprecated compensate flag, not both")
+        """The compensation this job runs: the explicit one or the metric's default."""
         if isinstance(self.compensation, str):  # a bare method name takes that method's default options
             return check_config(CompensationConfig(self.compensation))
         if self.compensation is not None:
             return check_config(self.compensation)
-        if self.compensate is not None:
-            return CompensationConfig("bias" if self.compensate else "none")
         return CompensationConfig(default_compensation(self.metric))
 
     def validate(self) -> PruneConfig:
@@ -63,7 +59,7 @@ class PruneConfig:
 
     def to_dict(self) -> dict:
         """The settings with the compensation resolved (what a manifest records)."""
-        return asdict(replace(self, compensation=self.resolved_compensation(), compensate=None))
+        return asdict(replace(self, compensation=self.resolved_compensation()))
 
 
 @dataclass
@@ -71,71 +67,88 @@ class PruneResult:
     selection: Selection
     achieved_ratio: float
     stats: list[LayerStats] | None
-    comps: list[LayerComp] | None
+    comps: list[LayerComp] | None  # kept for a resident model without a sink; None when written or nothing
     seconds: dict
     compensation: CompensationConfig | None = None
 
-    @property
-    def biases(self) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
-        """Per-layer (o_proj bias, down_proj bias), as before compensations could replace weights."""
-        return None if self.comps is None else [(c.o_bias, c.down_bias) for c in self.comps]
+
+class LayerSink(Protocol):
+    """Receives each decoder layer right after it is cut (persist.ShardSink writes it to its own shard)."""
+
+    def write_layer(self, i: int, layer: DecoderLayer) -> None: ...
 
 
-def _sequential_pass(model, windows, cfg: PruneConfig, arch: ArchView, progress: bool, collect=collect_stats):
-    """Wanda-sp as officially run: select and mask layer l, then feed its pruned outputs to layer l+1."""
+def _sequential_selection(store: LayerStore, windows: torch.Tensor, cfg: PruneConfig, arch: ArchView,
+                          progress: bool) -> tuple[list[LayerStats], Selection]:
+    """Wanda-sp as officially run: select layer l, then feed its masked outputs to layer l+1. The masking is
+    done on a copy of the layer, so the store's layers stay dense (a compensation reads them afterwards)."""
     metric = get_metric(cfg.metric)
-    n_groups = None if cfg.structure == "ul_um" else _remove_groups(cfg.options, arch, cfg.ratio) // arch.num_layers
+    n_groups = None if cfg.structure == "ul_um" else groups_removed(cfg.options, arch, cfg.ratio) // arch.num_layers
     keep: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    def on_layer(i: int, layer: DecoderLayer, stats: LayerStats) -> bool:
+    def on_layer(i: int, layer: DecoderLayer, stats: LayerStats) -> nn.Module:
         a, m = layer_channel_scores(metric, layer.self_attn.o_proj.weight.cpu(), layer.mlp.down_proj.weight.cpu(),
                                     stats, cfg.square_attn)
         check_finite_scores([(a, m)], f"{cfg.metric} scores", first_layer=i)
         keep.append(ul_layer(a, m, arch, cfg.ratio, cfg.options, n_groups))
-        one = Selection([keep[-1][0]], [keep[-1][1]])
-        _mask_layer(layer, one, arch)
-        return True
+        masked = copy.deepcopy(layer)
+        mask_layer(masked, *keep[-1], None, arch)
+        return masked
 
-    stats = collect(model, windows, cfg.batch_size, on_layer=on_layer, progress=progress)  # or stream_stats
+    stats = collect_stats(store, windows, cfg.batch_size, on_layer=on_layer, progress=progress)
     return stats, Selection([g for g, _ in keep], [c for _, c in keep])
 
 
-def _mask_layer(layer: DecoderLayer, one: Selection, arch: ArchView) -> None:
-    wrapper = nn.Module()
-    wrapper.layers = nn.ModuleList([layer])
-    mask_model(wrapper, one, None, arch)
+@torch.no_grad()
+def prune(source: nn.Module | LayerStore, windows: torch.Tensor | None, cfg: PruneConfig, progress: bool = True,
+          sink: LayerSink | None = None) -> PruneResult:
+    """Prune the model behind `source` (an in-memory model, or a layer store such as a StreamedModel).
 
-
-def prune(model: nn.Module, windows: torch.Tensor | None, cfg: PruneConfig, progress: bool = True) -> PruneResult:
-    """Prune `model` in place (physically). `windows` (N x T tokens) may be None for data-free metrics."""
+    Each layer is compensated on its dense weights, cut, and handed to `sink` if given. An in-memory model
+    ends physically pruned with a FlapLlamaConfig; a streamed store's layers exist only in what the sink
+    wrote (the store is spent). `windows` (N x T tokens) may be None for data-free metrics."""
     cfg.validate()
-    comp = cfg.resolved_compensation()
-    needs = get_compensation(comp.method).needs
-    arch = ArchView.from_config(model.config)
-    check_finite_weights(model)  # before calibration: a NaN weight would only surface as NaN scores later
-    metric = get_metric(cfg.metric)
-    t0 = time.perf_counter()
-    needs_stats = metric.needs_data or needs == "stats"
-    if (needs_stats or needs == "windows") and windows is None:
+    store = as_store(source)
+    if isinstance(store, ResidentStore):
+        check_finite_weights(store.model)  # streamed: every layer is checked as it is read
+    elif sink is None:
+        raise FlapError("a streamed prune needs a sink to write the cut layers to (persist.write_streamed)")
+    comp, arch, metric = cfg.resolved_compensation(), store.arch, get_metric(cfg.metric)
+    entry = get_compensation(comp.method)
+    needs_stats = metric.needs_data or entry.needs == "stats"
+    if (needs_stats or entry.needs == "windows") and windows is None:
         raise FlapError(f"metric {cfg.metric!r} / compensation {comp.method!r} needs calibration windows")
+    n, t = windows.shape[:2] if windows is not None and (needs_stats or entry.needs == "windows") else (0, 0)
+    extra = entry.extra_bytes(arch, n, t, torch.empty(0, dtype=store.dtype).element_size(), comp) if n else 0
+    store.check_budget(n, t, "streamed pruning" + (f" with {comp.method} ({comp.form})" if extra else ""), extra)
+    t0 = time.perf_counter()
     sequential = cfg.sequential if cfg.sequential is not None else metric.sequential
+    stats: list[LayerStats] | None
     if sequential:
-        # The sequential pass masks the model as it goes; a compensation that runs its own pass (lsq)
-        # needs the dense model afterwards, so that one works on a copy (twice the model's memory).
-        stats, sel = _sequential_pass(copy.deepcopy(model) if needs == "windows" else model, windows, cfg, arch,
-                                      progress)
+        assert windows is not None  # the sequential metric needs data: checked above
+        stats, sel = _sequential_selection(store, windows, cfg, arch, progress)
     else:
-        stats = (collect_stats(model, windows, cfg.batch_size, progress=progress)
-                 if needs_stats and windows is not None else None)  # (not None when needs_stats: checked above)
+        stats = collect_stats(store, windows, cfg.batch_size, progress=progress) \
+            if needs_stats and windows is not None else None  # (not None when needs_stats: checked above)
     t1 = time.perf_counter()
     if not sequential:
-        scores = channel_scores(metric, model, stats, cfg.square_attn)
-        sel = get_structure(cfg.structure)(scores, arch, cfg.ratio, cfg.options)
+        sel = get_structure(cfg.structure)(channel_scores(metric, store, stats, cfg.square_attn), arch,
+                                           cfg.ratio, cfg.options)
     t2 = time.perf_counter()
-    comps = compensate(model, sel, arch, comp, stats, windows, cfg.batch_size, progress)
+    step = begin(CompensationInputs(store, sel, arch, comp, stats, windows, cfg.batch_size, progress))
+    comps: list[LayerComp | None] = []
+    for i in tqdm(range(store.num_layers), desc=f"compensate ({comp.method}) + cut", unit="layer",
+                  disable=not progress):
+        with store.layer(i) as layer:  # dense weights: the compensation is computed before the cut
+            c = step(i, layer)
+            cut_layer(layer, sel.keep_groups[i], sel.keep_channels[i], c, arch)
+            if sink is not None:
+                sink.write_layer(i, layer)
+            else:
+                comps.append(c)
+    store.model.config = flap_config(store.config, sel)  # type: ignore[assignment]  # (typed Tensor | Module)
+    store.cut = True  # its layers are cut: a streamed store is spent for another run
     t3 = time.perf_counter()
-    prune_model(model, sel, comps, arch)
-    t4 = time.perf_counter()
-    return PruneResult(sel, sel.achieved_ratio(arch), stats, comps,
-                       {"calibrate": t1 - t0, "score_select": t2 - t1, "compensate": t3 - t2, "surgery": t4 - t3},
-                       comp)
+    kept = None if sink is not None or any(c is None for c in comps) else [c for c in comps if c is not None]
+    return PruneResult(sel, sel.achieved_ratio(arch), stats, kept,
+                       {"calibrate": t1 - t0, "score_select": t2 - t1, "compensate_cut": t3 - t2}, comp)

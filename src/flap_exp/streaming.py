@@ -1,12 +1,13 @@
-"""A model larger than memory, run one decoder layer at a time from its safetensors shards.
+"""The streamed layer store (store.py): a model larger than memory, one decoder layer at a time from its
+safetensors shards.
 
 The skeleton is built without weights (`accelerate.init_empty_weights`: parameters on the meta device,
 the rotary buffers real). A module's weights are read from the shards when it runs and dropped to the
 meta device right after, so at most one decoder layer (or the embedding, or norm + head) is resident,
-plus the hidden states of the windows in flight. Calibration runs layer-major over all N windows, as
-the in-memory pass does (same code: `calibrate.stats_over_layers`), so its statistics are the same.
-Perplexity runs layer-major too, over chunks of windows sized to the memory budget: the weights are
-read once per chunk (one chunk when the budget holds all windows' hidden states).
+plus the hidden states of the windows in flight. The engine is the in-memory one: calibration runs
+layer-major over all N windows; perplexity over chunks of windows sized to the memory budget, so the
+weights are read once per chunk (one chunk when the budget holds all windows' hidden states). Every
+group of weights is checked finite as it is read (a NaN is an error, never a result).
 
 Cost: every weight is read once per pass from the page cache or disk (calibration: 1 read; prune:
 +1 read, +1 write of the pruned weights; perplexity: 1 read per chunk); compute equals the in-memory run.
@@ -14,7 +15,6 @@ Cost: every weight is read once per pass from the page cache or disk (calibratio
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
@@ -22,17 +22,14 @@ from typing import TYPE_CHECKING, TypeVar
 import torch
 import torch.nn as nn
 from accelerate import init_empty_weights
-from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from . import modeling  # noqa: F401  (registers flap_llama, so pruned directories stream too)
 from .arch import ArchView, decoder_layers
-from .calibrate import OnLayer, check_windows, layer_inputs, stats_over_layers
 from .errors import FlapError
-from .ppl import Perplexity, eval_windows, next_token_nll
+from .integrity import check_finite_tensors
 from .runtime import mib, return_freed_memory_to_os
 from .shards import Checkpoint
-from .stats import LayerStats
 
 if TYPE_CHECKING:
     from .arch import DecoderLayer
@@ -59,19 +56,24 @@ class MemoryPlan:
 class StreamedModel:
     """The skeleton of a model directory plus its shards; `layer(i)` etc. load weights for a `with` block."""
 
-    def __init__(self, folder, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+    def __init__(self, folder, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 budget: int | None = None):
         return_freed_memory_to_os()  # else the allocator keeps each released layer resident
         self.ckpt = Checkpoint(folder)  # checks every shard first: a broken directory fails before any work
         self.config = AutoConfig.from_pretrained(folder)
         self.arch = ArchView.from_config(self.config)
-        self.dtype, self.device = dtype, torch.device(device)
+        self.dtype, self.device, self.budget = dtype, torch.device(device), budget
         with init_empty_weights():  # parameters on "meta"; buffers (rotary inv_freq) real, on the CPU
             self.model = AutoModelForCausalLM.from_config(self.config, dtype=dtype).eval()
         base = self.model.model
         base.rotary_emb.to(self.device)
         self.layers = decoder_layers(self.model)
         self.tied = bool(getattr(self.config, "tie_word_embeddings", False)) and "lm_head.weight" not in self.ckpt
-        self.cut = False  # set by stream_prune once it has cut the skeleton's layers: no longer the checkpoint's
+        self.cut = False  # set by prune once it has cut the skeleton's layers: no longer the checkpoint's
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
 
     def _check_intact(self) -> None:
         if self.cut:
@@ -84,9 +86,11 @@ class StreamedModel:
     @contextlib.contextmanager
     def loaded(self, module: M, prefix: str) -> Iterator[M]:
         """`module` (named `prefix` in the checkpoint) with its weights on the device; released on exit."""
-        self._check_intact()
+        if prefix.startswith("model.layers."):  # a cut skeleton's layers no longer match the checkpoint
+            self._check_intact()
         names = [n for n, _ in module.named_parameters()]
         tensors = self.ckpt.load([self._ckpt_name(prefix + n) for n in names], self.dtype, self.device)
+        check_finite_tensors(tensors, f"{self.ckpt.folder} ({prefix.rstrip('.')})")
         for n in names:
             _set_param(module, n, tensors.pop(self._ckpt_name(prefix + n)))
         try:
@@ -101,9 +105,9 @@ class StreamedModel:
         return self.loaded(self.model.model.embed_tokens, "model.embed_tokens.")
 
     @contextlib.contextmanager
-    def head(self) -> Iterator[nn.Sequential]:
+    def head(self) -> Iterator[tuple[nn.Module, nn.Linear]]:
         with self.loaded(self.model.model.norm, "model.norm."), self.loaded(self.model.lm_head, "lm_head."):
-            yield nn.Sequential(self.model.model.norm, self.model.lm_head)
+            yield self.model.model.norm, self.model.lm_head
 
     def _bytes(self, prefix: str, module: nn.Module) -> int:
         return sum(self.ckpt.nbytes(self._ckpt_name(prefix + n), self.dtype) for n, _ in module.named_parameters())
@@ -116,59 +120,26 @@ class StreamedModel:
         head = self._bytes("lm_head.", self.model.lm_head) + self._bytes("model.norm.", self.model.model.norm)
         return MemoryPlan(max(layer, embed, head), 2 * seqlen * self.arch.hidden_size * elem)
 
-    def check_budget(self, budget: int | None, windows: int, seqlen: int, what: str, extra: int = 0) -> MemoryPlan:
+    def check_budget(self, windows: int, seqlen: int, what: str, extra: int = 0) -> MemoryPlan:
         """Refuse, before any work, a budget that cannot hold one layer's weights plus `windows` hidden states
         (plus `extra` bytes, e.g. one batch of logits)."""
-        plan = self.plan(seqlen)
+        plan, budget = self.plan(seqlen), self.budget
         need = plan.needed(windows) + extra
         if budget is not None and budget < need:
             raise FlapError(f"memory budget {mib(budget)} is too small for {what}: it needs {mib(need)} "
                             f"(the largest layer's weights in {str(self.dtype).removeprefix('torch.')}: "
                             f"{mib(plan.weights)}, plus hidden states of {windows} window(s) of {seqlen} tokens: "
-                            f"{mib(windows * plan.per_window)}" + (f", plus {mib(extra)} of logits" if extra else "")
+                            f"{mib(windows * plan.per_window)}"
+                            + (f", plus {mib(extra)} working memory" if extra else "")
                             + "), not counting the interpreter")
         return plan
 
+    def chunk_windows(self, windows: int, batch: int, seqlen: int, what: str, extra: int = 0) -> int:
+        """As many windows as the budget holds (all without one): each chunk reads every weight once."""
+        plan = self.check_budget(min(batch, windows), seqlen, what, extra)
+        if self.budget is None:
+            return windows
+        return max(1, min(windows, (self.budget - plan.weights - extra) // plan.per_window))
+
     def weight_bytes(self) -> int:
         return sum(self.ckpt.nbytes(n, self.dtype) for n in self.ckpt.where)
-
-
-@torch.no_grad()
-def stream_stats(sm: StreamedModel, windows: torch.Tensor, batch_size: int = 8, on_layer: OnLayer | None = None,
-                 progress: bool = True, budget: int | None = None) -> list[LayerStats]:
-    """`collect_stats` with one layer resident at a time (all N windows' hidden states stay in memory)."""
-    check_windows(windows)
-    sm.check_budget(budget, windows.shape[0], windows.shape[1], f"calibrating {windows.shape[0]} windows")
-    with sm.embedding():
-        hs, kws = layer_inputs(sm.model, windows, batch_size, sm.device)
-    return stats_over_layers(sm.layer, len(sm.layers), hs, kws, sm.device, on_layer, progress)
-
-
-@torch.no_grad()
-def stream_perplexity(sm: StreamedModel, tokens: torch.Tensor, seqlen: int = 128, batch_size: int = 8,
-                      max_windows: int | None = None, budget: int | None = None,
-                      progress: bool = True) -> Perplexity:
-    """`ppl.perplexity` layer-major: chunks of windows as large as the budget allows, each through all layers."""
-    windows = eval_windows(tokens, seqlen, max_windows)
-    n = windows.shape[0]
-    # logits of one batch in float32 (and their log-softmax) come on top of the hidden states
-    logits = 2 * min(batch_size, n) * seqlen * sm.config.vocab_size * 4
-    plan = sm.check_budget(budget, min(batch_size, n), seqlen, "perplexity", logits)
-    chunk = n if budget is None else max(1, min(n, (budget - plan.weights - logits) // plan.per_window))
-    total = 0.0
-    for part in tqdm(windows.split(chunk), desc="perplexity (streamed)", unit="chunk", disable=not progress):
-        with sm.embedding():
-            hs, kws = layer_inputs(sm.model, part, batch_size, sm.device)
-        for i in range(len(sm.layers)):
-            with sm.layer(i) as layer:
-                hs = [layer(h, **kw) for h, kw in zip(hs, kws, strict=True)]
-        with sm.head() as head:
-            for h, batch in zip(hs, part.split(batch_size), strict=True):
-                batch = batch.to(sm.device)
-                lg = head(h)[:, :-1].float()
-                total += next_token_nll(lg, batch[:, 1:]).mean(1).double().sum().item()  # as ppl.perplexity
-        del hs
-    if not math.isfinite(total):
-        raise FlapError(f"perplexity is not finite (NaN/Inf logits in {str(sm.dtype).removeprefix('torch.')}); "
-                        "try --dtype float32")
-    return Perplexity(math.exp(total / n), n, n * seqlen, seqlen)

@@ -110,14 +110,14 @@ def enforce_minimum(keep: torch.Tensor, scores: torch.Tensor, minimum: int) -> t
     return keep
 
 
-def _mm_channels(arch: ArchView, ratio: float, groups_removed: int, layers: int, rounding: str = "floor") -> int:
+def _mm_channels(arch: ArchView, ratio: float, n_removed: int, layers: int, rounding: str = "floor") -> int:
     """MLP channels that fill the budget left by the groups: rounded down (official) or to the nearest."""
-    budget = (layers * ratio * arch.layer_params - groups_removed * arch.group_params) / arch.channel_params
+    budget = (layers * ratio * arch.layer_params - n_removed * arch.group_params) / arch.channel_params
     n = math.floor(budget) if rounding == "floor" else math.floor(budget + 0.5)
     return max(0, min(layers * arch.intermediate_size, n))
 
 
-def _remove_groups(opts: StructureOptions, arch: ArchView, ratio: float) -> int:
+def groups_removed(opts: StructureOptions, arch: ArchView, ratio: float) -> int:
     if opts.remove_groups is not None:
         return opts.remove_groups
     return math.floor(0.75 * ratio * arch.num_layers * arch.num_kv_heads)
@@ -143,7 +143,7 @@ def ul_um(scores: Scores, arch: ArchView, ratio: float, opts: StructureOptions) 
 
 
 def ul_mm(scores: Scores, arch: ArchView, ratio: float, opts: StructureOptions) -> Selection:
-    per_layer = _remove_groups(opts, arch, ratio) // arch.num_layers
+    per_layer = groups_removed(opts, arch, ratio) // arch.num_layers
     sel = [ul_layer(a, m, arch, ratio, opts, per_layer) for a, m in scores]
     return Selection([g for g, _ in sel], [c for _, c in sel])
 
@@ -155,7 +155,7 @@ def al_mm(scores: Scores, arch: ArchView, ratio: float, opts: StructureOptions) 
 def al_mm_units(groups: torch.Tensor, channels: torch.Tensor, arch: ArchView, ratio: float,
                 opts: StructureOptions) -> Selection:
     """AL-MM from standardized units (groups [L, kv], channels [L, I]), as the standardize stage writes them."""
-    n_groups = _remove_groups(opts, arch, ratio)
+    n_groups = groups_removed(opts, arch, ratio)
     keep_g = enforce_minimum(remove_lowest(groups, n_groups), groups, opts.min_groups)
     keep_c = remove_lowest(channels, _mm_channels(arch, ratio, n_groups, arch.num_layers))
     keep_c = enforce_minimum(keep_c, channels, opts.min_channels)

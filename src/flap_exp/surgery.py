@@ -7,6 +7,8 @@ a removed head's context is then zero (its values are zero), and silu(0) * 0 = 0
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn as nn
 
@@ -14,6 +16,9 @@ from .arch import ArchView, decoder_layers
 from .compensation.base import LayerComp, from_biases
 from .modeling import EmptyAttention, FlapLlamaConfig, new_linear
 from .selection import Selection
+
+if TYPE_CHECKING:
+    from .arch import DecoderLayer
 
 # Per-layer LayerComps, or the older per-layer (o_proj bias, down_proj bias) pairs, or None (no compensation).
 Biases = list[LayerComp] | list[tuple[torch.Tensor, torch.Tensor]] | None
@@ -65,50 +70,63 @@ def slice_linear(linear: nn.Linear, rows: torch.Tensor | None = None, cols: torc
 
 
 @torch.no_grad()
-def mask_model(model: nn.Module, sel: Selection, biases: Biases, arch: ArchView) -> None:
-    comps = as_comps(biases)
-    for i, layer in enumerate(decoder_layers(model)):
-        attn, mlp = layer.self_attn, layer.mlp
-        q_keep, kv_keep = sel.channel_mask(i, arch), sel.keep_groups[i].repeat_interleave(arch.head_dim)
-        for lin, keep in ((attn.q_proj, q_keep), (attn.k_proj, kv_keep), (attn.v_proj, kv_keep),
-                          (mlp.gate_proj, sel.keep_channels[i]), (mlp.up_proj, sel.keep_channels[i])):
-            lin.weight.data[~keep.to(lin.weight.device)] = 0
-            if lin.bias is not None:
-                lin.bias.data[~keep.to(lin.bias.device)] = 0
-        if comps is not None:
-            set_kept_columns(attn.o_proj, sel.channel_mask(i, arch), comps[i].o_weight)
-            set_kept_columns(mlp.down_proj, sel.keep_channels[i], comps[i].down_weight)
-            attn.o_proj = add_bias(attn.o_proj, comps[i].o_bias)
-            mlp.down_proj = add_bias(mlp.down_proj, comps[i].down_bias)
+def mask_layer(layer: DecoderLayer, keep_groups: torch.Tensor, keep_channels: torch.Tensor, comp: LayerComp | None,
+               arch: ArchView) -> None:
+    """Zero the removed units' q/k/v and gate/up rows of one decoder layer (dense shapes) and apply `comp`."""
+    attn, mlp = layer.self_attn, layer.mlp
+    q_keep, kv_keep = keep_groups.repeat_interleave(arch.group_size * arch.head_dim), \
+        keep_groups.repeat_interleave(arch.head_dim)
+    for lin, keep in ((attn.q_proj, q_keep), (attn.k_proj, kv_keep), (attn.v_proj, kv_keep),
+                      (mlp.gate_proj, keep_channels), (mlp.up_proj, keep_channels)):
+        lin.weight.data[~keep.to(lin.weight.device)] = 0
+        if lin.bias is not None:
+            lin.bias.data[~keep.to(lin.bias.device)] = 0
+    if comp is not None:
+        set_kept_columns(attn.o_proj, q_keep, comp.o_weight)
+        set_kept_columns(mlp.down_proj, keep_channels, comp.down_weight)
+        attn.o_proj = add_bias(attn.o_proj, comp.o_bias)
+        mlp.down_proj = add_bias(mlp.down_proj, comp.down_bias)
 
 
 @torch.no_grad()
+def cut_layer(layer: DecoderLayer, keep_groups: torch.Tensor, keep_channels: torch.Tensor, comp: LayerComp | None,
+              arch: ArchView) -> None:
+    """Remove the unselected units of one decoder layer in place and apply `comp`."""
+    attn, mlp = layer.self_attn, layer.mlp
+    q_keep, kv_keep = keep_groups.repeat_interleave(arch.group_size * arch.head_dim), \
+        keep_groups.repeat_interleave(arch.head_dim)
+    # A pruned layer always carries both biases (zero without compensation): one layout to reload.
+    zero = torch.zeros(arch.hidden_size)
+    o_proj = slice_linear(attn.o_proj, cols=q_keep)
+    set_kept_columns(o_proj, None, comp.o_weight if comp else None)
+    o_proj = add_bias(o_proj, comp.o_bias if comp else zero)
+    if not bool(keep_groups.any()):
+        layer.self_attn = EmptyAttention(  # type: ignore[assignment]  # an attention without heads
+            arch.hidden_size, arch.head_dim, attn.layer_idx, o_proj)
+    else:
+        attn.q_proj = slice_linear(attn.q_proj, rows=q_keep)
+        attn.k_proj = slice_linear(attn.k_proj, rows=kv_keep)
+        attn.v_proj = slice_linear(attn.v_proj, rows=kv_keep)
+        attn.o_proj = o_proj
+    mlp.gate_proj = slice_linear(mlp.gate_proj, rows=keep_channels)
+    mlp.up_proj = slice_linear(mlp.up_proj, rows=keep_channels)
+    down = slice_linear(mlp.down_proj, cols=keep_channels)
+    set_kept_columns(down, None, comp.down_weight if comp else None)
+    mlp.down_proj = add_bias(down, comp.down_bias if comp else zero)
+
+
+def mask_model(model: nn.Module, sel: Selection, biases: Biases, arch: ArchView) -> None:
+    comps = as_comps(biases)
+    for i, layer in enumerate(decoder_layers(model)):
+        mask_layer(layer, sel.keep_groups[i], sel.keep_channels[i], comps[i] if comps else None, arch)
+
+
 def prune_model(model: nn.Module, sel: Selection, biases: Biases, arch: ArchView) -> None:
     """Remove the unselected units in place; the config becomes a FlapLlamaConfig with per-layer widths."""
     comps = as_comps(biases)
     for i, layer in enumerate(decoder_layers(model)):
-        attn, mlp = layer.self_attn, layer.mlp
-        q_keep, kv_keep = sel.channel_mask(i, arch), sel.keep_groups[i].repeat_interleave(arch.head_dim)
-        # A pruned layer always carries both biases (zero without compensation): one layout to reload.
-        zero = torch.zeros(arch.hidden_size)
-        o_proj = slice_linear(attn.o_proj, cols=q_keep)
-        set_kept_columns(o_proj, None, comps[i].o_weight if comps else None)
-        o_proj = add_bias(o_proj, comps[i].o_bias if comps else zero)
-        if not bool(sel.keep_groups[i].any()):
-            layer.self_attn = EmptyAttention(  # type: ignore[assignment]  # an attention without heads
-                arch.hidden_size, arch.head_dim, attn.layer_idx, o_proj)
-        else:
-            attn.q_proj = slice_linear(attn.q_proj, rows=q_keep)
-            attn.k_proj = slice_linear(attn.k_proj, rows=kv_keep)
-            attn.v_proj = slice_linear(attn.v_proj, rows=kv_keep)
-            attn.o_proj = o_proj
-        mlp.gate_proj = slice_linear(mlp.gate_proj, rows=sel.keep_channels[i])
-        mlp.up_proj = slice_linear(mlp.up_proj, rows=sel.keep_channels[i])
-        down = slice_linear(mlp.down_proj, cols=sel.keep_channels[i])
-        set_kept_columns(down, None, comps[i].down_weight if comps else None)
-        mlp.down_proj = add_bias(down, comps[i].down_bias if comps else zero)
-    # (the ignore: `model` may be stream_prune's one-layer nn.Module view, given a .config attribute)
-    model.config = flap_config(model.config, sel)  # type: ignore[assignment]
+        cut_layer(layer, sel.keep_groups[i], sel.keep_channels[i], comps[i] if comps else None, arch)
+    model.config = flap_config(model.config, sel)  # type: ignore[assignment]  # (typed Tensor | Module)
 
 
 def flap_config(config, sel: Selection) -> FlapLlamaConfig:

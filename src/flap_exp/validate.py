@@ -9,8 +9,7 @@ import os
 from pathlib import Path
 
 from .errors import FlapError
-
-MANIFEST = "flap_manifest.json"  # persist.MANIFEST (not imported: that pulls in transformers)
+from .manifest import MANIFEST
 
 
 def check_int(name: str, value, minimum: int, why: str = "", allow_none: bool = False) -> None:

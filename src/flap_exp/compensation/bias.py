@@ -6,12 +6,18 @@ W x ≈ W[:, m] x[m] + b, exactly so when the removed channels are constant acro
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn as nn
 
 from ..arch import ArchView, decoder_layers
 from ..selection import Selection
 from ..stats import LayerStats
+from .base import LayerComp
+
+if TYPE_CHECKING:
+    from ..arch import DecoderLayer
 
 
 def compensation_bias(w: torch.Tensor, keep: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
@@ -23,8 +29,10 @@ def compensation_bias(w: torch.Tensor, keep: torch.Tensor, mean: torch.Tensor) -
 def compensation_biases(model: nn.Module, stats: list[LayerStats], sel: Selection,
                         arch: ArchView) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per layer (o_proj bias, down_proj bias), float64 on the weights' device."""
-    out = []
-    for i, layer in enumerate(decoder_layers(model)):
-        out.append((compensation_bias(layer.self_attn.o_proj.weight, sel.channel_mask(i, arch), stats[i].attn.mean),
-                    compensation_bias(layer.mlp.down_proj.weight, sel.keep_channels[i], stats[i].mlp.mean)))
-    return out
+    comps = [layer_bias(layer, i, sel, arch, stats) for i, layer in enumerate(decoder_layers(model))]
+    return [(c.o_bias, c.down_bias) for c in comps]
+
+def layer_bias(layer: DecoderLayer, i: int, sel: Selection, arch: ArchView, stats: list[LayerStats]) -> LayerComp:
+    """FLAP's baseline bias of decoder layer i from its dense weights and the calibration means."""
+    return LayerComp(compensation_bias(layer.self_attn.o_proj.weight, sel.channel_mask(i, arch), stats[i].attn.mean),
+                     compensation_bias(layer.mlp.down_proj.weight, sel.keep_channels[i], stats[i].mlp.mean))

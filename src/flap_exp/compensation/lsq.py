@@ -36,12 +36,14 @@ from ..arch import ArchView, decoder_layers
 from ..calibrate import layer_inputs
 from ..errors import FlapError
 from ..selection import Selection
+from ..store import ResidentStore, as_store
 from .base import CompensationConfig, LayerComp
 from .covariance import CovAccumulator
 from .lsq_solve import lsq_solve
 
 if TYPE_CHECKING:
     from ..arch import DecoderLayer
+    from . import CompensationInputs
 
 FORMS = ("sequential", "dense", "drift")
 
@@ -131,8 +133,8 @@ def lsq_extra_bytes(arch: ArchView, windows: int, seqlen: int, elem: int, form: 
 
 
 class LsqPass:
-    """The lsq pass, one decoder layer per `step`: the in-memory run calls it on each layer of the model,
-    the streamed run (stream_prune.py) on each layer as it is loaded from its shard, before cutting it.
+    """The lsq pass, one decoder layer per `step`, called by the engine on each dense layer as the store
+    yields it (in memory, or loaded from its shard), before the layer is cut.
 
     hs, kws: per batch of windows, the hidden states and kwargs entering decoder layer 0.
     store_budget: bytes of kept MLP inputs (N x T x |K|) the pass may hold to avoid recomputing gate/up.
@@ -234,22 +236,31 @@ class LsqPass:
         return LayerComp(b_o, b_d, w_o, w_d)
 
 
+def begin_lsq(inp: CompensationInputs, store_budget: int = 2 * 2**30,
+              on_moments: OnMoments | None = None) -> Callable[[int, DecoderLayer], LayerComp]:
+    """The registry's lsq step: the windows embedded once (through the store), then LsqPass.step per layer.
+
+    store_budget: bytes of kept MLP inputs (N x T x |K|) the pass may hold to avoid recomputing gate/up; a
+    streamed store holds none (its memory budget counts lsq_extra_bytes with store=False)."""
+    check_form(inp.cfg)
+    windows = inp.windows
+    if windows is None or windows.ndim != 2 or windows.shape[0] < 1:
+        shape = None if windows is None else tuple(windows.shape)
+        raise FlapError(f"lsq needs calibration windows of shape N x T, got {shape}")
+    if not isinstance(inp.store, ResidentStore):
+        store_budget = 0  # streamed: lsq_extra_bytes(store=False) is what its memory budget counted
+    hs, kws = layer_inputs(inp.store, windows, inp.batch_size)
+    return LsqPass(hs, kws, inp.sel, inp.arch, inp.cfg, store_budget, on_moments).step
+
+
 @torch.no_grad()
 def lsq_compensation(model: nn.Module, sel: Selection, arch: ArchView, windows: torch.Tensor,
                      cfg: CompensationConfig, batch_size: int = 8, progress: bool = True,
                      on_moments: OnMoments | None = None, store_budget: int = 2 * 2**30) -> list[LayerComp]:
-    """Per-layer LayerComps (float64, with new kept-column weights) for `sel` on the DENSE `model`.
-
-    store_budget: bytes of kept MLP inputs (N x T x |K|) the pass may hold to avoid recomputing gate/up.
-
-    The model is left unchanged; apply the result with surgery.mask_model / prune_model.
-    """
-    check_form(cfg)
-    if windows.ndim != 2 or windows.shape[0] < 1:
-        raise FlapError(f"lsq needs calibration windows of shape N x T, got {tuple(windows.shape)}")
-    hs, kws = layer_inputs(model, windows, batch_size, next(model.parameters()).device)
-    lsq = LsqPass(hs, kws, sel, arch, cfg, store_budget, on_moments)
-    del hs
-    layers = decoder_layers(model)
-    return [lsq.step(i, layer)
-            for i, layer in enumerate(tqdm(layers, desc=f"lsq ({cfg.form})", unit="layer", disable=not progress))]
+    """Per-layer LayerComps (float64, with new kept-column weights) for `sel` on the DENSE `model` (left
+    unchanged; apply the result with surgery.mask_model / prune_model)."""
+    from . import CompensationInputs as Inputs
+    store = as_store(model)
+    step = begin_lsq(Inputs(store, sel, arch, cfg, None, windows, batch_size, progress), store_budget, on_moments)
+    return [step(i, layer) for i, layer in enumerate(tqdm(decoder_layers(model), desc=f"lsq ({cfg.form})",
+                                                          unit="layer", disable=not progress))]

@@ -4,7 +4,7 @@
 whole, so a small machine can make a checkpoint several times its memory. Used by the streaming test (bias)
 and `bench/bench_stream.py` (bias and lsq):
 
-    python -m flap_exp.synthetic FOLDER OUT BUDGET_BYTES bias|lsq|none
+    python tests/helpers/synthetic.py FOLDER OUT BUDGET_BYTES bias|lsq|none
 
 prunes FOLDER into OUT with `--stream` semantics (WIFV, AL-AM, 0.5, 4 random windows of 32 tokens),
 evaluates the pruned directory streamed, and prints one JSON line: the process's peak resident memory
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from .shards import INDEX
+from flap_exp.shards import INDEX
 
 #: 48 layers of ~15.7M parameters (63 MB in float32) + embedding and head: ~3.0 GB of float32 weights.
 BIG_CONFIG = LlamaConfig(vocab_size=8000, hidden_size=1024, intermediate_size=4096, num_hidden_layers=48,
@@ -61,18 +61,19 @@ def write_random_checkpoint(cfg: LlamaConfig, folder: Path) -> int:
 
 def measure(folder: str, out: str, budget: int, compensation: str) -> dict:
     """Streamed prune + streamed perplexity of `folder` in this process; what `main` prints."""
-    from .prune import PruneConfig
-    from .stream_prune import prune_streamed
-    from .streaming import StreamedModel, stream_perplexity
+    from flap_exp.persist import write_streamed
+    from flap_exp.ppl import perplexity
+    from flap_exp.prune import PruneConfig
+    from flap_exp.streaming import StreamedModel
     vocab = LlamaConfig.from_pretrained(folder).vocab_size
     torch.manual_seed(0)
     windows = torch.randint(0, vocab, (4, 32))
     t = time.perf_counter()
-    sm = StreamedModel(folder)
-    res = prune_streamed(sm, windows, PruneConfig("wifv", "al_am", 0.5, compensation=compensation, batch_size=4),
-                         out, {}, budget=budget, progress=False)
+    sm = StreamedModel(folder, budget=budget)
+    res = write_streamed(sm, windows, PruneConfig("wifv", "al_am", 0.5, compensation=compensation, batch_size=4),
+                         out, {}, progress=False)
     t1 = time.perf_counter()
-    ppl = stream_perplexity(StreamedModel(out), windows.flatten(), 32, 4, budget=budget, progress=False)
+    ppl = perplexity(StreamedModel(out, budget=budget), windows.flatten(), 32, 4, progress=False)
     hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
     return {"compensation": compensation, "peak_rss": hwm * 1024, "weights": sm.weight_bytes(),
             "ratio": res.achieved_ratio, "ppl": ppl.ppl, "prune_s": t1 - t, "ppl_s": time.perf_counter() - t1}
