@@ -31,7 +31,7 @@ from flap_exp.prune import prune
 from flap_exp.stats import stats_from_tensors
 from flap_exp.structures import PER_LAYER, STRUCTURES
 
-from conftest import tiny_model
+from helpers.models import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 HAVE_LSQ = importlib.util.find_spec("flap_exp.compensation.lsq") is not None

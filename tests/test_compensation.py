@@ -8,7 +8,7 @@ from flap_exp.compensation.bias import compensation_bias, compensation_biases
 from flap_exp.selection import Selection
 from flap_exp.surgery import prune_model
 
-from conftest import tiny_model
+from helpers.models import tiny_model
 
 
 def test_projection_with_constant_pruned_channels_is_exact():

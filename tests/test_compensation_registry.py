@@ -29,7 +29,7 @@ from flap_exp.metrics import channel_scores, get_metric
 from flap_exp.persist import load_pruned
 from flap_exp.structures import StructureOptions, get_structure
 
-from conftest import tiny_model
+from helpers.models import tiny_model
 
 HAVE_LSQ = importlib.util.find_spec("flap_exp.compensation.lsq") is not None
 NEEDS_LSQ = pytest.mark.skipif(not HAVE_LSQ, reason="flap_exp.compensation.lsq (branch lsq) not merged yet")

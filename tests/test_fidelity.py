@@ -26,7 +26,7 @@ from flap_exp.metrics import channel_scores, get_metric
 from flap_exp.selection import Selection
 from flap_exp.structures import StructureOptions, get_structure, group_scores, standardize, ul_layer
 
-from conftest import SHARED
+from helpers.models import SHARED
 
 REF = SHARED / "ref" / "official-flap-smollm2-mha"
 STATS = REF / "flap_p0.2_WIFV_AL-AM_real_stats.pt"

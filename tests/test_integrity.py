@@ -25,7 +25,7 @@ from flap_exp.prune import PruneConfig, prune
 from flap_exp.selection import Selection
 from flap_exp.structures import STRUCTURES, StructureOptions
 
-from conftest import tiny_model
+from helpers.models import tiny_model
 from test_pipeline import _corpus, _tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]

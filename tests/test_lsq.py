@@ -19,7 +19,7 @@ from flap_exp.selection import Selection
 from flap_exp.structures import StructureOptions, get_structure
 from flap_exp.surgery import mask_model, prune_model
 
-from conftest import tiny_model
+from helpers.models import tiny_model
 
 X = torch.randint(0, 101, (2, 16), generator=torch.Generator().manual_seed(7))
 LSQ = CompensationConfig("lsq", 0.01, "sequential")

@@ -25,6 +25,8 @@ import pytest
 import torch
 import yaml
 
+from helpers.models import save_model_dir
+
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 DVC = str(VENV_BIN / "dvc")
@@ -97,25 +99,7 @@ def _corpus(words: int = 12000, seed: int = 0) -> str:
 
 
 def _tiny_model(path: Path, text: str) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-    words = sorted(set(text.split()))
-    vocab = {"<unk>": 0, "</s>": 1, **{w: i + 2 for i, w in enumerate(words)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
-                      tie_word_embeddings=False)
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 2:
-                p.normal_(0, 0.3)
-    model.save_pretrained(path)
-    fast.save_pretrained(path)
-    (path / "flap_identity.json").write_text(json.dumps({"name": "tiny-llama", "source": "test"}))
+    save_model_dir(path, sorted(set(text.split())), identity=True)
 
 
 def tiny_project(repo: Path, study: str) -> None:

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from flap_exp.ppl import perplexity
 
-from conftest import tiny_model
+from helpers.models import tiny_model
 
 
 def test_batched_perplexity_matches_window_by_window_loop():

@@ -26,6 +26,8 @@ from flap_exp.data import Corpus, load_text, read_utf8
 from flap_exp.errors import FlapError
 from flap_exp.tempfiles import HOST, sweep_stale, temp_prefix
 
+from helpers.models import save_model_dir
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -33,21 +35,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _make_model(path: Path) -> str:
     """A tiny GQA LLaMA with a word-level tokenizer, saved like a user's local model; returns its corpus."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
     rng = random.Random(0)
     words = [f"w{i}" for i in range(50)]
     text = " ".join(rng.choices(words, k=3000)) + "\n"
-    vocab = {"<unk>": 0, "</s>": 1, **{w: i + 2 for i, w in enumerate(words)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
-                      tie_word_embeddings=False)
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    fast.save_pretrained(path)
+    save_model_dir(path, words, std=None)
     return text
 
 

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.synthetic import BIG_CONFIG, write_random_checkpoint
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from flap_exp.calibrate import collect_stats
@@ -23,7 +22,8 @@ from flap_exp.runtime import parse_bytes, resolve_device, resolve_dtype
 from flap_exp.shards import INDEX
 from flap_exp.streaming import StreamedModel
 
-from conftest import tiny_model
+from helpers.models import tiny_model
+from helpers.synthetic import BIG_CONFIG, write_random_checkpoint
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here: GPU variant not exercised")

@@ -8,7 +8,7 @@ from flap_exp.arch import ArchView
 from flap_exp.errors import FlapError
 from flap_exp.structures import STRUCTURES, StructureOptions, check_ratio, get_structure, group_cost, standardize
 
-from conftest import tiny_config
+from helpers.models import tiny_config
 from reference import zscore_rows
 
 
@@ -199,7 +199,7 @@ def test_sequential_wanda_sp_uses_the_same_rule(rounding, windows):
     """prune.py's sequential pass selects layer by layer with ul_layer: same per-layer counts as ul_um."""
     from flap_exp.prune import PruneConfig, prune
 
-    from conftest import tiny_model
+    from helpers.models import tiny_model
     model = tiny_model(heads=4, kv=2)
     arch, p = ArchView.from_config(model.config), 0.3  # floor(0.3 * 2) = 0 groups per layer
     res = prune(model, windows, PruneConfig("wanda_sp", "ul_um", p, compensation="none",

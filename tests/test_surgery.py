@@ -115,7 +115,7 @@ def test_prune_orchestrator_all_metrics_and_sequential(model, windows):
 
 def test_sequential_wanda_sp_differs_from_dense_statistics():
     """Sequential: layer l+1 is calibrated on layer l's pruned output, so its statistics change."""
-    from conftest import tiny_model
+    from helpers.models import tiny_model
     base = tiny_model(layers=4)
     w = torch.randint(0, 101, (8, 16), generator=torch.Generator().manual_seed(2))
     seq = prune(copy.deepcopy(base), w, PruneConfig("wanda_sp", "ul_um", 0.5, compensation="bias"), progress=False)

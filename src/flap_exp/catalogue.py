@@ -10,10 +10,10 @@ Pure Python (no torch): the pipeline's grid expansion reads it inside Hydra comp
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from .errors import FlapError
+from .registry import Registry
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,11 @@ METHODS: dict[str, MethodFacts] = {
 }
 
 STRUCTURES = ("ul_um", "ul_mm", "al_mm", "al_am")
+#: Text sources of data.load_text (calibration and evaluation).
+CORPORA = ("wikitext2", "ptb", "wiki", "c4", "text")
+#: --device values (or cuda:N) and --dtype names (runtime.py maps them to torch).
+DEVICES = ("auto", "cpu", "cuda")
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
 PER_LAYER = frozenset({"ul_um", "ul_mm"})  # structures that decide layer by layer (sequential metrics need one)
 ADAPTIVE = frozenset({"al_mm", "al_am"})
 
@@ -61,11 +66,13 @@ def floor_fraction(name: str, value) -> float | None:
     return value
 
 
-#: Compensation methods (= conf/compensation/*.yaml) and what each reads besides the selection:
-#: nothing, the calibration statistics (per-channel means), or the calibration windows (its own pass).
-COMPENSATIONS: dict[str, str] = {"none": "nothing", "bias": "stats", "lsq": "windows"}
-#: Where lsq takes its statistics from (CompensationConfig.form).
-LSQ_FORMS = ("sequential", "dense", "drift")
+#: Compensation methods (= conf/compensation/*.yaml), each registered in its own module of
+#: flap_exp.methods.compensation with what it reads besides the selection (`needs`: nothing, the calibration
+#: statistics, or the calibration windows for its own pass), the CompensationConfig fields it reads
+#: (`options`), their `check` (params dict -> FlapError) and its memory beyond the hidden states
+#: (`extra_bytes`, for streamed budgets).
+COMPENSATIONS = Registry("compensation", "flap_exp.methods.compensation",
+                         defaults={"needs": "nothing", "options": (), "check": None, "extra_bytes": None})
 
 
 def method_facts(metric: str) -> MethodFacts:
@@ -75,20 +82,8 @@ def method_facts(metric: str) -> MethodFacts:
 
 
 def check_compensation_name(name: str) -> str:
-    if name not in COMPENSATIONS:
-        raise FlapError(f"unknown compensation {name!r}; known compensations: {', '.join(COMPENSATIONS)}")
+    COMPENSATIONS.get(name)
     return name
-
-
-def check_compensation_options(method: str, damping, form) -> None:
-    """The values of a compensation config (CompensationConfig fields), checked without torch."""
-    check_compensation_name(method)
-    if method == "lsq":
-        if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not math.isfinite(damping) \
-                or damping < 0:
-            raise FlapError(f"lsq damping must be a finite number >= 0, got {damping!r}")
-        if form not in LSQ_FORMS:
-            raise FlapError(f"unknown lsq form {form!r}; known forms: {', '.join(LSQ_FORMS)}")
 
 
 #: The fields of flap_exp.compensation.CompensationConfig (tests/test_catalogue.py checks they agree).
@@ -96,13 +91,15 @@ COMPENSATION_FIELDS = ("method", "damping", "form")
 
 
 def check_compensation_params(params: dict, known=COMPENSATION_FIELDS) -> None:
-    """A conf/compensation/*.yaml block: only known keys, valid values (before any stage runs)."""
+    """A compensation's settings ({method, its options}): only known keys, valid values (before any work)."""
     extra = sorted(set(params) - set(known))
     if extra:
         raise FlapError(f"unknown compensation option(s) {', '.join(extra)}; known: {', '.join(sorted(known))}")
     if "method" not in params:
         raise FlapError("a compensation config needs a 'method'")
-    check_compensation_options(params["method"], params.get("damping", 0.0), params.get("form", LSQ_FORMS[0]))
+    entry = COMPENSATIONS.get(params["method"])
+    if entry.check is not None:
+        entry.check(params)
 
 
 def default_compensation(metric: str, override: str | None = None) -> str:

@@ -1,4 +1,7 @@
-"""Command line: `flap-exp prune ...` and `flap-exp ppl ...`. argparse stays here; the library gets typed configs."""
+"""Command line: `flap-exp prune ...` and `flap-exp ppl ...`. argparse stays here; the library gets typed configs.
+
+The parser reads only the torch-free catalogue; every command body imports the engine (torch, transformers)
+inside the function, on purpose, so that `flap-exp --help` and a bad option answer at once."""
 from __future__ import annotations
 
 import argparse
@@ -10,14 +13,15 @@ from .errors import FlapError
 
 
 def _add_corpus(p: argparse.ArgumentParser, prefix: str, name: str, split: str) -> None:
-    from .data import CORPORA
+    from .catalogue import CORPORA
     p.add_argument(f"--{prefix}", default=name, choices=CORPORA, help=f"corpus (default {name})")
     p.add_argument(f"--{prefix}-split", default=split, help=f"WikiText-2 split (default {split})")
     p.add_argument(f"--{prefix}-path", default=None, help="WikiText-2 directory or text file")
 
 
 def _add_compensation(p: argparse.ArgumentParser) -> None:
-    from .catalogue import COMPENSATIONS, LSQ_FORMS
+    from .catalogue import COMPENSATIONS
+    from .methods.compensation.lsq import FORMS as LSQ_FORMS
     p.add_argument("--compensation", default=None, metavar="{" + ",".join(COMPENSATIONS) + "}",
                    help="what the surviving output projections become (default: the metric's, flap_exp.catalogue: "
                         "bias for FLAP's metrics, none for wanda_sp/weight_magnitude)")
@@ -44,9 +48,9 @@ def compensation_config(a: argparse.Namespace):
 
 
 def _add_runtime(p: argparse.ArgumentParser) -> None:
-    from .runtime import DEVICES, DTYPES
+    from .catalogue import DEVICES, DTYPE_NAMES
     p.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICES)} or cuda:N (auto: a GPU if any)")
-    p.add_argument("--dtype", default="float32", help=f"weights' dtype, one of {', '.join(DTYPES)} "
+    p.add_argument("--dtype", default="float32", help=f"weights' dtype, one of {', '.join(DTYPE_NAMES)} "
                    "(statistics are float64 whatever it is)")
     p.add_argument("--stream", action="store_true",
                    help="keep one decoder layer in memory at a time, read from the safetensors shards")
@@ -66,8 +70,7 @@ def _runtime(a: argparse.Namespace):
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .metrics import METRICS
-    from .structures import STRUCTURES
+    from .catalogue import METHODS as METRICS, STRUCTURES
     ap = argparse.ArgumentParser(prog="flap-exp", description="FLAP structured pruning of LLaMA-family models")
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("prune", help="prune a model and save it")

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
+from .catalogue import CORPORA
 from .errors import FlapError
 from .sources import EXLLAMAV2, fetch_members, sha256_file
 
-CORPORA = ("wikitext2", "ptb", "wiki", "c4", "text")
 _EXL_DIR = "exllamav2/conversion/standard_cal_data"
 _WT_FILES = {"train": "wiki.train.raw", "validation": "wiki.valid.raw", "test": "wiki.test.raw"}
 _PTB_FILES = {"train": "ptb.train.txt", "validation": "ptb.valid.txt", "test": "ptb.test.txt"}

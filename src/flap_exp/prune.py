@@ -13,7 +13,15 @@ from tqdm.auto import tqdm
 
 from .calibrate import collect_stats
 from .catalogue import default_compensation
-from .compensation import CompensationConfig, CompensationInputs, LayerComp, begin, check_config, get_compensation
+from .compensation import (
+    CompensationConfig,
+    CompensationInputs,
+    LayerComp,
+    begin,
+    check_config,
+    extra_bytes,
+    get_compensation,
+)
 from .errors import FlapError
 from .integrity import check_finite_scores, check_finite_weights
 from .metrics import channel_scores, get_metric, layer_channel_scores
@@ -119,7 +127,7 @@ def prune(source: nn.Module | LayerStore, windows: torch.Tensor | None, cfg: Pru
     if (needs_stats or entry.needs == "windows") and windows is None:
         raise FlapError(f"metric {cfg.metric!r} / compensation {comp.method!r} needs calibration windows")
     n, t = windows.shape[:2] if windows is not None and (needs_stats or entry.needs == "windows") else (0, 0)
-    extra = entry.extra_bytes(arch, n, t, torch.empty(0, dtype=store.dtype).element_size(), comp) if n else 0
+    extra = extra_bytes(comp, arch, n, t, torch.empty(0, dtype=store.dtype).element_size())
     store.check_budget(n, t, "streamed pruning" + (f" with {comp.method} ({comp.form})" if extra else ""), extra)
     t0 = time.perf_counter()
     sequential = cfg.sequential if cfg.sequential is not None else metric.sequential

@@ -13,10 +13,10 @@ import sys
 
 import torch
 
+from .catalogue import DEVICES, DTYPE_NAMES
 from .errors import FlapError
 
-DEVICES = ("auto", "cpu", "cuda")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 def resolve_device(spec: str | torch.device | None) -> torch.device:

@@ -1,100 +1,39 @@
-"""Compensation of the surviving output projections after pruning: the registry none / bias / lsq.
+"""Compensation of the surviving output projections after pruning, through the registry
+flap_exp.catalogue.COMPENSATIONS (a method is one module of flap_exp.methods.compensation + a conf file).
 
-The keys are the file names of conf/compensation/. One entry point, `compensate`, used the same way by
-`prune()` (the CLI, in memory or streamed) and the pipeline's compensate stages. A method's `begin` sets up
-its pass and returns a per-layer step, called on each DENSE layer in order (before that layer is cut) and
-returning the layer's LayerComp (None: nothing to add).
-What a method reads besides the selection is in flap_exp.catalogue.COMPENSATIONS.
+A method's `begin` sets up its pass and returns a per-layer step, called on each DENSE layer in order
+(before that layer is cut) and returning the layer's LayerComp (None: nothing to add). `prune()` (the CLI,
+in memory or streamed) interleaves the steps with the cut; `compensate` runs them alone (the pipeline's
+compensate stages).
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-import torch
 from tqdm.auto import tqdm
 
 from ..arch import ArchView
-from ..catalogue import (
-    COMPENSATIONS as NEEDS,
-    check_compensation_name,
-    check_compensation_options,
-    check_compensation_params as check_params,
-)
+from ..catalogue import COMPENSATIONS, check_compensation_params
 from ..errors import FlapError
-from ..selection import Selection
-from ..store import LayerStore, as_store
-from .base import CompensationConfig, LayerComp, from_biases
-
-if TYPE_CHECKING:
-    from ..arch import DecoderLayer
+from ..registry import Entry
+from ..store import as_store
+from .base import CompensationConfig, CompensationInputs, LayerComp, LayerStep, from_biases
 
 
-@dataclass(frozen=True)
-class CompensationInputs:
-    """What a compensation may read: the store (dense weights), the selection, and its data."""
-    store: LayerStore
-    sel: Selection
-    arch: ArchView
-    cfg: CompensationConfig
-    stats: list | None = None  # per-layer LayerStats (needs == "stats")
-    windows: torch.Tensor | None = None  # N x T calibration tokens (needs == "windows")
-    batch_size: int = 8
-    progress: bool = True
-
-
-#: One layer's compensation: called as step(i, dense layer i) in layer order, before layer i is cut.
-LayerStep = Callable[[int, "DecoderLayer"], "LayerComp | None"]
-
-
-@dataclass(frozen=True)
-class Compensation:
-    name: str
-    needs: str  # "nothing", "stats" (calibration means) or "windows" (its own pass over the calibration windows)
-    options: tuple[str, ...]  # the CompensationConfig fields this method reads (recorded in manifests, MLflow)
-    begin: Callable[[CompensationInputs], LayerStep]  # set up (e.g. embed the windows), return the per-layer step
-    # bytes it holds beyond two copies of the windows' hidden states: (arch, windows, seqlen, elem, cfg) -> int
-    extra_bytes: Callable[[ArchView, int, int, int, CompensationConfig], int] = lambda *_: 0
-
-
-def _none(inp: CompensationInputs) -> LayerStep:
-    return lambda i, layer: None
-
-
-def _bias(inp: CompensationInputs) -> LayerStep:
-    from .bias import layer_bias
-    stats = inp.stats
-    assert stats is not None  # checked by begin (needs == "stats")
-    return lambda i, layer: layer_bias(layer, i, inp.sel, inp.arch, stats)
-
-
-def _lsq(inp: CompensationInputs) -> LayerStep:
-    from .lsq import begin_lsq
-    return begin_lsq(inp)
-
-
-def _lsq_bytes(arch: ArchView, windows: int, seqlen: int, elem: int, cfg: CompensationConfig) -> int:
-    from .lsq import lsq_extra_bytes
-    return lsq_extra_bytes(arch, windows, seqlen, elem, cfg.form, store=False)
-
-
-COMPENSATIONS: dict[str, Compensation] = {
-    "none": Compensation("none", NEEDS["none"], (), _none),
-    "bias": Compensation("bias", NEEDS["bias"], (), _bias),
-    "lsq": Compensation("lsq", NEEDS["lsq"], ("damping", "form"), _lsq, _lsq_bytes),
-}
-
-
-def get_compensation(name: str) -> Compensation:
-    check_compensation_name(name)
-    return COMPENSATIONS[name]
+def get_compensation(name: str) -> Entry:
+    """The registry's entry: .obj is the method's `begin`; .needs, .options, .check, .extra_bytes its facts."""
+    return COMPENSATIONS.get(name)
 
 
 def check_config(cfg: CompensationConfig) -> CompensationConfig:
     """Validate a compensation config before any long work starts."""
-    check_compensation_options(cfg.method, cfg.damping, cfg.form)
+    options = get_compensation(cfg.method).options
+    check_compensation_params({"method": cfg.method, **{k: getattr(cfg, k) for k in options}})
     return cfg
+
+
+def extra_bytes(cfg: CompensationConfig, arch: ArchView, windows: int, seqlen: int, elem: int) -> int:
+    """The method's memory beyond two copies of the windows' hidden states (for a streamed budget)."""
+    fn = get_compensation(cfg.method).extra_bytes
+    return fn(arch, windows, seqlen, elem, cfg) if fn is not None and windows else 0
 
 
 def config_record(cfg: CompensationConfig) -> dict:
@@ -104,7 +43,7 @@ def config_record(cfg: CompensationConfig) -> dict:
 
 def config_from_params(params: dict) -> CompensationConfig:
     """A CompensationConfig from a conf/compensation/*.yaml block ({method, damping?, form?})."""
-    check_params(params, set(CompensationConfig.__dataclass_fields__))
+    check_compensation_params(params, set(CompensationConfig.__dataclass_fields__))
     return check_config(CompensationConfig(**params))
 
 
@@ -115,7 +54,7 @@ def begin(inp: CompensationInputs) -> LayerStep:
         raise FlapError(f"compensation {inp.cfg.method!r} needs calibration statistics")
     if entry.needs == "windows" and inp.windows is None:
         raise FlapError(f"compensation {inp.cfg.method!r} needs calibration windows")
-    return entry.begin(inp)
+    return entry.obj(inp)
 
 
 def compensate(source, sel, arch, cfg: CompensationConfig, stats=None, windows=None, batch_size: int = 8,
@@ -138,6 +77,6 @@ def compensate(source, sel, arch, cfg: CompensationConfig, stats=None, windows=N
 
 from .serialize import comps_from_tensors, comps_to_tensors  # noqa: E402  (re-exported)
 
-__all__ = ["COMPENSATIONS", "Compensation", "CompensationConfig", "LayerComp", "check_config", "comps_from_tensors",
+__all__ = ["COMPENSATIONS", "CompensationConfig", "LayerComp", "check_config", "comps_from_tensors",
            "comps_to_tensors", "compensate", "config_from_params", "config_record", "from_biases",
-           "get_compensation", "begin", "CompensationInputs", "LayerStep"]
+           "get_compensation", "begin", "CompensationInputs", "LayerStep", "extra_bytes"]

@@ -6,9 +6,16 @@ to down_proj and, for reconstructing methods (`lsq`), new weights for the kept i
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from ..arch import ArchView, DecoderLayer
+    from ..selection import Selection
+    from ..store import LayerStore
 
 
 @dataclass
@@ -34,3 +41,20 @@ class CompensationConfig:
 def from_biases(biases: list[tuple[torch.Tensor, torch.Tensor]]) -> list[LayerComp]:
     """Per-layer (o_proj bias, down_proj bias) pairs as LayerComps (no weight changes)."""
     return [LayerComp(o, d) for o, d in biases]
+
+
+@dataclass(frozen=True)
+class CompensationInputs:
+    """What a compensation may read: the store (dense weights), the selection, and its data."""
+    store: LayerStore
+    sel: Selection
+    arch: ArchView
+    cfg: CompensationConfig
+    stats: list | None = None  # per-layer LayerStats (needs == "stats")
+    windows: torch.Tensor | None = None  # N x T calibration tokens (needs == "windows")
+    batch_size: int = 8
+    progress: bool = True
+
+
+#: One layer's compensation: called as step(i, dense layer i) in layer order, before layer i is cut.
+LayerStep = Callable[[int, "DecoderLayer"], "LayerComp | None"]

@@ -34,18 +34,17 @@ from tqdm.auto import tqdm
 
 from ..arch import ArchView, decoder_layers
 from ..calibrate import layer_inputs
+from ..catalogue import check_compensation_params
 from ..errors import FlapError
 from ..selection import Selection
 from ..store import ResidentStore, as_store
-from .base import CompensationConfig, LayerComp
+from .base import CompensationConfig, CompensationInputs, LayerComp
 from .covariance import CovAccumulator
 from .lsq_solve import lsq_solve
 
 if TYPE_CHECKING:
     from ..arch import DecoderLayer
-    from . import CompensationInputs
 
-FORMS = ("sequential", "dense", "drift")
 
 #: Optional observer of the statistics, called as on_moments(layer, "o_proj" | "down_proj", accumulator).
 OnMoments = Callable[[int, str, CovAccumulator], None]
@@ -111,11 +110,7 @@ def _check_decomposition(layer: DecoderLayer, h: torch.Tensor, kw: dict) -> None
 
 
 def check_form(cfg: CompensationConfig) -> None:
-    if cfg.form not in FORMS:
-        raise FlapError(f"unknown lsq form {cfg.form!r}; known: {', '.join(FORMS)}")
-    d = cfg.damping
-    if isinstance(d, bool) or not isinstance(d, (int, float)) or not (d >= 0 and d != float("inf")):
-        raise FlapError(f"lsq damping must be a finite number >= 0, got {d!r}")
+    check_compensation_params({"method": "lsq", "damping": cfg.damping, "form": cfg.form})
 
 
 def lsq_extra_bytes(arch: ArchView, windows: int, seqlen: int, elem: int, form: str, store: bool) -> int:
@@ -259,8 +254,8 @@ def lsq_compensation(model: nn.Module, sel: Selection, arch: ArchView, windows: 
                      on_moments: OnMoments | None = None, store_budget: int = 2 * 2**30) -> list[LayerComp]:
     """Per-layer LayerComps (float64, with new kept-column weights) for `sel` on the DENSE `model` (left
     unchanged; apply the result with surgery.mask_model / prune_model)."""
-    from . import CompensationInputs as Inputs
     store = as_store(model)
-    step = begin_lsq(Inputs(store, sel, arch, cfg, None, windows, batch_size, progress), store_budget, on_moments)
+    inputs = CompensationInputs(store, sel, arch, cfg, None, windows, batch_size, progress)
+    step = begin_lsq(inputs, store_budget, on_moments)
     return [step(i, layer) for i, layer in enumerate(tqdm(decoder_layers(model), desc=f"lsq ({cfg.form})",
                                                           unit="layer", disable=not progress))]

@@ -180,9 +180,8 @@ def expand_study(tables: dict, metrics: dict, compensations: dict, calib: dict,
                 sequential = is_sequential(metric, mcfg.get("sequential"))
                 comps = _comps(where, spec, metric, mcfg, compensations)
                 for corpus, n in _calibrations(where, spec.get("calibration"), calib):
-                    ckey = c.calibration(corpus, n) if (metric not in DATA_FREE or
-                                                        any(COMPENSATIONS[compensations[x]["method"]] != "nothing"
-                                                            for x in comps)) else None
+                    reads = any(COMPENSATIONS.get(compensations[x]["method"]).needs != "nothing" for x in comps)
+                    ckey = c.calibration(corpus, n) if (metric not in DATA_FREE or reads) else None
                     for s in spec["structures"]:
                         _check(where, "structure", s, structures)
                         if sequential and structure_of(s) not in PER_LAYER:
@@ -223,7 +222,7 @@ def _cell(c: _Cells, metric: str, structure: str, ratio: float, ckey: str | None
     out = []
     for comp in comps:
         method = compensations[comp]["method"]
-        needs = COMPENSATIONS[method]
+        needs = COMPENSATIONS.get(method).needs
         ekey = f"{key}-{ckey}-{comp}" if data_free and needs != "nothing" else f"{key}-{comp}"
         item = {**cell, "cell": key, "compensation": comp, "method": method, "calib": ckey or "none",
                 "selection": selection, "comp": paths.compensation(ekey)}

@@ -82,3 +82,15 @@ def sha256_text(text: str) -> str:
 
 def sha256_tensor(t) -> str:
     return sha256_bytes(str(t.dtype).encode(), str(tuple(t.shape)).encode(), t.contiguous().cpu().numpy().tobytes())
+
+
+def weights_sha256(model) -> str:
+    """Content hash of the state dict (names, dtypes, shapes, bytes): independent of paths and files."""
+    import hashlib
+
+    import torch
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.detach().contiguous().cpu().view(-1).view(dtype=torch.uint8).numpy().tobytes())
+    return h.hexdigest()

@@ -3,21 +3,9 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from .io import sha256_bytes
+from .io import sha256_bytes, weights_sha256
 from .records import model_dtype
 from .stage import versions
-
-
-def weights_sha256(model) -> str:
-    """Content hash of the state dict (names, dtypes, shapes, bytes): independent of paths and files."""
-    import hashlib
-
-    import torch
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.detach().contiguous().cpu().view(-1).view(dtype=torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def _text_record(corpus: dict, join: str) -> dict:

@@ -55,7 +55,7 @@ def verify_prepared_weights(lm, record: dict, name: str):
     """Refuse weights that are not finite or differ from the sha256 prepare recorded (a model directory
     edited in place): statistics and results are never labelled with another weights' hash."""
     from ..integrity import check_finite_weights
-    from .prepare import weights_sha256
+    from .io import weights_sha256
     check_finite_weights(lm.model, f"model {name!r}")
     lm.weights_sha256 = weights_sha256(lm.model)
     want = record["model"]["weights_sha256"]

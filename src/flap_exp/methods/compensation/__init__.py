@@ -1,0 +1,1 @@
+"""Compensation methods: one module each, registered in flap_exp.catalogue.COMPENSATIONS (conf/compensation/)."""

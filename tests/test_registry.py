@@ -1,0 +1,134 @@
+"""A method is one file: a toy compensation registered from a single module outside the package (named in
+FLAP_EXP_PLUGINS) is found by the CLI's choices and errors, conf validation, the pipeline's cells, a pruned
+model's manifest and the MLflow run params; and the registry itself (order, errors, facts)."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from flap_exp.errors import FlapError
+from flap_exp.registry import Registry
+
+from helpers.models import save_model_dir
+
+TOY = '''
+"""`toy`: half of FLAP's bias (a test method, one file)."""
+from flap_exp.catalogue import COMPENSATIONS
+
+
+@COMPENSATIONS.register("toy", needs="stats")
+def begin(inp):
+    from flap_exp.compensation.bias import layer_bias
+
+    def step(i, layer):
+        c = layer_bias(layer, i, inp.sel, inp.arch, inp.stats)
+        c.o_bias, c.down_bias = 0.5 * c.o_bias, 0.5 * c.down_bias
+        return c
+    return step
+'''
+
+CHECKS = '''
+import contextlib, io, json, sys
+from flap_exp import cli
+from flap_exp.catalogue import COMPENSATIONS, check_compensation_params
+from flap_exp.pipeline import cells
+from flap_exp.pipeline.tracking import run_params
+
+out = {"names": list(COMPENSATIONS)}
+with contextlib.redirect_stdout(io.StringIO()) as help_text, contextlib.suppress(SystemExit):
+    cli.main(["prune", "--help"])
+out["help"] = help_text.getvalue()
+with contextlib.redirect_stderr(io.StringIO()) as err:
+    out["bad_rc"] = cli.main(["prune", "--model", "nowhere", "--out", "x", "--compensation", "toys"])
+out["bad_err"] = err.getvalue()
+check_compensation_params({"method": "toy"})
+table = cells.expand_study({"t": {"blocks": {"b": {"metrics": ["wifv"], "structures": ["al_am"], "ratios": [0.5],
+                                                   "compensation": ["bias", "toy"]}}}},
+                           {"wifv": {}}, {"bias": {"method": "bias"}, "toy": {"method": "toy"}},
+                           {"corpus": "wiki", "nsamples": 128})
+out["cells"] = json.dumps(table)
+cell = {"key": "wifv-al_am-0.5-wiki-128-toy", "metric": "wifv", "structure": "al_am", "ratio": 0.5,
+        "compensation": "toy", "compensation_method": "toy"}
+params = {"model": {"name": "m"}, "data": {"eval": {"corpus": "wikitext2"}}, "eval": {"seqlen": 8},
+          "metrics": {"wifv": {}}, "structures": {"al_am": {}}}
+record = {"model": {"weights_sha256": "0"}, "eval": {"text_sha256": "0"}, "versions": {}}
+out["mlflow"] = run_params(cell, params, record, {})
+print("RESULT " + json.dumps(out))
+'''
+
+
+@pytest.fixture(scope="module")
+def plugin(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("plugin")
+    (root / "toy_comp.py").write_text(textwrap.dedent(TOY))
+    pypath = os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "PYTHONPATH": pypath, "FLAP_EXP_PLUGINS": "toy_comp", "HF_HUB_OFFLINE": "1"}
+
+
+def test_a_toy_compensation_from_one_file_reaches_every_surface(plugin):
+    r = subprocess.run([sys.executable, "-c", CHECKS], env=plugin, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = json.loads(r.stdout.split("RESULT ", 1)[1])
+    assert got["names"] == ["none", "bias", "lsq", "toy"]  # ranked methods first, then plugins by name
+    assert "{none,bias,lsq,toy}" in got["help"]
+    assert got["bad_rc"] == 2 and "known compensations: none, bias, lsq, toy" in got["bad_err"]
+    assert "wifv-al_am-0.5-wiki-128-toy" in got["cells"] and "wifv-al_am-0.5-wiki-128-bias" in got["cells"]
+    assert got["mlflow"]["compensation"] == got["mlflow"]["compensation.method"] == "toy"
+
+
+def test_a_toy_compensation_prunes_and_its_manifest_names_it(plugin, tmp_path):
+    rng = random.Random(0)
+    words = [f"w{i}" for i in range(40)]
+    save_model_dir(tmp_path / "model", words)
+    (tmp_path / "corpus.txt").write_text(" ".join(rng.choices(words, k=2000)))
+    common = ["--model", str(tmp_path / "model"), "--calib", "text", "--calib-path", str(tmp_path / "corpus.txt"),
+              "--nsamples", "8", "--seqlen", "16", "--ratio", "0.3"]
+    outs = {}
+    for comp in ("toy", "bias"):
+        r = subprocess.run([sys.executable, "-m", "flap_exp.cli", "prune", *common, "--compensation", comp,
+                            "--out", str(tmp_path / comp)], env=plugin, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        outs[comp] = json.loads((tmp_path / comp / "flap_manifest.json").read_text())
+    assert outs["toy"]["compensation"] == {"method": "toy"}
+    assert outs["toy"]["selection"] == outs["bias"]["selection"]  # a compensation never changes the selection
+    from safetensors.torch import load_file
+    toy, bias = load_file(tmp_path / "toy" / "model.safetensors"), load_file(tmp_path / "bias" / "model.safetensors")
+    key = "model.layers.0.mlp.down_proj.bias"
+    assert bias[key].abs().max() > 0
+    assert (toy[key] - 0.5 * bias[key]).abs().max() < 1e-6  # its own method ran, not bias's
+
+
+def test_registry_order_errors_and_facts():
+    reg = Registry("thing", "flap_exp.methods.compensation", defaults={"needs": "nothing"})
+    reg._loaded = True  # no package scan: this registry only holds what is registered here
+    reg.register("zeta")(len)
+    reg.register("alpha", rank=5, needs="stats")(abs)
+    assert reg.names() == ("alpha", "zeta") and reg.get("alpha").needs == "stats" and reg.get("zeta").needs == "nothing"
+    with pytest.raises(FlapError, match="unknown thing 'beta'; known things: alpha, zeta"):
+        reg.get("beta")
+    with pytest.raises(FlapError, match="unknown fact"):
+        reg.register("gamma", colour="red")
+    with pytest.raises(FlapError, match="registered twice"):
+        reg.register("zeta")(abs)
+
+
+def test_a_plugin_that_cannot_be_imported_is_one_line(monkeypatch):
+    monkeypatch.setenv("FLAP_EXP_PLUGINS", "no_such_plugin_module")
+    reg = Registry("thing", "flap_exp.methods.compensation")
+    with pytest.raises(FlapError, match="FLAP_EXP_PLUGINS: cannot import 'no_such_plugin_module'"):
+        reg.names()
+
+
+def test_every_compensation_module_registers_itself():
+    """The package scan finds each module of flap_exp.methods.compensation (one method a file)."""
+    pkg = Path(__file__).resolve().parents[1] / "src" / "flap_exp" / "methods" / "compensation"
+    from flap_exp.catalogue import COMPENSATIONS
+    files = {p.stem for p in pkg.glob("*.py") if p.stem != "__init__"}
+    assert files == set(COMPENSATIONS) == {"none", "bias", "lsq"}
