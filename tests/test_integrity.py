@@ -26,7 +26,7 @@ from flap_exp.selection import Selection
 from flap_exp.structures import STRUCTURES, StructureOptions
 
 from helpers.models import tiny_model
-from test_pipeline import _corpus, _tiny_model
+from helpers.pipeline import corpus_model as _tiny_model, corpus_text as _corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -512,7 +512,7 @@ def test_prepared_weights_edited_in_place_are_refused(model_dir):
                              "(1 NaN, 0 Inf of 1536); refusing it")
 
 
-from test_pipeline import DVC, ran, repo as pipeline_repo, sh  # noqa: E402,F401  (the tiny DVC repository)
+from helpers.pipeline import DVC, ran, repo as pipeline_repo, sh  # noqa: E402,F401  (the tiny DVC repository)
 
 
 def test_local_weights_edited_in_place_rerun_calibration(pipeline_repo):  # noqa: F811  (a pytest fixture)

@@ -20,7 +20,7 @@ import pytest
 from flap_exp.errors import FlapError
 from flap_exp.pipeline.parallel import ParallelConfig, _check, split
 
-from test_pipeline import DVC, OVERRIDES, ROOT, _env, ran, tiny_project
+from helpers.pipeline import DVC, OVERRIDES, ROOT, env_for as _env, ran, tiny_project
 
 # test_pipeline's tiny model and corpus, a two-cell grid (FLAP and Wanda-sp: a per-layer and a sequential search)
 STUDY = """# @package _global_

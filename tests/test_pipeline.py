@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
-import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -25,43 +22,15 @@ import pytest
 import torch
 import yaml
 
-from helpers.models import save_model_dir
+from helpers.pipeline import (
+    DVC,
+    OVERRIDES,
+    VENV_BIN,
+    env_for,
+    ran,
+    sh,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
-VENV_BIN = Path(sys.executable).parent
-DVC = str(VENV_BIN / "dvc")
-
-TINY_STUDY = """# @package _global_
-tables:
-  main:
-    title: Main
-    blocks:
-      flap: {metrics: [wifv], structures: [al_am], ratios: [0.5]}
-      baselines: {metrics: [wanda_sp, weight_magnitude], structures: [ul_um], ratios: [0.5]}
-  compensation:
-    title: Compensation
-    blocks:
-      flap: {metrics: [wifv], structures: [al_am], ratios: [0.5], compensation: [none, bias, lsq]}
-  calibration:
-    title: Calibration
-    blocks:
-      n: {metrics: [wifv], structures: [al_am], ratios: [0.5], calibration: ["text:8", default]}
-  zeroshot:
-    title: Zero-shot
-    measure: [zeroshot]
-    blocks:
-      flap: {metrics: [wifv], structures: [al_am], ratios: [0.5]}
-  speed:
-    title: Speed
-    measure: [speed]
-    blocks:
-      flap: {metrics: [wifv], structures: [al_am], ratios: [0.5]}
-"""
-OVERRIDES = ["experiment=tiny", "model=local", "model.name=models/tiny", "data=text",
-             "data.calib.path=data/corpus.txt", "data.eval.path=data/corpus.txt", "data.calib.nsamples=16",
-             "data.calib.seqlen=32", "eval.seqlen=32", "eval.max_windows=8", "eval.zeroshot.tasks=[piqa,arc_easy]",
-             "eval.zeroshot.limit=4", "eval.throughput.prefill_shapes=[[1,16]]",
-             "eval.throughput.decode_batches=[1]", "eval.throughput.prompt_len=4", "eval.throughput.new_tokens=3"]
 C = "text-16"
 COMPS = ["none", "bias", "lsq"]
 FLAP_CELLS = [f"wifv-al_am-0.5-{C}-{c}" for c in COMPS]
@@ -70,65 +39,6 @@ CELLS = FLAP_CELLS + ["wifv-al_am-0.5-text-8-bias", f"wanda_sp-ul_um-0.5-{C}-non
 COMPENSATE = {f"compensate_lsq@{c}" if c.endswith("-lsq") else f"compensate@{c}" for c in CELLS}
 TABLES = ["main", "compensation", "calibration", "zeroshot", "speed"]
 REPORTS = {f"report@{t}" for t in TABLES} | {"report_index"}
-
-
-def _env(repo: Path, **extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    env.update(PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}", PYTHONPATH=str(repo / "src"),
-               GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.com", GIT_COMMITTER_NAME="t",
-               GIT_COMMITTER_EMAIL="t@example.com", TOKENIZERS_PARALLELISM="false", **extra)
-    return env
-
-
-def sh(repo: Path, *cmd: str, check: bool = True, **env) -> subprocess.CompletedProcess:
-    p = subprocess.run(list(cmd), cwd=repo, env=_env(repo, **env), capture_output=True, text=True, timeout=1200)
-    if check and p.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
-    return p
-
-
-def ran(p: subprocess.CompletedProcess) -> set[str]:
-    return set(re.findall(r"Running stage '([^']+)'", p.stdout))
-
-
-def _corpus(words: int = 12000, seed: int = 0) -> str:
-    rng = random.Random(seed)
-    vocab = [f"w{i}" for i in range(150)]
-    weights = [1 / (i + 1) for i in range(len(vocab))]
-    return " ".join(rng.choices(vocab, weights, k=words)) + "\n"
-
-
-def _tiny_model(path: Path, text: str) -> None:
-    save_model_dir(path, sorted(set(text.split())), identity=True)
-
-
-def tiny_project(repo: Path, study: str) -> None:
-    """The project's pipeline (dvc.yaml, conf/, stages/, src/) around a tiny model, a text corpus and `study`
-    as conf/experiment/tiny.yaml (no git, no DVC yet); test_parallel.py builds its repository the same way."""
-    repo.mkdir(parents=True)
-    for name in ("dvc.yaml", "conf", "stages"):
-        src = ROOT / name
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / name)
-    shutil.copytree(ROOT / "src" / "flap_exp", repo / "src" / "flap_exp",
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    (repo / "conf" / "experiment" / "tiny.yaml").write_text(study)
-    text = _corpus()
-    (repo / "data").mkdir()
-    (repo / "data" / "corpus.txt").write_text(text)
-    _tiny_model(repo / "models" / "tiny", text)
-    (repo / ".gitignore").write_text("mlflow.db\nmlruns/\n__pycache__/\n")
-
-
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    base = tmp_path_factory.mktemp("pipeline")
-    repo = base / "repo"
-    tiny_project(repo, TINY_STUDY)
-    sh(repo, "git", "init", "-q")
-    sh(repo, DVC, "init", "-q")
-    sh(repo, DVC, "remote", "add", "-d", "local", str(base / "remote"))
-    sh(repo, sys.executable, "-m", "flap_exp.pipeline.compose", *OVERRIDES)
-    return repo
 
 
 @pytest.fixture(scope="module")
@@ -417,7 +327,7 @@ def test_mlflow_server_receives_runs(repo: Path, first_run, tmp_path: Path):
         [str(VENV_BIN / "mlflow"), "server", "--workers", "1", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
          "--artifacts-destination", str(tmp_path / "art")],
-        env=_env(repo, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"), stdout=subprocess.DEVNULL,
+        env=env_for(repo, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"), stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 60

@@ -18,9 +18,10 @@ from flap_exp.errors import FlapError
 from flap_exp.persist import load_pruned, save_pruned, write_streamed
 from flap_exp.ppl import perplexity
 from flap_exp.prune import PruneConfig, prune
-from flap_exp.runtime import parse_bytes, resolve_device, resolve_dtype
+from flap_exp.runtime import resolve_device, resolve_dtype
 from flap_exp.shards import INDEX
 from flap_exp.streaming import StreamedModel
+from flap_exp.units import parse_bytes
 
 from helpers.models import tiny_model
 from helpers.synthetic import BIG_CONFIG, write_random_checkpoint

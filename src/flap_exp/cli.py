@@ -60,7 +60,8 @@ def _add_runtime(p: argparse.ArgumentParser) -> None:
 
 def _runtime(a: argparse.Namespace):
     """(device, dtype) checked before any model is loaded."""
-    from .runtime import parse_bytes, resolve_device, resolve_dtype
+    from .runtime import resolve_device, resolve_dtype
+    from .units import parse_bytes
     device = resolve_device(a.device)
     dtype = resolve_dtype(a.dtype, device)
     if a.memory_budget is not None and not a.stream:
@@ -155,28 +156,14 @@ def prune_config(a: argparse.Namespace):
                        batch_size=a.batch_size).validate()
 
 
-def _tokenizer(folder):
-    from transformers import AutoTokenizer
-    try:
-        return AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError) as err:
-        raise FlapError(f"{folder}: no usable tokenizer ({str(err).strip().splitlines()[0]})") from None
-
-
 def _streamed(spec: str, device, dtype, budget):
-    """(StreamedModel, tokenizer, identity) of a local or embedded model directory (every shard checked)."""
+    """(StreamedModel, tokenizer, identity) of a pruned directory, an embedded name or a local directory."""
     from pathlib import Path
 
     from .manifest import MANIFEST
-    from .models import local_model_dir
-    from .streaming import StreamedModel
-    if (Path(spec) / MANIFEST).exists():
-        folder, identity = Path(spec), dict[str, object]()
-    else:
-        folder, identity = local_model_dir(spec)
-    sm = StreamedModel(folder, dtype, device, budget)
-    identity.setdefault("revision", getattr(sm.config, "_commit_hash", None))  # as models.load_model records it
-    return sm, _tokenizer(folder), identity
+    from .streaming import open_streamed
+    lm = open_streamed(spec, dtype, device, budget)
+    return lm.model, lm.tokenizer, {} if (Path(spec) / MANIFEST).exists() else lm.identity
 
 
 def cmd_prune(a: argparse.Namespace) -> dict:
@@ -185,7 +172,7 @@ def cmd_prune(a: argparse.Namespace) -> dict:
     from .models import load_model
     from .persist import save_pruned, write_streamed
     from .prune import prune
-    from .runtime import parse_bytes
+    from .units import parse_bytes
     from .validate import check_out_dir, check_structure_options
     _check_prune_sizes(a)
     cfg = prune_config(a)
@@ -243,7 +230,7 @@ def cmd_ppl(a: argparse.Namespace) -> dict:
     from .manifest import MANIFEST
     from .models import load_model
     from .persist import load_pruned
-    from .runtime import parse_bytes
+    from .units import parse_bytes
     from .validate import check_int
     check_int("--seqlen", a.seqlen, 2, " (a window of one token predicts nothing)")
     check_int("--batch-size", a.batch_size, 1)

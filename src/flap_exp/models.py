@@ -12,6 +12,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -43,7 +44,7 @@ EMBEDDED = {
 
 @dataclass
 class LoadedModel:
-    model: PreTrainedModel
+    model: Any  # a PreTrainedModel in memory, or a layer store (streaming.StreamedModel)
     tokenizer: object
     identity: dict = field(default_factory=dict)
     weights_sha256: str | None = None  # set by whoever hashed the loaded state dict (pipeline.records)
@@ -51,6 +52,10 @@ class LoadedModel:
     @property
     def arch(self) -> ArchView:
         return ArchView.from_config(self.model.config)
+
+    @property
+    def streamed(self) -> bool:
+        return not isinstance(self.model, nn.Module)
 
 
 def _gguf_path(e: Embedded) -> Path:
@@ -133,26 +138,9 @@ def read_identity(path: Path, embedded: bool) -> dict:
     return identity
 
 
-def local_model_dir(spec: str) -> tuple[Path, dict]:
-    """(directory, identity) of an embedded name (converted on first use) or a local directory, never loading
-    the weights: what layer streaming needs. A Hub id is refused (its shards are not on disk)."""
-    if spec in EMBEDDED:
-        path = cache_root() / "models" / spec
-        with cache_lock(path):
-            if not (path / "flap_identity.json").exists():
-                _convert(spec, EMBEDDED[spec], path)
-        return path, json.loads((path / "flap_identity.json").read_text())
-    if os.path.isdir(spec):
-        path = Path(spec)
-        ident_file = path / "flap_identity.json"
-        return path, (json.loads(ident_file.read_text()) if ident_file.exists()
-                      else {"name": path.name, "source": f"dir:{path.resolve()}"})
-    raise FlapError(f"streaming needs the model on disk: {spec!r} is neither an embedded name "
-                    f"({', '.join(EMBEDDED)}) nor a local directory (download it first)")
-
-
-def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> LoadedModel:
-    """An embedded name (see EMBEDDED), a local model directory, or a Hugging Face Hub id."""
+def model_location(spec: str) -> tuple[Path | str, dict]:
+    """(directory or Hub id, identity) of an embedded name (converted on first use, its files checked), a local
+    directory, or a Hub id; no weights are loaded."""
     path: Path | str
     if spec in EMBEDDED:
         path = cache_root() / "models" / spec
@@ -160,13 +148,26 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str = "cpu
             sweep_stale(path.parent)  # temporaries of interrupted conversions (kill -9) of any model
             if not (path / IDENTITY).exists() or _unhashed(path):
                 _convert(spec, EMBEDDED[spec], path)
-        identity = read_identity(path, embedded=True)
-    elif os.path.isdir(spec):
+        return path, read_identity(path, embedded=True)
+    if os.path.isdir(spec):
         path = Path(spec)
-        identity = (read_identity(path, embedded=False) if (path / IDENTITY).exists()
-                    else {"name": path.name, "source": f"dir:{path.resolve()}"})
-    else:
-        path, identity = spec, {"name": spec, "source": f"hub:{spec}"}
+        return path, (read_identity(path, embedded=False) if (path / IDENTITY).exists()
+                      else {"name": path.name, "source": f"dir:{path.resolve()}"})
+    return spec, {"name": spec, "source": f"hub:{spec}"}
+
+
+def local_model_dir(spec: str) -> tuple[Path, dict]:
+    """model_location of a model on disk: what layer streaming needs. A Hub id is refused (no shards here)."""
+    path, identity = model_location(spec)
+    if not isinstance(path, Path):
+        raise FlapError(f"streaming needs the model on disk: {spec!r} is neither an embedded name "
+                        f"({', '.join(EMBEDDED)}) nor a local directory (download it first)")
+    return path, identity
+
+
+def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> LoadedModel:
+    """An embedded name (see EMBEDDED), a local model directory, or a Hugging Face Hub id."""
+    path, identity = model_location(spec)
     try:
         # (the ignore: typeshed's functools.wraps, which transformers puts on PreTrainedModel.to, drops self)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()  # type: ignore[arg-type]

@@ -108,6 +108,34 @@ def _sequential_selection(store: LayerStore, windows: torch.Tensor, cfg: PruneCo
 
 
 @torch.no_grad()
+def select(source: nn.Module | LayerStore, windows: torch.Tensor | None, cfg: PruneConfig,
+           progress: bool = True) -> tuple[list[LayerStats] | None, Selection, dict]:
+    """(statistics, selection, seconds) of `cfg` on the model behind `source`, which is left dense: calibration
+    (sequential for Wanda-sp), scores and the structure's selection."""
+    cfg.validate()
+    store = as_store(source)
+    metric, entry = get_metric(cfg.metric), get_compensation(cfg.resolved_compensation().method)
+    needs_stats = metric.needs_data or entry.needs == "stats"
+    t0 = time.perf_counter()
+    sequential = cfg.sequential if cfg.sequential is not None else metric.sequential
+    stats: list[LayerStats] | None
+    if sequential:
+        if windows is None:
+            raise FlapError(f"metric {cfg.metric!r} calibrates sequentially and needs calibration windows")
+        stats, sel = _sequential_selection(store, windows, cfg, store.arch, progress)
+    else:
+        if needs_stats and windows is None:
+            raise FlapError(f"metric {cfg.metric!r} / compensation {entry.name!r} needs calibration windows")
+        stats = collect_stats(store, windows, cfg.batch_size, progress=progress) \
+            if needs_stats and windows is not None else None  # (not None when needs_stats: checked above)
+    t1 = time.perf_counter()
+    if not sequential:
+        sel = get_structure(cfg.structure)(channel_scores(metric, store, stats, cfg.square_attn), store.arch,
+                                           cfg.ratio, cfg.options)
+    return stats, sel, {"calibrate": t1 - t0, "score_select": time.perf_counter() - t1}
+
+
+@torch.no_grad()
 def prune(source: nn.Module | LayerStore, windows: torch.Tensor | None, cfg: PruneConfig, progress: bool = True,
           sink: LayerSink | None = None) -> PruneResult:
     """Prune the model behind `source` (an in-memory model, or a layer store such as a StreamedModel).
@@ -123,25 +151,13 @@ def prune(source: nn.Module | LayerStore, windows: torch.Tensor | None, cfg: Pru
         raise FlapError("a streamed prune needs a sink to write the cut layers to (persist.write_streamed)")
     comp, arch, metric = cfg.resolved_compensation(), store.arch, get_metric(cfg.metric)
     entry = get_compensation(comp.method)
-    needs_stats = metric.needs_data or entry.needs == "stats"
-    if (needs_stats or entry.needs == "windows") and windows is None:
+    reads = metric.needs_data or entry.needs != "nothing"
+    if reads and windows is None:
         raise FlapError(f"metric {cfg.metric!r} / compensation {comp.method!r} needs calibration windows")
-    n, t = windows.shape[:2] if windows is not None and (needs_stats or entry.needs == "windows") else (0, 0)
+    n, t = windows.shape[:2] if windows is not None and reads else (0, 0)
     extra = extra_bytes(comp, arch, n, t, torch.empty(0, dtype=store.dtype).element_size())
     store.check_budget(n, t, "streamed pruning" + (f" with {comp.method} ({comp.form})" if extra else ""), extra)
-    t0 = time.perf_counter()
-    sequential = cfg.sequential if cfg.sequential is not None else metric.sequential
-    stats: list[LayerStats] | None
-    if sequential:
-        assert windows is not None  # the sequential metric needs data: checked above
-        stats, sel = _sequential_selection(store, windows, cfg, arch, progress)
-    else:
-        stats = collect_stats(store, windows, cfg.batch_size, progress=progress) \
-            if needs_stats and windows is not None else None  # (not None when needs_stats: checked above)
-    t1 = time.perf_counter()
-    if not sequential:
-        sel = get_structure(cfg.structure)(channel_scores(metric, store, stats, cfg.square_attn), arch,
-                                           cfg.ratio, cfg.options)
+    stats, sel, seconds = select(store, windows, cfg, progress)
     t2 = time.perf_counter()
     step = begin(CompensationInputs(store, sel, arch, comp, stats, windows, cfg.batch_size, progress))
     comps: list[LayerComp | None] = []
@@ -156,7 +172,6 @@ def prune(source: nn.Module | LayerStore, windows: torch.Tensor | None, cfg: Pru
                 comps.append(c)
     store.model.config = flap_config(store.config, sel)  # type: ignore[assignment]  # (typed Tensor | Module)
     store.cut = True  # its layers are cut: a streamed store is spent for another run
-    t3 = time.perf_counter()
     kept = None if sink is not None or any(c is None for c in comps) else [c for c in comps if c is not None]
     return PruneResult(sel, sel.achieved_ratio(arch), stats, kept,
-                       {"calibrate": t1 - t0, "score_select": t2 - t1, "compensate_cut": t3 - t2}, comp)
+                       {**seconds, "compensate_cut": time.perf_counter() - t2}, comp)

@@ -28,8 +28,9 @@ from . import modeling  # noqa: F401  (registers flap_llama, so pruned directori
 from .arch import ArchView, decoder_layers
 from .errors import FlapError
 from .integrity import check_finite_tensors
-from .runtime import mib, return_freed_memory_to_os
+from .runtime import return_freed_memory_to_os
 from .shards import Checkpoint
+from .units import mib
 
 if TYPE_CHECKING:
     from .arch import DecoderLayer
@@ -141,5 +142,31 @@ class StreamedModel:
             return windows
         return max(1, min(windows, (self.budget - plan.weights - extra) // plan.per_window))
 
+    def named_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The state dict's tensors by sorted name, as a model loaded in memory would hold them (a tied head
+        under both names), read one at a time."""
+        self._check_intact()
+        for name in sorted(self.model.state_dict()):
+            t = self.ckpt.load([self._ckpt_name(name)], self.dtype, self.device)
+            check_finite_tensors(t, str(self.ckpt.folder))
+            yield name, t[self._ckpt_name(name)]
+
     def weight_bytes(self) -> int:
         return sum(self.ckpt.nbytes(n, self.dtype) for n in self.ckpt.where)
+
+
+def open_streamed(spec: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                  budget: int | None = None):
+    """models.LoadedModel whose model is the StreamedModel of an embedded name or a local directory (every
+    shard checked, the tokenizer loaded; nothing of the weights read)."""
+    from transformers import AutoTokenizer
+
+    from .models import LoadedModel, local_model_dir
+    folder, identity = local_model_dir(spec)
+    sm = StreamedModel(folder, dtype, device, budget)
+    identity.setdefault("revision", getattr(sm.config, "_commit_hash", None))  # as models.load_model records it
+    try:
+        tok = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as err:
+        raise FlapError(f"{folder}: no usable tokenizer ({str(err).strip().splitlines()[0]})") from None
+    return LoadedModel(sm, tok, identity)

@@ -3,10 +3,14 @@
 Both add the compensation biases to o_proj and down_proj (and, for a reconstructing compensation such as
 `lsq`, write its new weights into the kept input columns) and give the same outputs. Masking zeroes the
 q/k/v rows of removed groups and the gate/up rows of removed channels, as the official `--unstr` does:
-a removed head's context is then zero (its values are zero), and silu(0) * 0 = 0.
+a removed head's context is then zero (its values are zero), and silu(0) * 0 = 0. PrunedView cuts the
+layers of a store as they are read, for measuring a pruned model that is never built whole.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -19,6 +23,7 @@ from .selection import Selection
 
 if TYPE_CHECKING:
     from .arch import DecoderLayer
+    from .store import LayerStore
 
 # Per-layer LayerComps, or the older per-layer (o_proj bias, down_proj bias) pairs, or None (no compensation).
 Biases = list[LayerComp] | list[tuple[torch.Tensor, torch.Tensor]] | None
@@ -137,3 +142,48 @@ def flap_config(config, sel: Selection) -> FlapLlamaConfig:
                           layer_intermediate_size=[int(c.sum()) for c in sel.keep_channels], **d)
     cfg.architectures = ["FlapLlamaForCausalLM"]
     return cfg
+
+
+class PrunedView:
+    """A layer store whose layers are another store's, cut by `sel` (with `comps`) as each is yielded: a pruned
+    model measured without being built, so a streamed model is never held whole. The cut is made on a copy
+    of the loaded layer (one more layer in memory while it runs), leaving the base store's layers intact."""
+
+    def __init__(self, base: LayerStore, sel: Selection, comps: list[LayerComp] | None):
+        self.base, self.sel, self.comps = base, sel, comps
+        self.model, self.arch, self.device, self.dtype = base.model, base.arch, base.device, base.dtype
+        self.config, self.cut = flap_config(base.config, sel), False
+
+    @property
+    def num_layers(self) -> int:
+        return self.base.num_layers
+
+    @contextlib.contextmanager
+    def layer(self, i: int) -> Iterator[DecoderLayer]:
+        with self.base.layer(i) as dense:
+            layer = copy.deepcopy(dense)
+        cut_layer(layer, self.sel.keep_groups[i], self.sel.keep_channels[i],
+                  self.comps[i] if self.comps else None, self.arch)
+        yield layer
+
+    def embedding(self) -> contextlib.AbstractContextManager[nn.Module]:
+        return self.base.embedding()
+
+    def head(self) -> contextlib.AbstractContextManager[tuple[nn.Module, nn.Linear]]:
+        return self.base.head()
+
+    def check_budget(self, windows: int, seqlen: int, what: str, extra: int = 0) -> object:
+        return self.base.check_budget(windows, seqlen, what, extra)
+
+    def chunk_windows(self, windows: int, batch: int, seqlen: int, what: str, extra: int = 0) -> int:
+        return self.base.chunk_windows(windows, batch, seqlen, what, extra)
+
+    def layer_numels(self) -> list[tuple[int, int]]:
+        """Per layer (attention + MLP weights, all parameters) of the pruned layers (each read once more)."""
+        out = []
+        for i in range(self.num_layers):
+            with self.layer(i) as layer:
+                weights = sum(p.numel() for mod in (layer.self_attn, layer.mlp)
+                              for name, p in mod.named_parameters() if name.endswith("weight"))
+                out.append((weights, sum(p.numel() for p in layer.parameters())))
+        return out

@@ -59,12 +59,17 @@ def begin(inp: CompensationInputs) -> LayerStep:
 
 def compensate(source, sel, arch, cfg: CompensationConfig, stats=None, windows=None, batch_size: int = 8,
                progress: bool = True) -> list[LayerComp] | None:
-    """Per-layer compensation of `sel` on the dense model (an nn.Module or a layer store, left dense), or None
-    for a method that changes nothing (`none`)."""
-    store = as_store(source)
-    step = begin(CompensationInputs(store, sel, arch, cfg, stats, windows, batch_size, progress))
+    """Per-layer compensation of `sel` on the dense model (an nn.Module or a layer store, left dense; None for a
+    method that reads nothing), or None for a method that changes nothing (`none`)."""
+    if source is None and get_compensation(cfg.method).needs != "nothing":
+        raise FlapError(f"compensation {cfg.method!r} reads the model; none was given")
+    store = None if source is None else as_store(source)
+    step = begin(CompensationInputs(store, sel, arch, cfg, stats, windows, batch_size, progress))  # type: ignore[arg-type]
     comps = []
-    for i in tqdm(range(store.num_layers), desc=f"compensate ({cfg.method})", unit="layer", disable=not progress):
+    for i in tqdm(range(arch.num_layers), desc=f"compensate ({cfg.method})", unit="layer", disable=not progress):
+        if store is None:
+            comps.append(step(i, None))  # type: ignore[arg-type]  # a method that reads nothing gets no layer
+            continue
         with store.layer(i) as layer:
             comps.append(step(i, layer))
     kept = [c for c in comps if c is not None]

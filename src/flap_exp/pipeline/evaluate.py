@@ -26,6 +26,18 @@ def layer_params(model) -> int:
     return n
 
 
+def _streamed_params(store) -> tuple[int, int]:
+    """(attention + MLP weights, all parameters) of a streamed model or a PrunedView of one."""
+    rest = sum(p.numel() for name, p in store.model.named_parameters() if not name.startswith("model.layers."))
+    if hasattr(store, "layer_numels"):
+        layers = store.layer_numels()
+        return sum(w for w, _ in layers), rest + sum(n for _, n in layers)
+    skeleton = [store.model.model.layers[i] for i in range(store.num_layers)]  # meta tensors: shapes only
+    weights = sum(p.numel() for layer in skeleton for mod in (layer.self_attn, layer.mlp)
+                  for name, p in mod.named_parameters() if name.endswith("weight"))
+    return weights, rest + sum(p.numel() for layer in skeleton for p in layer.parameters())
+
+
 def _throughput(model, tp: dict, load_dense: Callable[[], Any] | None) -> dict:
     """Median tokens/s per workload, and (for a pruned model) the median paired speedup over dense."""
     from ..evaluation import compare_throughput
@@ -59,14 +71,21 @@ def evaluate(lm, selection: dict | None, comps: list | None, what: str, eval_par
     data: the main perplexity corpus (data.eval); extra: more corpora by name (data.eval_extra);
     load_dense: returns a fresh dense model, the throughput reference for a pruned one."""
     from ..selection import Selection
-    from ..surgery import prune_model
+    from ..surgery import PrunedView, prune_model
     from .records import arch_of
     arch = arch_of(record)
-    if selection is not None:
-        prune_model(lm.model, Selection.from_json(selection, arch), comps, arch)
-    kept = layer_params(lm.model)
+    if lm.streamed:  # never built whole: each layer cut as it is read
+        if what != "ppl":
+            raise FlapError(f"{what} needs the model in memory; with model.stream only perplexity is measured")
+        if selection is not None:
+            lm.model = PrunedView(lm.model, Selection.from_json(selection, arch), comps)
+        kept, model_params = _streamed_params(lm.model)
+    else:
+        if selection is not None:
+            prune_model(lm.model, Selection.from_json(selection, arch), comps, arch)
+        kept, model_params = layer_params(lm.model), sum(p.numel() for p in lm.model.parameters())
     out = {"params_kept": kept, "params_total": arch.total_params, "achieved_ratio": 1 - kept / arch.total_params,
-           "model_params": sum(p.numel() for p in lm.model.parameters())}
+           "model_params": model_params}
     if what == "ppl":
         ppl = _perplexity(lm, data, record["eval"], eval_params)
         out |= {"perplexity": ppl.ppl, "ppl_windows": ppl.windows, "ppl_tokens": ppl.tokens, "seqlen": ppl.seqlen,

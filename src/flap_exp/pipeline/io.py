@@ -85,12 +85,14 @@ def sha256_tensor(t) -> str:
 
 
 def weights_sha256(model) -> str:
-    """Content hash of the state dict (names, dtypes, shapes, bytes): independent of paths and files."""
+    """Content hash of the state dict (names, dtypes, shapes, bytes): independent of paths and files; the same
+    for a model in memory and its StreamedModel (read a tensor at a time)."""
     import hashlib
 
     import torch
     h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
+    tensors = model.named_tensors() if hasattr(model, "named_tensors") else sorted(model.state_dict().items())
+    for name, t in tensors:
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.detach().contiguous().cpu().view(-1).view(dtype=torch.uint8).numpy().tobytes())
     return h.hexdigest()

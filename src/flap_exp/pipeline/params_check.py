@@ -9,6 +9,7 @@ import re
 
 from ..catalogue import floor_fraction
 from ..errors import FlapError
+from ..units import parse_bytes
 from ..validate import check_int
 
 MISSING = "???"  # OmegaConf's mark of a mandatory value left unset
@@ -59,10 +60,26 @@ def _device_and_dtype(params: dict) -> None:
         raise FlapError(f"model.dtype must be float32, bfloat16 or float16, got {dtype!r}")
 
 
+def _streaming(params: dict) -> None:
+    """model.stream (one decoder layer resident at a time) and its memory_budget; a streamed study measures
+    perplexity only, so a table asking for zero-shot accuracy or speed is refused before any stage runs."""
+    _bool(params, "model.stream")
+    parse_bytes(_get(params, "model.memory_budget"))
+    if not _get(params, "model.stream"):
+        if _get(params, "model.memory_budget") is not None:
+            raise FlapError("model.memory_budget applies to model.stream=true only")
+        return
+    asking = sorted(t for t, table in (params.get("tables") or {}).items() if (table or {}).get("measure"))
+    if asking:
+        raise FlapError(f"model.stream=true measures perplexity only; table(s) {', '.join(asking)} ask for "
+                        "zero-shot or speed (run them in memory, or experiment=compensation / ablation)")
+
+
 def check_params(params: dict) -> dict:
     """Raise FlapError on the first bad value; return `params` unchanged."""
     _set(params, "model.name", "model=local needs model.name=/path/to/model (or a Hub id)")
     _device_and_dtype(params)
+    _streaming(params)
     _corpus(params, "data.calib")
     _int(params, "data.calib.nsamples", 2, why=" (the variance of one sample is undefined)")
     _int(params, "data.calib.seqlen", 2, why=" (a window of one token predicts nothing)")

@@ -4,7 +4,6 @@ from __future__ import annotations
 from dataclasses import asdict
 
 from .io import sha256_bytes, weights_sha256
-from .records import model_dtype
 from .stage import versions
 
 
@@ -18,13 +17,13 @@ def prepare(model_params: dict, data_params: dict, corpora: list[str]) -> dict:
     """The base model's record and the calibration corpora's (results/prepare.json), by corpus name;
     evaluation corpora are recorded apart (prepare_eval) so that adding one never invalidates calibration."""
     from ..integrity import check_finite_weights
-    from ..models import load_model
-    from .records import calib_corpus
-    lm = load_model(model_params["name"], model_dtype(model_params.get("dtype", "float32")), "cpu")
-    check_finite_weights(lm.model, f"model {model_params['name']!r}")  # refused before any stage computes on it
+    from .records import calib_corpus, open_model
+    lm = open_model({**model_params, "device": "cpu"})
+    if not lm.streamed:  # (streamed: each layer is checked as it is read, by the hash below)
+        check_finite_weights(lm.model, f"model {model_params['name']!r}")  # refused before any stage uses it
     model = {"spec": model_params["name"], "identity": lm.identity, "arch": asdict(lm.arch),
              "weights_sha256": weights_sha256(lm.model), "dtype": model_params.get("dtype", "float32"),
-             "params": sum(p.numel() for p in lm.model.parameters())}
+             "params": sum(p.numel() for p in (lm.model.model if lm.streamed else lm.model).parameters())}
     return {"model": model,
             # the official calibration join
             "calib": {c: _text_record(calib_corpus(data_params["calib"], c), join=" ") for c in corpora},

@@ -30,20 +30,23 @@ def eval_record() -> dict:
     return {**read_json(PREPARE), **read_json(PREPARE_EVAL)}
 
 
-def model_dtype(name: str):
-    import torch
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise FlapError(f"unknown dtype {name!r}; use float32, bfloat16 or float16")
-    return dtype
+def open_model(model_params: dict):
+    """models.LoadedModel of conf/model's settings: in memory, or (`stream: true`) a StreamedModel within
+    `memory_budget` (one decoder layer resident at a time)."""
+    from ..models import load_model
+    from ..runtime import resolve_device, resolve_dtype
+    from ..units import parse_bytes
+    device = resolve_device(model_params.get("device", "cpu"))  # "auto": the GPU when there is one
+    dtype = resolve_dtype(model_params.get("dtype", "float32"), device)
+    if model_params.get("stream"):
+        from ..streaming import open_streamed
+        return open_streamed(model_params["name"], dtype, device, parse_bytes(model_params.get("memory_budget")))
+    return load_model(model_params["name"], dtype, str(device))
 
 
 def load_prepared_model(model_params: dict, record: dict):
-    """Load the model named in params and check it is the one `prepare` recorded."""
-    from ..models import load_model
-    from ..runtime import resolve_device, resolve_dtype
-    device = resolve_device(model_params.get("device", "cpu"))  # "auto": the GPU when there is one
-    lm = load_model(model_params["name"], resolve_dtype(model_params.get("dtype", "float32"), device), str(device))
+    """Open the model named in params and check it is the one `prepare` recorded."""
+    lm = open_model(model_params)
     want = record["model"]["identity"]
     if lm.identity != want:
         raise FlapError(f"model {model_params['name']!r} is not the one prepare recorded ({want.get('name')}, "
@@ -53,10 +56,12 @@ def load_prepared_model(model_params: dict, record: dict):
 
 def verify_prepared_weights(lm, record: dict, name: str):
     """Refuse weights that are not finite or differ from the sha256 prepare recorded (a model directory
-    edited in place): statistics and results are never labelled with another weights' hash."""
+    edited in place): statistics and results are never labelled with another weights' hash. (A streamed
+    model's weights are checked finite as each layer is read.)"""
     from ..integrity import check_finite_weights
     from .io import weights_sha256
-    check_finite_weights(lm.model, f"model {name!r}")
+    if not lm.streamed:
+        check_finite_weights(lm.model, f"model {name!r}")
     lm.weights_sha256 = weights_sha256(lm.model)
     want = record["model"]["weights_sha256"]
     if lm.weights_sha256 != want:

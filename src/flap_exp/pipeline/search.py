@@ -73,11 +73,12 @@ def search_file(path: str, arch, cell: dict, opts: dict) -> dict:
 
 
 def search_sequential(model, windows, cell: dict, metric_opts: dict, opts: dict, batch_size: int):
-    """(selection record, stats tensors) of a sequentially calibrated cell; prunes `model` in place."""
+    """(selection record, stats tensors) of a sequentially calibrated cell; `model` (in memory or a layer
+    store) stays dense."""
     from ..arch import ArchView
     from ..catalogue import structure_of
     from ..compensation import CompensationConfig
-    from ..prune import PruneConfig, prune
+    from ..prune import PruneConfig, select
     from ..stats import stats_to_tensors
     arch = ArchView.from_config(model.config)
     # The selection only: the cell's compensation is its own stage (compensate@CELL-COMP).
@@ -85,6 +86,6 @@ def search_sequential(model, windows, cell: dict, metric_opts: dict, opts: dict,
                       compensation=CompensationConfig("none"),
                       square_attn=metric_opts.get("square_attn"), sequential=metric_opts.get("sequential"),
                       options=options(opts, arch), batch_size=batch_size)
-    res = prune(model, windows, cfg, progress=True)
-    assert res.stats is not None  # a sequential pass always records the statistics it pruned with
-    return selection_record(res.selection, arch, cell), stats_to_tensors(res.stats)
+    stats, sel, _ = select(model, windows, cfg, progress=True)
+    assert stats is not None  # a sequential pass always records the statistics it pruned with
+    return selection_record(sel, arch, cell), stats_to_tensors(stats)
