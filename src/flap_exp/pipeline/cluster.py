@@ -27,7 +27,8 @@ from .cluster_conf import ClusterConfig, compose_cluster
 
 RAN = re.compile(r"Running stage '([^']+)'")
 CACHED = re.compile(r"Stage '([^']+)' is cached - skipping run")
-OUTCOME_GRACE_POLLS = 3  # a task gone from squeue whose outcome file is not there yet (NFS lag) is waited for
+# a task gone from squeue whose outcome file is not there yet (a shared filesystem's lag) is waited for
+OUTCOME_GRACE_S = 15
 
 
 def _stream(root: str, env: dict, *args: str) -> tuple[list[str], list[str]]:
@@ -77,8 +78,8 @@ def wait(cfg: ClusterConfig, array, run_dir: Path) -> tuple[dict[str, dict], int
     at once). Prints each as it ends."""
     done: dict[str, dict] = {}
     peak = 0
-    seen: dict[int, str] = {}
-    missing: dict[int, int] = {}
+    started: dict[int, str] = {}  # task index -> the start time squeue gave while it ran
+    missing: dict[int, float] = {}
     squeue_failures = 0
     t0 = time.monotonic()
     while len(done) < len(array.cells):
@@ -91,21 +92,25 @@ def wait(cfg: ClusterConfig, array, run_dir: Path) -> tuple[dict[str, dict], int
                                 "(squeue/scancel it); rerun this command later to gather what finished")
             continue
         squeue_failures = 0
-        peak = max(peak, sum(s == "RUNNING" for s in states.values()))
+        peak = max(peak, sum(state == "RUNNING" for state, _ in states.values()))
         for i, cell in enumerate(array.cells):
             if cell in done:
                 continue
-            state = states.get(i)
-            if state is not None:
-                if seen.get(i) == "RUNNING" and state in ("PENDING", "REQUEUED", "REQUEUE_HOLD"):
+            if i in states:
+                state, start = states[i]
+                requeued = i in started and (state in ("PENDING", "REQUEUED", "REQUEUE_HOLD") or
+                                             (state == "RUNNING" and start != started[i]))
+                if requeued:
                     print(f"cluster: {cell} (task {array.array_id}_{i}) was requeued (preempted or requeued); "
                           "it reruns alone", flush=True)
-                seen[i] = state
+                    started.pop(i)
+                if state == "RUNNING":
+                    started[i] = start
                 continue
             rec = _outcome(run_dir, cell)
             if rec is None:
-                missing[i] = missing.get(i, 0) + 1
-                if missing[i] < OUTCOME_GRACE_POLLS:
+                missing.setdefault(i, time.monotonic())
+                if time.monotonic() - missing[i] < OUTCOME_GRACE_S:
                     continue
                 rec = {"cell": cell, "status": "died", "step": "the task ended without an outcome "
                        "(killed, out of memory or time?)", "tail": array.log_tail(i).splitlines()}

@@ -46,6 +46,19 @@ def check_scheduler(cfg: ClusterConfig) -> str:
     return cfg.partition
 
 
+def task_indices(job: str) -> list[int]:
+    """The array task indices of a squeue job id: `12_3` -> [3]; a pending group `12_[0-2,5%2]` -> [0, 1, 2, 5]."""
+    if "_" not in job:
+        return []
+    spec = job.split("_", 1)[1].strip("[]").split("%")[0]
+    out: list[int] = []
+    for part in spec.split(","):
+        lo, _, hi = part.partition("-")
+        if lo.isdigit() and (not hi or hi.isdigit()):
+            out += range(int(lo), int(hi or lo) + 1)
+    return out
+
+
 @dataclass
 class SlurmArray:
     """One submitted array: its id, the cell of each task index, and submitit's jobs (log paths)."""
@@ -53,9 +66,11 @@ class SlurmArray:
     cells: list[str]
     jobs: list = field(default_factory=list)
 
-    def states(self) -> dict[int, str] | None:
-        """{task index: PENDING|RUNNING|...} of the tasks still in the queue; None when squeue failed."""
-        p = subprocess.run(["squeue", "-h", "-r", "-j", self.array_id, "-o", "%i|%T"], capture_output=True,
+    def states(self) -> dict[int, tuple[str, str]] | None:
+        """{task index: (PENDING|RUNNING|..., start time)} of the tasks still in the queue; None when squeue
+        failed. A requeued task gets a new start time when it runs again (its PENDING spell can be too short
+        to be seen between two polls)."""
+        p = subprocess.run(["squeue", "-h", "-r", "-j", self.array_id, "-o", "%i|%T|%S"], capture_output=True,
                            text=True, timeout=60)
         if p.returncode != 0:
             if "Invalid job id" in p.stderr:  # the whole array left the queue (and slurmctld forgot it)
@@ -63,9 +78,10 @@ class SlurmArray:
             return None
         out = {}
         for line in p.stdout.split():
-            job, _, state = line.partition("|")
-            if "_" in job and job.rsplit("_", 1)[1].isdigit():
-                out[int(job.rsplit("_", 1)[1])] = state
+            job, state, start = (line.split("|") + ["", ""])[:3]
+            # a one-cell array is a plain job (submitit), and a whole pending array may show with no index
+            for i in task_indices(job) if job != self.array_id else range(len(self.cells)):
+                out[i] = (state, start)
         return out
 
     def cancel(self) -> None:
