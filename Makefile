@@ -60,6 +60,17 @@ run-parallel: $(VENV_OK)
 	$(VENV_PATH) $(PY) -m flap_exp.pipeline.parallel --jobs $(JOBS)
 	$(PY) -m flap_exp.pipeline.summary
 
+# The grid on a cluster (conf/cluster/: local = DVC's queue here, slurm = one SLURM job array through submitit):
+# `make run-cluster CLUSTER=slurm CLUSTER_OVERRIDES="cluster.partition=gpu cluster.mem_gb=16"`. The tasks clone
+# HEAD, so commit params.yaml and cells.yaml after the compose step (it refuses a workspace they would not see).
+CLUSTER ?= local
+CLUSTER_OVERRIDES ?=
+.PHONY: run-cluster
+run-cluster: $(VENV_OK)
+	$(PY) -m flap_exp.pipeline.compose protocol=$(PROTOCOL) experiment=$(EXP) $(OVERRIDES)
+	$(VENV_PATH) $(PY) -m flap_exp.pipeline.cluster cluster=$(CLUSTER) $(CLUSTER_OVERRIDES)
+	$(PY) -m flap_exp.pipeline.summary
+
 MLFLOW_PORT ?= 5000
 mlflow-ui: $(VENV_OK)
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false .venv/bin/mlflow ui --workers 1 --host 127.0.0.1 \

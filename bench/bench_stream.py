@@ -18,8 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from flap_exp.runtime import parse_bytes
 from flap_exp.synthetic import BIG_CONFIG, write_random_checkpoint
+from flap_exp.units import parse_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -512,10 +512,16 @@ def test_prepared_weights_edited_in_place_are_refused(model_dir):
                              "(1 NaN, 0 Inf of 1536); refusing it")
 
 
-from helpers.pipeline import DVC, ran, repo as pipeline_repo, sh  # noqa: E402,F401  (the tiny DVC repository)
+from helpers.pipeline import DVC, ran, sh, tiny_repo  # noqa: E402
 
 
-def test_local_weights_edited_in_place_rerun_calibration(pipeline_repo):  # noqa: F811  (a pytest fixture)
+@pytest.fixture(scope="module")
+def pipeline_repo(tmp_path_factory) -> Path:
+    return tiny_repo(tmp_path_factory)
+
+
+
+def test_local_weights_edited_in_place_rerun_calibration(pipeline_repo):
     """model=local: the directory is a DVC dependency of prepare, and no stage labels statistics with the
     hash of weights it did not load (a stage run against a stale prepare.json is refused)."""
     repo = pipeline_repo

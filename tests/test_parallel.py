@@ -20,25 +20,19 @@ import pytest
 from flap_exp.errors import FlapError
 from flap_exp.pipeline.parallel import ParallelConfig, _check, split
 
-from helpers.pipeline import DVC, OVERRIDES, ROOT, env_for as _env, ran, tiny_project
-
-# test_pipeline's tiny model and corpus, a two-cell grid (FLAP and Wanda-sp: a per-layer and a sequential search)
-STUDY = """# @package _global_
-tables:
-  main:
-    title: Main
-    blocks:
-      flap: {metrics: [wifv], structures: [al_am], ratios: [0.5]}
-      baselines: {metrics: [wanda_sp], structures: [ul_um], ratios: [0.5]}
-"""
-CELLS = ["wifv-al_am-0.5-text-16-bias", "wanda_sp-ul_um-0.5-text-16-none"]
-GATHER = {"track", "report@main", "report_index"}
-
-HOOK = """import os, sys
-if len(sys.argv) > 0 and os.path.basename(os.path.dirname(sys.argv[0])) == "stages":
-    with open(os.environ["FLAP_TEST_STAGE_LOG"], "a") as f:
-        f.write(" ".join(sys.argv) + "\\n")
-"""
+from helpers.pipeline import (
+    CELLS,
+    DVC,
+    GATHER,
+    HOOK,
+    OVERRIDES,
+    ROOT,
+    STUDY,
+    env_for as _env,
+    ran,
+    results as _results,
+    tiny_project,
+)
 
 
 def run(repo: Path, *cmd: str, check: bool = True, **extra) -> subprocess.CompletedProcess:
@@ -82,18 +76,6 @@ def _mlflow_runs(repo: Path) -> list:
     client = MlflowClient(f"sqlite:///{repo.parent / 'mlflow.db'}")
     exps = client.search_experiments(view_type=ViewType.ALL)
     return [r for e in exps for r in client.search_runs([e.experiment_id], run_view_type=ViewType.ALL)]
-
-
-def _results(repo: Path) -> dict:
-    """Every perplexity record and every selection.json."""
-    def load(f: Path) -> dict:  # a local corpus is recorded by its absolute path: the copies' paths differ
-        return json.loads(f.read_text().replace(str(repo), "<repo>"))
-    out = {}
-    for f in sorted((repo / "results" / "evaluate").rglob("ppl.json")):
-        out[f.relative_to(repo).as_posix()] = load(f)
-    for f in sorted((repo / "results" / "search").rglob("selection.json")):
-        out[f.relative_to(repo).as_posix()] = load(f)
-    return out
 
 
 @pytest.mark.slow

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -27,8 +26,11 @@ from helpers.pipeline import (
     OVERRIDES,
     VENV_BIN,
     env_for,
+    free_port as _free_port,
     ran,
+    rest as _rest,
     sh,
+    tiny_repo,
 )
 
 C = "text-16"
@@ -39,6 +41,11 @@ CELLS = FLAP_CELLS + ["wifv-al_am-0.5-text-8-bias", f"wanda_sp-ul_um-0.5-{C}-non
 COMPENSATE = {f"compensate_lsq@{c}" if c.endswith("-lsq") else f"compensate@{c}" for c in CELLS}
 TABLES = ["main", "compensation", "calibration", "zeroshot", "speed"]
 REPORTS = {f"report@{t}" for t in TABLES} | {"report_index"}
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    return tiny_repo(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -305,19 +312,6 @@ def test_tampered_statistics_refused(repo: Path, first_run):
         stats.write_bytes(saved[0])
         manifest.write_text(saved[1])
     assert ran(sh(repo, DVC, "repro")) == set()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rest(url: str, body: dict | None = None) -> dict:
-    req = urllib.request.Request(url, data=json.dumps(body).encode() if body is not None else None,
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=30) as r:
-        return json.loads(r.read())
 
 
 def test_mlflow_server_receives_runs(repo: Path, first_run, tmp_path: Path):

@@ -2,15 +2,16 @@
 stages/, src/), a tiny model with a word-level tokenizer and a generated corpus; and running commands in it."""
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
 import shutil
+import socket
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
-
-import pytest
 
 from .models import save_model_dir
 
@@ -97,8 +98,8 @@ def tiny_project(repo: Path, study: str) -> None:
     (repo / ".gitignore").write_text("mlflow.db\nmlruns/\n__pycache__/\n")
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
+def tiny_repo(tmp_path_factory) -> Path:
+    """The tiny study's git + DVC repository with a local DVC remote and params.yaml composed (not reproduced)."""
     base = tmp_path_factory.mktemp("pipeline")
     repo = base / "repo"
     tiny_project(repo, TINY_STUDY)
@@ -107,3 +108,47 @@ def repo(tmp_path_factory) -> Path:
     sh(repo, DVC, "remote", "add", "-d", "local", str(base / "remote"))
     sh(repo, sys.executable, "-m", "flap_exp.pipeline.compose", *OVERRIDES)
     return repo
+
+
+# A two-cell grid (FLAP and Wanda-sp: a per-layer and a sequential search) for test_parallel and test_cluster
+STUDY = """# @package _global_
+tables:
+  main:
+    title: Main
+    blocks:
+      flap: {metrics: [wifv], structures: [al_am], ratios: [0.5]}
+      baselines: {metrics: [wanda_sp], structures: [ul_um], ratios: [0.5]}
+"""
+CELLS = ["wifv-al_am-0.5-text-16-bias", "wanda_sp-ul_um-0.5-text-16-none"]
+GATHER = {"track", "report@main", "report_index"}
+
+HOOK = """import os, sys
+if len(sys.argv) > 0 and os.path.basename(os.path.dirname(sys.argv[0])) == "stages":
+    with open(os.environ["FLAP_TEST_STAGE_LOG"], "a") as f:
+        f.write(" ".join(sys.argv) + "\\n")
+"""
+
+
+def results(repo: Path) -> dict:
+    """Every perplexity record and every selection.json."""
+    def load(f: Path) -> dict:  # a local corpus is recorded by its absolute path: the copies' paths differ
+        return json.loads(f.read_text().replace(str(repo), "<repo>"))
+    out = {}
+    for f in sorted((repo / "results" / "evaluate").rglob("ppl.json")):
+        out[f.relative_to(repo).as_posix()] = load(f)
+    for f in sorted((repo / "results" / "search").rglob("selection.json")):
+        out[f.relative_to(repo).as_posix()] = load(f)
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rest(url: str, body: dict | None = None) -> dict:
+    req = urllib.request.Request(url, data=json.dumps(body).encode() if body is not None else None,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
