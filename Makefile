@@ -6,7 +6,7 @@ VENV_OK := .venv/.installed
 WIKITEXT2 ?= $(abspath $(wildcard ../shared/data/wikitext-2-raw))
 export FLAP_EXP_WIKITEXT2 := $(WIKITEXT2)
 
-.PHONY: setup run test lint bench clean compose mlflow-ui
+.PHONY: setup run test test-fast lint bench clean compose mlflow-ui
 
 setup: $(VENV_OK)
 
@@ -28,6 +28,11 @@ test: $(VENV_OK)
 	# One pytest-xdist worker per core (at most 4); --dist loadfile keeps a file's module fixtures (the tiny
 	# pipeline repository, the real model) on one worker, built once.
 	$(PY) -m pytest -q -p no:cacheprovider -n auto --maxprocesses 4 --dist loadfile
+
+# The inner loop (a few minutes): units, resident == streamed and the CLI on tiny models; no DVC study
+# (marker `pipeline`) and nothing that loads the real model or a large random one (marker `slow`).
+test-fast: $(VENV_OK)
+	$(PY) -m pytest -q -p no:cacheprovider -n auto --maxprocesses 4 --dist loadfile -m "not slow and not pipeline"
 
 # Style and static checks (CI runs this before `make test`); the rule sets are in pyproject.toml.
 lint: $(VENV_OK)

@@ -39,6 +39,8 @@ from helpers.pipeline import (
 )
 from helpers.slurm import LocalSlurm, Unavailable
 
+pytestmark = pytest.mark.pipeline
+
 CLUSTER = [sys.executable, "-m", "flap_exp.pipeline.cluster", "cluster=slurm", "cluster.poll_s=0.5",
            "cluster.array_parallelism=2", "cluster.mem_gb=1", "cluster.time_min=20"]
 

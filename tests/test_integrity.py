@@ -240,7 +240,7 @@ def test_evaluate_refuses_out_of_range_selection_before_measuring(model):
     before = {k: v.clone() for k, v in model.state_dict().items()}
 
     class LM:
-        pass
+        streamed = False
     lm = LM()
     lm.model = model
     with pytest.raises(FlapError) as err:
@@ -521,6 +521,7 @@ def pipeline_repo(tmp_path_factory) -> Path:
 
 
 
+@pytest.mark.pipeline
 def test_local_weights_edited_in_place_rerun_calibration(pipeline_repo):
     """model=local: the directory is a DVC dependency of prepare, and no stage labels statistics with the
     hash of weights it did not load (a stage run against a stale prepare.json is refused)."""

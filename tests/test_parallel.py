@@ -34,6 +34,8 @@ from helpers.pipeline import (
     tiny_project,
 )
 
+pytestmark = pytest.mark.pipeline
+
 
 def run(repo: Path, *cmd: str, check: bool = True, **extra) -> subprocess.CompletedProcess:
     env = _env(repo, **extra)

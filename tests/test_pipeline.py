@@ -33,6 +33,8 @@ from helpers.pipeline import (
     tiny_repo,
 )
 
+pytestmark = pytest.mark.pipeline
+
 C = "text-16"
 COMPS = ["none", "bias", "lsq"]
 FLAP_CELLS = [f"wifv-al_am-0.5-{C}-{c}" for c in COMPS]

@@ -13,6 +13,8 @@ import pytest
 from helpers.models import save_model_dir
 from helpers.pipeline import DVC, ran, sh, tiny_project
 
+pytestmark = pytest.mark.pipeline
+
 STUDY = """# @package _global_
 tables:
   main:
