@@ -1,9 +1,10 @@
 """Perplexity with FLAP's protocol: non-overlapping windows of `seqlen` tokens, the tail dropped, each
-window scored cold; PPL = exp(mean over windows of the mean next-token cross-entropy)."""
+window scored cold; PPL = exp(mean over windows of the mean next-token cross-entropy). The per-window NLLs'
+mean and standard deviation come with it, and the 95% interval over windows they give (uncertainty.py)."""
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn as nn
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .errors import FlapError
+from .uncertainty import nll_stats, ppl_interval
 
 
 @dataclass
@@ -19,9 +21,20 @@ class Perplexity:
     windows: int
     tokens: int
     seqlen: int
+    nll_mean: float | None = None  # mean of the per-window mean NLLs (ppl = exp of it); None where not kept
+    nll_std: float | None = None  # their sample standard deviation (ddof=1); None for one window
+    window_nll: list[float] | None = field(default=None, repr=False)  # per window, in order (not in to_dict)
+
+    @property
+    def interval95(self) -> tuple[float, float] | None:
+        """95% interval of the perplexity over windows (uncertainty.ppl_interval); None for one window."""
+        return None if self.nll_mean is None else ppl_interval(self.nll_mean, self.nll_std, self.windows)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        del out["window_nll"]  # up to thousands of numbers: the record of a stage keeps them, a CLI line does not
+        ci = self.interval95
+        return out | {"ppl_ci95": None if ci is None else list(ci)}
 
 
 def eval_windows(tokens: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
@@ -40,7 +53,7 @@ def perplexity(model: nn.Module, tokens: torch.Tensor, seqlen: int = 128, batch_
     windows = eval_windows(tokens, seqlen, max_windows)
     n = windows.shape[0]
     device = next(model.parameters()).device
-    total, first = 0.0, 0
+    total, first, nlls = 0.0, 0, []
     split = decoder_and_head(model)
     for batch in tqdm(windows.split(batch_size), desc="perplexity", unit="batch", disable=not progress):
         batch = batch.to(device)
@@ -54,9 +67,11 @@ def perplexity(model: nn.Module, tokens: torch.Tensor, seqlen: int = 128, batch_
         if bad.numel():  # a NaN is an error, never a result (and NaN is not valid JSON)
             raise FlapError(f"non-finite loss (NaN/Inf) in perplexity window {first + int(bad[0])} of {n}: the "
                             "model's outputs are not finite (check its weights and dtype)")
-        total += per_window.sum().item()
+        total += per_window.sum().item()  # the headline's own sum, as before (the fidelity tests pin it)
+        nlls += per_window.tolist()
         first += batch.shape[0]
-    return Perplexity(_finite_exp(total / n), n, n * seqlen, seqlen)
+    mean, std = nll_stats(nlls)
+    return Perplexity(_finite_exp(total / n), n, n * seqlen, seqlen, mean, std, nlls)
 
 
 def next_token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
