@@ -84,3 +84,19 @@ def test_gap_within_noise_at_fifty_documents():
     assert gap_within_noise(0.486, se(0.486, 1000), 0.437, se(0.437, 1000)) is False
     assert 0.049 < 1.959963984540054 * np.sqrt(se(0.486, 50) ** 2 + se(0.437, 50) ** 2)  # numpy's own verdict
     assert gap_within_noise(0.5, None, 0.4, 0.01) is None
+
+
+def test_paired_ratio_interval_equals_numpy_and_is_tighter_than_unpaired():
+    from flap_exp.uncertainty import paired_ratio_interval
+    rng = np.random.default_rng(4)
+    hard = rng.gamma(4.0, 1.0, size=64)  # how hard each window is, shared by both models
+    a, b = hard + 0.10 + rng.normal(0, 0.05, 64), hard + rng.normal(0, 0.05, 64)
+    ratio, lo, hi = paired_ratio_interval(a.tolist(), b.tolist())
+    d = a - b
+    half = 1.959963984540054 * d.std(ddof=1) / 8
+    assert ratio == pytest.approx(np.exp(a.mean()) / np.exp(b.mean()), rel=1e-12)
+    assert (lo, hi) == pytest.approx((np.exp(d.mean() - half), np.exp(d.mean() + half)), rel=1e-12)
+    assert lo > 1.0  # the 10% gap is resolved pairwise ...
+    ia, ib = ppl_interval(*nll_stats(a.tolist()), 64), ppl_interval(*nll_stats(b.tolist()), 64)
+    assert ia[0] < ib[1]  # ... though the two perplexities' own intervals overlap
+    assert paired_ratio_interval([1.0, 2.0], [1.0]) is None

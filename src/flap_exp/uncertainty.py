@@ -62,3 +62,16 @@ def gap_within_noise(a: float, se_a: float | None, b: float, se_b: float | None,
     if se_a is None or se_b is None:
         return None
     return abs(a - b) <= z * math.hypot(_finite("a standard error", se_a), _finite("a standard error", se_b))
+
+
+def paired_ratio_interval(nll_a: Sequence[float], nll_b: Sequence[float],
+                          z: float = Z95) -> tuple[float, float, float] | None:
+    """(ratio, low, high): PPL_a / PPL_b = exp(mean(d)), d the per-window NLL differences of two models scored
+    on the same windows, with its 95% interval exp(mean(d) -/+ z sd(d)/sqrt(n)). Pairing removes what the
+    windows share (how hard the text is), so this is far tighter than two perplexities' own intervals; None
+    when the windows differ in number or there is only one."""
+    if len(nll_a) != len(nll_b) or len(nll_a) < 2:
+        return None
+    mean, std = nll_stats([float(a) - float(b) for a, b in zip(nll_a, nll_b, strict=True)])
+    ci = ppl_interval(mean, std, len(nll_a), z)
+    return None if ci is None else (math.exp(mean), *ci)
