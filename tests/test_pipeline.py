@@ -234,6 +234,15 @@ def test_repro_builds_every_stage(repo: Path, first_run):
         # the headline is exp of the mean per-window NLL, its interval around it (uncertainty.py)
         assert len(m["ppl_window_nll"]) == 8 and m["ppl_ci95"][0] < m["perplexity"] < m["ppl_ci95"][1]
         assert m["perplexity"] == pytest.approx(math.exp(sum(m["ppl_window_nll"]) / 8), rel=1e-12)
+        # lsq on too few calibration tokens carries the warning of flap_exp/adequacy.py; other methods none
+        want = None
+        if m["compensation_method"] == "lsq":
+            from flap_exp.adequacy import lsq_coefficients, lsq_sample_warning
+            arch = json.loads((repo / "results/prepare.json").read_text())["model"]["arch"]
+            want = lsq_sample_warning(8 if "text-8" in key else 16, 32, lsq_coefficients(
+                sel["kept_groups_per_layer"], sel["kept_channels_per_layer"],
+                arch["num_heads"] // arch["num_kv_heads"] * arch["head_dim"]))
+        assert m["warnings"] == ([want] if want else [])
         assert m["compensation"] == key.rsplit("-", 1)[1]
     # One selection, several compensations: same ratio, different numbers (the compensation is applied).
     flap = {c: _metrics(repo, f"wifv-al_am-0.5-{C}-{c}") for c in COMPS}

@@ -197,3 +197,20 @@ def test_figures_draw_error_bars(tmp_path):
     assert half == [0.05, None] and (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
     rows = [{**_row("wifv", "al_am", 0.2, 0.2, 25.0), "method": "flap", "ppl_ci95": [23.0, 27.5]}]
     assert ppl_vs_ratio(rows, 20.0, tmp_path / "p.png") == {"flap": [0.2], "dense": [0.0, 1.0]}
+
+
+def test_warned_cells_are_listed_under_their_table_in_the_summary_and_in_mlflow():
+    from flap_exp.pipeline.report import table_report
+    from flap_exp.pipeline.summary import summary
+    from flap_exp.pipeline.tracking import warning_tags
+    w = "lsq on N x T = 8 x 128 = 1,024 calibration tokens for 1,537 coefficients per output row (underdetermined)"
+    r = {**_row("wifv", "al_am", 0.5, 0.5, 90.0), "compensation": "lsq", "calib": "wiki-8", "key": "k",
+         "warnings": [w], "ppl_ci95": [80.0, 101.0]}
+    table = {"title": "T", "layout": "calibration", "cells": ["k"]}
+    md = table_report("calibration", table, [r], {**DENSE, "key": "dense"}, "quick")
+    assert f"- wifv/al_am (lsq) 0.5 wiki-8: {w}" in md and "**Warnings**" in md
+    assert "90.00 [80.00, 101.00] (removed 0.500)" in md
+    assert "**Warnings**" not in table_report("calibration", table, [{**r, "warnings": []}], DENSE, "quick")
+    text = summary({"protocol": "quick"}, {"tables": {"calibration": table}}, [r], DENSE)
+    assert f"    warning: {w}" in text and "ppl      90.00 [80.00, 101.00]" in text
+    assert warning_tags(r) == {"flap.warning": w} and warning_tags({**r, "warnings": []}) == {}

@@ -100,3 +100,25 @@ def test_paired_ratio_interval_equals_numpy_and_is_tighter_than_unpaired():
     ia, ib = ppl_interval(*nll_stats(a.tolist()), 64), ppl_interval(*nll_stats(b.tolist()), 64)
     assert ia[0] < ib[1]  # ... though the two perplexities' own intervals overlap
     assert paired_ratio_interval([1.0, 2.0], [1.0]) is None
+
+
+def test_lsq_sample_rule_on_smollm2_shapes_and_against_numpy_least_squares():
+    """The rule in numbers (SmolLM2-135M: 3 groups of 3 query heads x 64 columns, MLP 1536), and the fact
+    behind it: an OLS fit's held-out excess error is ~p/(n-p-1) of the noise (numpy, simulated)."""
+    from flap_exp.adequacy import lsq_coefficients, lsq_sample_warning
+    p = lsq_coefficients([3, 2, 3], [1200, 1536, 700], 3 * 64)
+    assert p == 1537
+    w = lsq_sample_warning(8, 128, p)
+    assert "8 x 128 = 1,024" in w and "underdetermined" in w and "N >= 121 at T=128" in w
+    assert "a noisy fit" in lsq_sample_warning(64, 128, p) and lsq_sample_warning(121, 128, p) is None
+    rng = np.random.default_rng(5)
+    k = 20  # coefficients
+    for n, bound in ((10 * k, 0.12), (2 * k, 1.06)):
+        excess = []
+        for _ in range(300):
+            x, beta = rng.normal(size=(n, k)), rng.normal(size=k)
+            y = x @ beta + rng.normal(size=n)
+            fit = np.linalg.lstsq(x, y, rcond=None)[0]
+            xt = rng.normal(size=(2000, k))
+            excess.append(np.mean((xt @ (fit - beta)) ** 2))
+        assert np.mean(excess) == pytest.approx(k / (n - k - 1), rel=0.15) and k / (n - k - 1) < bound

@@ -171,7 +171,11 @@ def cmd_prune(a: argparse.Namespace) -> dict:
         from .validate import check_structure_options
         _warn(check_structure_options(lm.arch, a.structure, a.ratio, a.min_groups, a.min_channels, a.remove_groups))
     windows = calibration_windows(tokenize(lm.tokenizer, calib.text), a.nsamples, a.seqlen, a.seed)
+    dense_arch = lm.arch  # before pruning changes the model's config
     res = prune(lm.model, windows, cfg)
+    if cfg.resolved_compensation().method == "lsq":  # a warning, not an error (flap_exp/adequacy.py)
+        from .adequacy import lsq_warning_for
+        _warn([w for w in [lsq_warning_for(res.selection, dense_arch, a.nsamples, a.seqlen)] if w])
     manifest = {"base_model": lm.identity, "settings": cfg.to_dict(), "achieved_ratio": res.achieved_ratio,
                 "compensation": config_record(cfg.resolved_compensation()),
                 "calibration": {"data": calib.identity, "nsamples": a.nsamples, "seqlen": a.seqlen, "seed": a.seed},

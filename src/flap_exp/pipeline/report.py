@@ -221,7 +221,16 @@ def table_report(name: str, table: dict, rows: list[dict], dense: dict, protocol
         from ..errors import FlapError
         raise FlapError(f"table {name!r}: unknown layout {table['layout']!r}; known: {', '.join(LAYOUTS)}")
     return "\n".join([f"# {table['title']}", "", caption(dense, protocol, rows), ""]
-                     + layout(rows, dense)).rstrip("\n") + "\n"
+                     + layout(rows, dense) + warnings(rows)).rstrip("\n") + "\n"
+
+
+def warnings(rows: list[dict]) -> list[str]:
+    """The cells whose result may not mean much (e.g. lsq on too few calibration tokens), each with its rule."""
+    warned = [(r, w) for r in rows for w in r.get("warnings") or []]
+    if not warned:
+        return []
+    return ["**Warnings** (a result below may not mean much; the rules: `flap_exp/adequacy.py`):", ""] + [
+        f"- {method_name(r)} {r['ratio']:g}{' ' + r['calib'] if r.get('calib') else ''}: {w}" for r, w in warned] + [""]
 
 
 def metrics_summary(rows: list[dict], dense: dict) -> dict:

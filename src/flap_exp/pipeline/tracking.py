@@ -293,6 +293,11 @@ def _upsert(client, exp_id: str, key: str, name: str, params: dict, metrics: dic
     return rid
 
 
+def warning_tags(row: dict) -> dict:
+    """`flap.warning`: the cell's warnings (e.g. lsq on too few calibration tokens), where it has any."""
+    return {"flap.warning": " | ".join(row["warnings"])} if row.get("warnings") else {}
+
+
 #: MLflow 3 opens an experiment of unknown kind in its GenAI view; this tag opens the runs table.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
@@ -320,8 +325,8 @@ def track(params: dict, record: dict, manifests: dict, rows: list[dict], dense: 
         u = cell_usage(row)
         runs[row["key"]] = _upsert(client, exp_id, f"{row['key']}@{protocol}", run_name(row, protocol),
                                    run_params(row, params, record, manifests), run_metrics(row, u),
-                                   sels[row["cell"]], {**ratio_tags(row), **table_tags(row["tables"], protocol)},
-                                   _times(u))
+                                   sels[row["cell"]], {**ratio_tags(row), **table_tags(row["tables"], protocol),
+                                                       **warning_tags(row)}, _times(u))
     return {"tracking_uri": uri, "experiment": name, "experiment_id": exp_id, "protocol": protocol, "runs": runs}
 
 
