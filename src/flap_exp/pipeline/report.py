@@ -229,7 +229,7 @@ def warnings(rows: list[dict]) -> list[str]:
     warned = [(r, w) for r in rows for w in r.get("warnings") or []]
     if not warned:
         return []
-    return ["**Warnings** (a result below may not mean much; the rules: `flap_exp/adequacy.py`):", ""] + [
+    return ["**Warnings** (a result above may not mean much; the rules: `flap_exp/adequacy.py`):", ""] + [
         f"- {method_name(r)} {r['ratio']:g}{' ' + r['calib'] if r.get('calib') else ''}: {w}" for r, w in warned] + [""]
 
 
