@@ -306,7 +306,7 @@ def test_mlflow_one_run_per_cell(repo: Path, first_run):
     if zs["average_stderr"] is not None:  # lm-eval gives none when all 4 documents score alike
         assert runs[BIAS].data.metrics["zeroshot_avg_stderr"] == round(zs["average_stderr"], 5)
     speed = _metrics(repo, BIAS, "speed")["speedup"]
-    assert runs[BIAS].data.metrics["speedup.decode_b1"] == pytest.approx(speed["decode_b1"])
+    assert runs[BIAS].data.metrics["speedup.decode_b1"] == round(speed["decode_b1"], 4)
     from mlflow.tracking import MlflowClient
     arts = {a.path for a in MlflowClient(f"sqlite:///{repo / 'mlflow.db'}").list_artifacts(runs[CELLS[0]].info.run_id)}
     assert arts == {"selection.json", "kept_per_layer.png"}

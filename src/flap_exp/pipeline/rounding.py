@@ -11,8 +11,10 @@ _RULES = (("_seconds", 2), ("_peak_rss_mib", 1), ("perplexity", 4), ("achieved_r
 
 
 def rounded(name: str, value: float) -> float:
-    """`value` rounded for the quantity `name`; counts and unknown names unchanged (as float)."""
+    """`value` rounded for the quantity `name`; counts (ints) and unknown names unchanged."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
     for key, digits in _RULES:
         if name.endswith(key) or name.startswith(key):
             return round(float(value), digits)
-    return float(value)
+    return value
