@@ -4,7 +4,7 @@ KEY "dense" evaluates the unpruned model."""
 import argparse
 
 from flap_exp.pipeline import paths
-from flap_exp.pipeline.compensate import load_compensation
+from flap_exp.pipeline.compensate import load_compensation, sample_warning
 from flap_exp.pipeline.evaluate import evaluate
 from flap_exp.pipeline.io import read_json, write_json
 from flap_exp.pipeline.records import arch_of, eval_record, load_prepared_model
@@ -35,7 +35,9 @@ if __name__ == "__main__":
                        extra=p["data"].get("eval_extra") if a.measure == "ppl" else None)
         cell = {k: sel[k] for k in ("metric", "structure", "ratio")} if sel else {}
         options = {k: v for k, v in comp.items() if k != "method"}
+        warning = sample_warning(paths.compensation(a.key)) if sel else None  # e.g. lsq on too few tokens
         write_json(paths.measurement(a.key, a.measure),
                    {**out, **cell, "cell": a.cell, "calib": (sel or {}).get("calib"), "compensation": a.compensation
-                    if sel else "none", "compensation_method": comp["method"], "compensation_options": options})
+                    if sel else "none", "compensation_method": comp["method"], "compensation_options": options,
+                    "warnings": [warning] if warning else []})
         write_usage(name, usage)

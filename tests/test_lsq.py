@@ -281,8 +281,8 @@ def test_nan_in_covariance_is_an_error(windows):
         lsq_compensation(model, sel, arch, windows, LSQ, progress=False)
 
 
-@pytest.mark.parametrize("cfg,msg", [(CompensationConfig("lsq", 0.01, "bogus"), "unknown lsq form 'bogus'; known forms: "
-                                      "sequential, dense, drift"),
+@pytest.mark.parametrize("cfg,msg", [(CompensationConfig("lsq", 0.01, "bogus"),
+                                      "unknown lsq form 'bogus'; known forms: sequential, dense, drift"),
                                      (CompensationConfig("lsq", -1.0), "damping must be a finite number >= 0"),
                                      (CompensationConfig("lsq", float("nan")), "damping must be")])
 def test_bad_options_are_refused_before_any_work(cfg, msg, windows):

@@ -10,6 +10,7 @@ exists (branch lsq; the lead merges it before CI, where the lsq parts run).
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -133,6 +134,18 @@ def test_repro_builds_every_stage(repo: Path, first_run):
         sel = json.loads((repo / "results/search" / m["cell"] / "selection.json").read_text())
         assert m["achieved_ratio"] == pytest.approx(sel["achieved_ratio"], abs=1e-12)  # rebuilt model = selection
         assert 0.3 < m["achieved_ratio"] < 0.7 and m["perplexity"] > 1 and m["ppl_windows"] == 8
+        # the headline is exp of the mean per-window NLL, its interval around it (uncertainty.py)
+        assert len(m["ppl_window_nll"]) == 8 and m["ppl_ci95"][0] < m["perplexity"] < m["ppl_ci95"][1]
+        assert m["perplexity"] == pytest.approx(math.exp(sum(m["ppl_window_nll"]) / 8), rel=1e-12)
+        # lsq on too few calibration tokens carries the warning of flap_exp/adequacy.py; other methods none
+        want = None
+        if m["compensation_method"] == "lsq":
+            from flap_exp.adequacy import lsq_coefficients, lsq_sample_warning
+            arch = json.loads((repo / "results/prepare.json").read_text())["model"]["arch"]
+            want = lsq_sample_warning(8 if "text-8" in key else 16, 32, lsq_coefficients(
+                sel["kept_groups_per_layer"], sel["kept_channels_per_layer"],
+                arch["num_heads"] // arch["num_kv_heads"] * arch["head_dim"]))
+        assert m["warnings"] == ([want] if want else [])
         assert m["compensation"] == key.rsplit("-", 1)[1]
     # One selection, several compensations: same ratio, different numbers (the compensation is applied).
     flap = {c: _metrics(repo, f"wifv-al_am-0.5-{C}-{c}") for c in COMPS}
@@ -164,8 +177,10 @@ def test_mlflow_one_run_per_cell(repo: Path, first_run):
     assert sorted(runs) == sorted(CELLS + ["dense"])
     for key in CELLS:
         r, m = runs[key], _metrics(repo, key)
-        assert r.data.metrics["perplexity"] == pytest.approx(m["perplexity"])
-        assert r.data.metrics["achieved_ratio"] == pytest.approx(m["achieved_ratio"])
+        assert r.data.metrics["perplexity"] == round(m["perplexity"], 4)  # rounded as in reports/metrics.json
+        assert r.data.metrics["achieved_ratio"] == round(m["achieved_ratio"], 5)
+        assert r.data.metrics["perplexity_ci95_low"] == round(m["ppl_ci95"][0], 4)
+        assert r.data.metrics["ppl_windows"] == 8
         assert r.data.metrics["params_kept"] == m["params_kept"]
         assert "evaluate_seconds" in r.data.metrics and "search_seconds" in r.data.metrics
         p = r.data.params
@@ -188,12 +203,19 @@ def test_mlflow_one_run_per_cell(repo: Path, first_run):
         work = sum(v for k, v in r.data.metrics.items() if k.endswith("_seconds"))
         assert (r.info.end_time - r.info.start_time) / 1000 == pytest.approx(work, abs=0.01)
     assert runs[BIAS].info.run_name == f"FLAP al_am 0.5 bias {C} [quick]"
-    assert runs[BIAS].data.metrics["zeroshot_avg"] == pytest.approx(_metrics(repo, BIAS, "zeroshot")["zeroshot_avg"])
+    zs = _metrics(repo, BIAS, "zeroshot")["zeroshot"]
+    assert runs[BIAS].data.metrics["zeroshot_avg"] == round(zs["average"], 5)
+    assert runs[BIAS].data.metrics["zeroshot_docs"] == 8 and runs[BIAS].data.metrics["zeroshot.piqa.n_docs"] == 4
+    if zs["average_stderr"] is not None:  # lm-eval gives none when all 4 documents score alike
+        assert runs[BIAS].data.metrics["zeroshot_avg_stderr"] == round(zs["average_stderr"], 5)
     speed = _metrics(repo, BIAS, "speed")["speedup"]
-    assert runs[BIAS].data.metrics["speedup.decode_b1"] == pytest.approx(speed["decode_b1"])
+    assert runs[BIAS].data.metrics["speedup.decode_b1"] == round(speed["decode_b1"], 4)
     from mlflow.tracking import MlflowClient
     arts = {a.path for a in MlflowClient(f"sqlite:///{repo / 'mlflow.db'}").list_artifacts(runs[CELLS[0]].info.run_id)}
     assert arts == {"selection.json", "kept_per_layer.png"}
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    figs = {a.path for a in client.list_artifacts(runs["dense"].info.run_id, "figures")}
+    assert figs == {"figures/ppl_vs_ratio.png", "figures/zeroshot.png"}  # the comparison figures, on the reference
 
 
 def test_reports_one_per_table_with_index_and_dvc_views(repo: Path, first_run):

@@ -100,3 +100,118 @@ def test_one_name_per_quantity_in_csv_metrics_json_and_mlflow():
     dvc = metrics_summary([r], {**DENSE, "key": "dense"})["k"]
     assert csv_names <= set(mlflow) and set(dvc) <= set(mlflow)
     assert {"perplexity.c4", "zeroshot.piqa", "speedup.prefill_b1_s128", "tokens_per_s.prefill_b1_s128"} <= csv_names
+
+
+def _noisy(row, se, n, nll):
+    """A record as the evaluate stages now write it: per-task standard errors and document counts, the
+    perplexity's per-window NLLs and 95% interval."""
+    import numpy as np
+    for t in row["zeroshot"]["tasks"].values():
+        t |= {"score_stderr": se, "n_docs": n}
+    mean, std = float(np.mean(nll)), float(np.std(nll, ddof=1))
+    half = 1.959963984540054 * std / np.sqrt(len(nll))
+    return row | {"ppl_window_nll": list(nll), "ppl_ci95": [float(np.exp(mean - half)), float(np.exp(mean + half))],
+                  "ppl_windows": len(nll)}
+
+
+def test_zeroshot_table_shows_stderr_docs_and_whether_a_gap_is_noise():
+    """Two tasks of 50 documents, standard error 0.07 each (the committed table's scale): the average's error is
+    sqrt(2 x 0.07^2) / 2 = 0.0495, so a 5-point gap is within noise (1.96 x sqrt(2) x 0.0495 = 0.137) and a
+    20-point one is not."""
+    import numpy as np
+    nll = np.full(8, 3.0)
+    dense = _noisy({**DENSE, "zeroshot": {**DENSE["zeroshot"], "tasks": {
+        "piqa": {"score": 0.5, "metric": "acc"}, "boolq": {"score": 0.4, "metric": "acc"}}}, "zeroshot_avg": 0.45},
+        0.07, 50, nll + np.linspace(-0.1, 0.1, 8))
+    near = _noisy(_row("wanda_sp", "ul_um", 0.2, 0.1499, 27.0, {"piqa": 0.55, "boolq": 0.45}), 0.07, 50, nll)
+    far = _noisy(_row("wifv", "al_am", 0.5, 0.5, 90.0, {"piqa": 0.3, "boolq": 0.2}), 0.07, 50, nll)
+    md = "\n".join(zeroshot_table([near, far], dense))
+    se_avg = np.sqrt(2 * 0.07 ** 2) / 2
+    assert f"{100 * se_avg:.2f}" == "4.95"
+    assert "| method | ratio | removed | piqa (acc, n=50) | boolq (acc, n=50) | average | vs dense |" in md
+    assert "| dense | 0 | 0.000 | 50.00 ± 7.00 | 40.00 ± 7.00 | 45.00 ± 4.95 |  |" in md
+    assert "| 55.00 ± 7.00 | 45.00 ± 7.00 | 50.00 ± 4.95 | +5.00 (within noise) |" in md
+    assert "| 25.00 ± 4.95 | -20.00 (beyond noise) |" in md
+    assert "one standard error" in md and "1.96" in md
+
+
+def test_perplexity_cells_show_their_interval_and_compensation_ratios_are_paired(tmp_path):
+    import json
+
+    import numpy as np
+
+    from flap_exp.pipeline.report import metrics_summary, table_files
+    rng = np.random.default_rng(0)
+    hard = rng.gamma(4.0, 0.5, size=16)
+    dense = {**_row("dense", "", 0, 0.0, 20.0), "eval_data": {"name": "wikitext2"}, "ppl_windows": 16, "seqlen": 128,
+             "key": "dense"}
+    rows = []
+    for comp, shift in (("none", 0.4), ("bias", 0.2), ("lsq", 0.15)):
+        nll = hard + shift + rng.normal(0, 0.01, 16)
+        r = _row("wifv", "al_am", 0.5, 0.5004, float(np.exp(nll.mean())))
+        r = {**r, "compensation": comp, "key": f"k-{comp}", "cell": "wifv-al_am-0.5"}
+        r |= {"ppl_window_nll": nll.tolist(), "ppl_windows": 16}
+        half = 1.959963984540054 * nll.std(ddof=1) / 4
+        r["ppl_ci95"] = [float(np.exp(nll.mean() - half)), float(np.exp(nll.mean() + half))]
+        rows.append(r)
+    table = {"title": "Compensation", "layout": "compensation", "measure": [], "cells": [r["key"] for r in rows]}
+    table_files("compensation", table, rows, dense, {"wifv-al_am-0.5": {"structure": "al_am"}}, "quick", tmp_path)
+    md = (tmp_path / "compensation.md").read_text()
+    lsq, bias = rows[2], rows[1]
+    d = np.array(lsq["ppl_window_nll"]) - np.array(bias["ppl_window_nll"])
+    half = 1.959963984540054 * d.std(ddof=1) / 4
+    lo, hi = np.exp(d.mean() - half), np.exp(d.mean() + half)
+    want = f"{lsq['perplexity'] / bias['perplexity']:.3f} [{lo:.3f}, {hi:.3f}]"
+    assert want in md and np.exp(d.mean() + half) < 1  # paired: the 5% gain is beyond noise ...
+    assert lsq["ppl_ci95"][1] > bias["ppl_ci95"][0]  # ... though the two perplexities' intervals overlap
+    assert f"{lsq['perplexity']:.2f} [{lsq['ppl_ci95'][0]:.2f}, {lsq['ppl_ci95'][1]:.2f}]" in md
+    assert "95% interval over the windows" in md
+    m = metrics_summary(rows, dense)["k-lsq"]
+    assert m["perplexity_ci95_low"] == round(lsq["ppl_ci95"][0], 4)
+    assert type(m["ppl_windows"]) is int and m["ppl_windows"] == 16
+    assert m["perplexity"] == round(lsq["perplexity"], 4) and m["achieved_ratio"] == 0.5004
+    json.dumps(m, allow_nan=False)
+    header = (tmp_path / "compensation.csv").read_text().splitlines()[0].split(",")
+    assert len(header) == len(set(header)) and "perplexity_ci95_high" in header
+
+
+def test_mlflow_metrics_are_rounded_like_metrics_json_and_carry_the_noise():
+    from flap_exp.pipeline.report import metrics_summary
+    from flap_exp.pipeline.tracking import run_metrics
+    r = {**_row("wifv", "al_am", 0.2, 0.200123456, 25.123456789, {"piqa": 0.651234567}), "key": "k",
+         "ppl_ci95": [24.0123456, 26.3456789], "ppl_windows": 64}
+    r["zeroshot"]["tasks"]["piqa"] |= {"score_stderr": 0.0677777777, "n_docs": 50}
+    logged = run_metrics(r, {"evaluate": {"seconds": 12.345678, "peak_rss_mib": 812.3456}})
+    dvc = metrics_summary([r], {**DENSE, "key": "dense"})["k"]
+    assert all(logged[k] == v for k, v in dvc.items())
+    assert logged["perplexity"] == 25.1235 and logged["achieved_ratio"] == 0.20012 and logged["zeroshot_avg"] == 0.65123
+    assert logged["zeroshot.piqa.stderr"] == 0.06778 and logged["zeroshot.piqa.n_docs"] == 50
+    assert logged["zeroshot_avg_stderr"] == 0.06778 and logged["zeroshot_docs"] == 50
+    assert logged["perplexity_ci95_low"] == 24.0123 and logged["ppl_windows"] == 64
+    assert logged["evaluate_seconds"] == 12.35 and logged["evaluate_peak_rss_mib"] == 812.3
+
+
+def test_figures_draw_error_bars(tmp_path):
+    from flap_exp.pipeline.plots import bars
+    half = bars({"dense": 0.45, "wanda": 0.486, "none": None}, "acc", tmp_path / "b.png",
+                {"dense": 0.05, "wanda": None})
+    assert half == [0.05, None] and (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
+    rows = [{**_row("wifv", "al_am", 0.2, 0.2, 25.0), "method": "flap", "ppl_ci95": [23.0, 27.5]}]
+    assert ppl_vs_ratio(rows, 20.0, tmp_path / "p.png") == {"flap": [0.2], "dense": [0.0, 1.0]}
+
+
+def test_warned_cells_are_listed_under_their_table_in_the_summary_and_in_mlflow():
+    from flap_exp.pipeline.report import table_report
+    from flap_exp.pipeline.summary import summary
+    from flap_exp.pipeline.tracking import warning_tags
+    w = "lsq on N x T = 8 x 128 = 1,024 calibration tokens for 1,537 coefficients per output row (underdetermined)"
+    r = {**_row("wifv", "al_am", 0.5, 0.5, 90.0), "compensation": "lsq", "calib": "wiki-8", "key": "k",
+         "warnings": [w], "ppl_ci95": [80.0, 101.0]}
+    table = {"title": "T", "layout": "calibration", "cells": ["k"]}
+    md = table_report("calibration", table, [r], {**DENSE, "key": "dense"}, "quick")
+    assert f"- wifv/al_am (lsq) 0.5 wiki-8: {w}" in md and "**Warnings**" in md
+    assert "90.00 [80.00, 101.00] (removed 0.500)" in md
+    assert "**Warnings**" not in table_report("calibration", table, [{**r, "warnings": []}], DENSE, "quick")
+    text = summary({"protocol": "quick"}, {"tables": {"calibration": table}}, [r], DENSE)
+    assert f"    warning: {w}" in text and "ppl      90.00 [80.00, 101.00]" in text
+    assert warning_tags(r) == {"flap.warning": w} and warning_tags({**r, "warnings": []}) == {}

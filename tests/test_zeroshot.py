@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 import datasets
+import numpy as np
 import pytest
 import torch
 from lm_eval.api.task import ConfigurableTask
@@ -70,7 +71,13 @@ def test_every_task_runs_offline_on_a_tiny_model(tiny_model, tokenizer):
         else:
             assert 0.0 <= r["acc_norm"] <= 1.0
         assert r["score"] == r[r["metric"]]
+        # the score's standard error is lm-eval's: the 5 documents' 0/1 outcomes' sample std / sqrt(5) (numpy)
+        hits = np.zeros(5)
+        hits[:round(r["score"] * 5)] = 1
+        assert r["score_stderr"] == pytest.approx(hits.std(ddof=1) / np.sqrt(5), abs=1e-12)
     assert math.isclose(out["average"], sum(r["score"] for r in out["tasks"].values()) / 7)
+    se = np.array([r["score_stderr"] for r in out["tasks"].values()])
+    assert out["average_stderr"] == pytest.approx(np.sqrt((se ** 2).sum()) / 7, rel=1e-12) and out["n_docs"] == 35
     assert out["limit"] == 5 and out["source"] == "local"
     json.dumps(out)  # plain data
 

@@ -191,6 +191,7 @@ def cmd_prune(a: argparse.Namespace) -> dict:
             _warn(check_structure_options(lm.arch, a.structure, a.ratio, a.min_groups, a.min_channels,
                                           a.remove_groups))
     windows = calibration_windows(tokenize(tok, calib.text), a.nsamples, a.seqlen, a.seed)
+    dense_arch = sm.arch if a.stream else lm.arch  # before pruning changes the model's config
     manifest = {"base_model": identity, "settings": cfg.to_dict(),
                 "compensation": config_record(cfg.resolved_compensation()),
                 "calibration": {"data": calib.identity, "nsamples": a.nsamples, "seqlen": a.seqlen, "seed": a.seed},
@@ -202,6 +203,9 @@ def cmd_prune(a: argparse.Namespace) -> dict:
         check_out_dir(a.out, a.model, a.overwrite)  # again: the path may have changed during the long work
         save_pruned(lm.model, tok, {**manifest, "achieved_ratio": res.achieved_ratio,
                                     "selection": res.selection.to_json(), "seconds": res.seconds}, a.out)
+    if cfg.resolved_compensation().method == "lsq":  # a warning, not an error (flap_exp/adequacy.py)
+        from .adequacy import lsq_warning_for
+        _warn([w for w in [lsq_warning_for(res.selection, dense_arch, a.nsamples, a.seqlen)] if w])
     out = {"out": a.out, "achieved_ratio": round(res.achieved_ratio, 6), "compensation": manifest["compensation"],
            "seconds": res.seconds, **({"streamed": True} if a.stream else {})}
     if a.eval:

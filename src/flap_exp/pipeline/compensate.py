@@ -23,7 +23,31 @@ def compensate(model, selection: dict, arch, comp_params: dict, stats=None, wind
     cfg = config_from_params(comp_params)
     comps = run(model, Selection.from_json(selection, arch), arch, cfg, stats, windows, batch_size, progress=True)
     meta = {"compensation": config_record(cfg), "selection_sha256": selection_sha256(selection)}
+    warning = _sample_warning(cfg.method, selection, arch, windows)
+    if warning is not None:  # a warning, not an error: the calibration ablation runs small N on purpose
+        import sys
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
+        meta["sample_warning"] = warning
     return comps_to_tensors(comps), meta
+
+
+def _sample_warning(method: str, selection: dict, arch, windows) -> str | None:
+    """flap_exp.adequacy's rule for lsq (calibration tokens per fitted coefficient); None for other methods."""
+    if method != "lsq" or windows is None:
+        return None
+    from ..adequacy import lsq_coefficients, lsq_sample_warning
+    p = lsq_coefficients(selection["kept_groups_per_layer"], selection["kept_channels_per_layer"],
+                         arch.group_size * arch.head_dim)
+    return lsq_sample_warning(int(windows.shape[0]), int(windows.shape[1]), p)
+
+
+def sample_warning(path) -> str | None:
+    """The sample-size warning a compensate stage recorded in its file's metadata (None: none, or an older file)."""
+    import json
+
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads((f.metadata() or {}).get("flap", "{}")).get("sample_warning")
 
 
 def load_compensation(path, selection: dict, arch, method: str, record: dict | None = None):

@@ -89,7 +89,10 @@ def evaluate(lm, selection: dict | None, comps: list | None, what: str, eval_par
     if what == "ppl":
         ppl = _perplexity(lm, data, record["eval"], eval_params)
         out |= {"perplexity": ppl.ppl, "ppl_windows": ppl.windows, "ppl_tokens": ppl.tokens, "seqlen": ppl.seqlen,
-                "eval_data": record["eval"]}
+                "eval_data": record["eval"], "ppl_nll_mean": ppl.nll_mean, "ppl_nll_std": ppl.nll_std,
+                "ppl_ci95": None if ppl.interval95 is None else list(ppl.interval95),
+                # per window, in order: two cells scored on the same windows can be compared pairwise
+                "ppl_window_nll": ppl.window_nll}
         if extra:
             known = record.get("eval_extra") or {}
             missing = sorted(set(extra) - set(known))

@@ -47,6 +47,8 @@ def ppl_vs_ratio(rows: list[dict], dense: float | None, out: str | Path) -> dict
     for method in sorted({r["method"] for r in rows}):
         pts = sorted((r["achieved_ratio"], r["perplexity"], r["ratio"]) for r in rows if r["method"] == method)
         line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+        _ci_bars(ax, [(r["achieved_ratio"], r["perplexity"], r.get("ppl_ci95")) for r in rows
+                      if r["method"] == method], line.get_color())
         for achieved, ppl, nominal in pts:
             if abs(achieved - nominal) > MISSED:
                 ax.plot([nominal, achieved], [ppl, ppl], color=line.get_color(), ls=":", lw=0.8)
@@ -54,7 +56,7 @@ def ppl_vs_ratio(rows: list[dict], dense: float | None, out: str | Path) -> dict
     if dense is not None:
         ax.axhline(dense, color="black", ls="--", lw=1, label="dense")
     ax.set_xlabel("achieved ratio (attention + MLP weights removed); dotted: targets")
-    ax.set_ylabel("perplexity")
+    ax.set_ylabel("perplexity (log; bars: 95% over windows)")
     ax.set_yscale("log")
     ax.legend(fontsize=7)
     drawn = {ln.get_label(): [float(x) for x in ln.get_xdata()] for ln in ax.lines
@@ -63,6 +65,15 @@ def ppl_vs_ratio(rows: list[dict], dense: float | None, out: str | Path) -> dict
     fig.savefig(out, dpi=100, format="png")
     plt.close(fig)
     return drawn
+
+
+def _ci_bars(ax, points: list[tuple[float, float, list | None]], color) -> None:
+    """Vertical bars over (x, perplexity, its 95% interval or None): the record's `ppl_ci95`, asymmetric
+    around the perplexity (symmetric on the log axis), drawn where recorded."""
+    pts = [(x, y, ci) for x, y, ci in points if ci]
+    if pts:
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], fmt="none", ecolor=color, capsize=3, lw=0.8,
+                    yerr=[[y - ci[0] for _, y, ci in pts], [ci[1] - y for _, y, ci in pts]])
 
 
 def kept_heatmap(sels: dict[str, dict], out: str | Path) -> None:
@@ -88,33 +99,40 @@ def ppl_vs_n(rows: list[dict], dense: float | None, out: str | Path) -> None:
     corpus and target ratio; the achieved ratio of each line in its label."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
-    series: dict[tuple[str, float], list[tuple[int, float, float]]] = {}
+    series: dict[tuple[str, float], list[tuple[int, float, float, list | None]]] = {}
     for r in rows:
         corpus, _, n = str(r.get("calib")).rpartition("-")
-        series.setdefault((corpus, r["ratio"]), []).append((int(n), r["perplexity"], r["achieved_ratio"]))
-    for (corpus, ratio), pts in sorted(series.items()):
-        pts.sort()
+        series.setdefault((corpus, r["ratio"]), []).append((int(n), r["perplexity"], r["achieved_ratio"],
+                                                             r.get("ppl_ci95")))
+    for (corpus, ratio), pts in sorted(series.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        pts.sort(key=lambda p: p[0])
         removed = sum(p[2] for p in pts) / len(pts)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if len(pts) > 1 else "s",
-                label=f"{corpus}, target {ratio:g} (removed {removed:.3f})")
+        line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if len(pts) > 1 else "s",
+                        label=f"{corpus}, target {ratio:g} (removed {removed:.3f})")
+        _ci_bars(ax, [(p[0], p[1], p[3]) for p in pts], line.get_color())
     if dense is not None:
         ax.axhline(dense, color="black", ls="--", lw=1, label="dense")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("calibration windows N")
-    ax.set_ylabel("perplexity")
+    ax.set_ylabel("perplexity (log; bars: 95% over windows)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=100, format="png")
     plt.close(fig)
 
 
-def bars(values: dict[str, float | None], label: str, out: str | Path) -> None:
-    """Horizontal bars, one per entry (None: not measured, left out)."""
+def bars(values: dict[str, float | None], label: str, out: str | Path,
+         errors: dict[str, float | None] | None = None) -> list[float | None]:
+    """Horizontal bars, one per entry (None: not measured, left out), with a +- `errors[k]` bar where given.
+    Returns the half-widths drawn, bar by bar (for tests)."""
     plt = _plt()
     items = [(k, v) for k, v in values.items() if v is not None]
     fig, ax = plt.subplots(figsize=(7, 0.8 + 0.35 * max(1, len(items))))
-    ax.barh([k for k, _ in items], [v for _, v in items], color="tab:blue")
+    half = [(errors or {}).get(k) for k, _ in items]
+    ax.barh([k for k, _ in items], [v for _, v in items], color="tab:blue",
+            xerr=[0.0 if h is None else h for h in half] if any(h is not None for h in half) else None,
+            error_kw={"ecolor": "black", "capsize": 3, "lw": 1})
     for i, (_, v) in enumerate(items):
         ax.annotate(f"{v:.3g}", (v, i), fontsize=7, va="center", ha="left")
     ax.invert_yaxis()
@@ -123,3 +141,14 @@ def bars(values: dict[str, float | None], label: str, out: str | Path) -> None:
     fig.tight_layout()
     fig.savefig(out, dpi=100, format="png")
     plt.close(fig)
+    return half
+
+
+def zeroshot_bars(rows: dict[str, dict], out: str | Path) -> list[float | None]:
+    """Zero-shot average per labelled record, with 95% error bars (1.96 standard errors of the average)."""
+    from ..uncertainty import Z95
+    from .noise import zeroshot_stderr
+    se = {k: zeroshot_stderr(r) for k, r in rows.items()}
+    return bars({k: r.get("zeroshot_avg") for k, r in rows.items()},
+                "zero-shot average accuracy (error bars: 95%, 1.96 standard errors)", out,
+                {k: None if v is None else Z95 * v for k, v in se.items()})

@@ -10,13 +10,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .noise import noise_metrics, ppl_ci, ppl_ratio, task_stderr, zeroshot_gap, zeroshot_stderr
 from .results import achieved_group, method_name
 
 
 def _extras(r: dict) -> dict:
-    """Per-task zero-shot scores, extra corpora's perplexities and throughput, as flat CSV columns."""
-    out = {f"perplexity.{k}": v for k, v in (r.get("perplexity_extra") or {}).items()}  # the MLflow names
-    out |= {f"zeroshot.{k}": t["score"] for k, t in (r.get("zeroshot") or {}).get("tasks", {}).items()}
+    """The noise (noise_metrics), per-task zero-shot scores with their standard errors and document counts,
+    extra corpora's perplexities and throughput, as flat CSV columns (the MLflow names)."""
+    out = noise_metrics(r) | {f"perplexity.{k}": v for k, v in (r.get("perplexity_extra") or {}).items()}
+    for k, t in (r.get("zeroshot") or {}).get("tasks", {}).items():
+        out[f"zeroshot.{k}"] = t["score"]
+        out |= {f"zeroshot.{k}.stderr": task_stderr(t)} if task_stderr(t) is not None else {}
+        out |= {f"zeroshot.{k}.n_docs": t["n_docs"]} if t.get("n_docs") is not None else {}
     out |= {f"tokens_per_s.{k}": v for k, v in (r.get("throughput_tokens_per_s") or {}).items()}
     return out | {f"speedup.{k}": v for k, v in (r.get("speedup") or {}).items()}
 
@@ -26,20 +31,36 @@ def zeroshot_table(rows: list[dict], dense: dict) -> list[str]:
     evaluated = [r for r in [dense] + rows if r.get("zeroshot")]
     if not evaluated:
         return []
-    tasks = list(evaluated[0]["zeroshot"]["tasks"])
-    head = ["method", "ratio", "removed"] + [f"{t} ({evaluated[0]['zeroshot']['tasks'][t]['metric']})" for t in tasks]
+    first = evaluated[0]["zeroshot"]["tasks"]
+    tasks = list(first)
+    head = ["method", "ratio", "removed"] + [f"{t} ({first[t]['metric']}{_docs(first[t])})" for t in tasks]
     body = []
     for r in evaluated:
         zs = r["zeroshot"]["tasks"]
         name = "dense" if r is dense else method_name(r)
         body.append([name, f"{r.get('ratio', 0):g}", f"{r.get('achieved_ratio', 0):.3f}"]
-                    + [f"{100 * zs[t]['score']:.2f}" if t in zs else "" for t in tasks]
-                    + [f"{100 * r['zeroshot_avg']:.2f}"])
+                    + [_pm(zs[t]["score"], task_stderr(zs[t])) if t in zs else "" for t in tasks]
+                    + [_pm(r["zeroshot_avg"], zeroshot_stderr(r)), "" if r is dense else zeroshot_gap(r, dense)])
     limit = evaluated[0]["zeroshot"].get("limit")
     note = f"first {limit} documents per task" if limit else "full splits"
     return ["## Zero-shot accuracy (%)", "", f"lm-eval {evaluated[0]['zeroshot'].get('lm_eval_version')}, "
-            f"{note}, data source {evaluated[0]['zeroshot'].get('source')}.", ""] \
-        + _table(head + ["average"], body) + [""]
+            f"{note}, data source {evaluated[0]['zeroshot'].get('source')}.", "", ZEROSHOT_NOISE, ""] \
+        + _table(head + ["average", "vs dense"], body) + [""]
+
+
+#: Said under every zero-shot table: what the +- and the verdicts mean.
+ZEROSHOT_NOISE = ("± one standard error (lm-eval's: the documents' sample standard deviation / sqrt(n)); n: "
+                  "documents per task. 'vs dense': the average's gap in points, within noise when it is at most "
+                  "1.96 x the two averages' combined standard error (95%; taken as independent).")
+
+
+def _docs(task: dict) -> str:
+    return f", n={task['n_docs']}" if task.get("n_docs") is not None else ""
+
+
+def _pm(score: float, stderr: float | None) -> str:
+    """A score in % with its standard error in points, e.g. "48.60 ± 2.71"."""
+    return f"{100 * score:.2f}" + ("" if stderr is None else f" ± {100 * stderr:.2f}")
 
 
 def speedup_table(rows: list[dict]) -> list[str]:
@@ -55,11 +76,18 @@ def speedup_table(rows: list[dict]) -> list[str]:
 
 
 def _cell(r: dict | None, removed: bool = True) -> str:
-    """Perplexity [/ zero-shot average] and, beside every number, the achieved ratio of removed weights."""
+    """Perplexity [its 95% interval over windows] [/ zero-shot average +- its standard error] and, beside every
+    number, the achieved ratio of removed weights."""
     if r is None:
         return ""
-    zs = f" / {100 * r['zeroshot_avg']:.2f}%" if r.get("zeroshot_avg") is not None else ""
-    return f"{r['perplexity']:.2f}{zs}" + (f" (removed {r['achieved_ratio']:.3f})" if removed else "")
+    zs = f" / {_pm(r['zeroshot_avg'], zeroshot_stderr(r))}%" if r.get("zeroshot_avg") is not None else ""
+    return f"{_ppl(r)}{zs}" + (f" (removed {r['achieved_ratio']:.3f})" if removed else "")
+
+
+def _ppl(r: dict) -> str:
+    """e.g. "56.09 [52.30, 60.15]": the perplexity and its 95% interval over windows, where recorded."""
+    ci = ppl_ci(r)
+    return f"{r['perplexity']:.2f}" + ("" if ci is None else f" [{ci[0]:.2f}, {ci[1]:.2f}]")
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -68,7 +96,12 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def _over(r: dict | None, ref: dict | None) -> str:
-    return f"{r['perplexity'] / ref['perplexity']:.3f}" if r is not None and ref is not None else ""
+    """r's perplexity over ref's, with the 95% interval of the ratio paired over the shared windows."""
+    if r is None or ref is None:
+        return ""
+    paired = ppl_ratio(r, ref)
+    return f"{r['perplexity'] / ref['perplexity']:.3f}" + ("" if paired is None else
+                                                          f" [{paired[1]:.3f}, {paired[2]:.3f}]")
 
 
 def compensation_table(rows: list[dict], dense: dict) -> list[str]:
@@ -86,11 +119,12 @@ def compensation_table(rows: list[dict], dense: dict) -> list[str]:
     for m, s, x in sorted({(r["metric"], r["structure"], r["ratio"]) for r in rows}):
         cells = {c: by.get((m, s, x, c)) for c in comps}
         removed = next(r["achieved_ratio"] for r in cells.values() if r is not None)
-        line = [m, s, f"{x:g}", f"{removed:.3f}"] + [f"{r['perplexity']:.2f}" if r else "" for r in cells.values()]
+        line = [m, s, f"{x:g}", f"{removed:.3f}"] + [_ppl(r) if r else "" for r in cells.values()]
         line += [_over(cells[c], cells.get("bias")) for c in vs]
         body.append(line)
     lines = ["Every column of a row compensates the same selection (compensation never changes which units are "
-             "removed); 'removed' is the achieved ratio.", ""]
+             "removed); 'removed' is the achieved ratio. 'X / bias' is paired over the windows both were scored "
+             "on: its interval excludes 1 when the gap is beyond noise.", ""]
     if opts:
         lines += ["Options: " + "; ".join(opts) + ".", ""]
     return lines + _table(head, body) + [""]
@@ -176,7 +210,9 @@ def caption(dense: dict, protocol: str, rows: list[dict]) -> str:
         docs = f"first {zs.get('limit')} documents per task" if zs.get("limit") else "full splits"
         text += (f" Zero-shot: {docs}"
                  f", lm-eval {zs.get('lm_eval_version')}.")
-    return text + " \"(removed x)\": the achieved fraction of attention+MLP weights removed."
+    return text + (" \"(removed x)\": the achieved fraction of attention+MLP weights removed. [a, b]: the "
+                   "perplexity's 95% interval over the windows (normal approximation on the mean NLL; adjacent "
+                   "windows are correlated text, so it understates the noise rather than overstating it).")
 
 
 def table_report(name: str, table: dict, rows: list[dict], dense: dict, protocol: str) -> str:
@@ -185,19 +221,31 @@ def table_report(name: str, table: dict, rows: list[dict], dense: dict, protocol
         from ..errors import FlapError
         raise FlapError(f"table {name!r}: unknown layout {table['layout']!r}; known: {', '.join(LAYOUTS)}")
     return "\n".join([f"# {table['title']}", "", caption(dense, protocol, rows), ""]
-                     + layout(rows, dense)).rstrip("\n") + "\n"
+                     + layout(rows, dense) + warnings(rows)).rstrip("\n") + "\n"
+
+
+def warnings(rows: list[dict]) -> list[str]:
+    """The cells whose result may not mean much (e.g. lsq on too few calibration tokens), each with its rule."""
+    warned = [(r, w) for r in rows for w in r.get("warnings") or []]
+    if not warned:
+        return []
+    return ["**Warnings** (a result above may not mean much; the rules: `flap_exp/adequacy.py`):", ""] + [
+        f"- {method_name(r)} {r['ratio']:g}{' ' + r['calib'] if r.get('calib') else ''}: {w}" for r, w in warned] + [""]
 
 
 def metrics_summary(rows: list[dict], dense: dict) -> dict:
-    """reports/metrics.json (dvc metrics show/diff, dvc exp show): per cell its perplexity, achieved ratio,
-    zero-shot average and prefill speedup where measured."""
+    """reports/metrics.json (dvc metrics show/diff, dvc exp show): per cell its perplexity with its 95%
+    interval and window count, achieved ratio, zero-shot average with its standard error and document
+    count, and speedups where measured; rounded per quantity (rounding.py), as in MLflow."""
+    from .rounding import rounded
+
     def one(r: dict) -> dict:
-        out = {"perplexity": round(r["perplexity"], 4), "achieved_ratio": round(r["achieved_ratio"], 5)}
+        out = {"perplexity": r["perplexity"], "achieved_ratio": r["achieved_ratio"]} | noise_metrics(r)
         if r.get("zeroshot_avg") is not None:
-            out["zeroshot_avg"] = round(r["zeroshot_avg"], 5)
+            out["zeroshot_avg"] = r["zeroshot_avg"]
         for w, v in (r.get("speedup") or {}).items():
-            out[f"speedup.{w}"] = round(v, 4)
-        return out
+            out[f"speedup.{w}"] = v
+        return {k: rounded(k, v) for k, v in out.items()}
     return {"dense": one(dense), **{r["key"]: one(r) for r in rows}}
 
 
@@ -234,7 +282,7 @@ def _git_commit() -> str | None:
 def _figure(layout: str, rows: list[dict], dense: dict, sels: dict, out: Path) -> None:
     """The table's figure: perplexity vs achieved ratio (main, compensation), vs N (calibration), the kept
     units per layer (ablation), accuracy and speedup bars (zeroshot, speed)."""
-    from .plots import bars, kept_heatmap, ppl_vs_n, ppl_vs_ratio
+    from .plots import bars, kept_heatmap, ppl_vs_n, ppl_vs_ratio, zeroshot_bars
     if layout in ("main", "compensation"):
         label = method_name if layout == "main" else (lambda r: f"{r['metric']}/{r['structure']} {r['compensation']}")
         ppl_vs_ratio([{**r, "method": label(r)} for r in rows], dense["perplexity"], out)
@@ -245,8 +293,7 @@ def _figure(layout: str, rows: list[dict], dense: dict, sels: dict, out: Path) -
         adaptive = {k: s for k, s in sels.items() if k in keys and s["structure"].startswith("al_")}
         kept_heatmap(adaptive or {k: s for k, s in sels.items() if k in keys}, out)
     elif layout == "zeroshot":
-        cells = {f"{method_name(r)} {r['achieved_ratio']:.3f}": r.get("zeroshot_avg") for r in rows}
-        bars({"dense": dense.get("zeroshot_avg")} | cells, "zero-shot average accuracy", out)
+        zeroshot_bars({"dense": dense} | {f"{method_name(r)} {r['achieved_ratio']:.3f}": r for r in rows}, out)
     elif layout == "speed":
         work = next(iter(rows[0].get("speedup") or {"prefill": 0}), "prefill") if rows else "prefill"
         bars({f"{method_name(r)} {r['achieved_ratio']:.3f}": (r.get("speedup") or {}).get(work) for r in rows},
@@ -262,7 +309,7 @@ def table_files(name: str, table: dict, rows: list[dict], dense: dict, sels: dic
     trows = [by_key[k] for k in table["cells"]]
     with atomic_file(out / f"{name}.md") as tmp:
         tmp.write_text(table_report(name, table, trows, dense, protocol), encoding="utf-8")
-    extras = list(dict.fromkeys(k for r in [dense] + trows for k in _extras(r)))
+    extras = [k for k in dict.fromkeys(k for r in [dense] + trows for k in _extras(r)) if k not in CSV_COLUMNS]
     with atomic_file(out / f"{name}.csv") as tmp:
         tmp.write_text(_csv([{**dense, "key": "dense", "metric": "dense", "ratio": 0} | _extras(dense)]
                             + [r | _extras(r) | (r.get("compensation_options") or {}) for r in trows],

@@ -17,15 +17,30 @@ def summary(params: dict, cells: dict, rows: list[dict], dense: dict) -> str:
         lines.append(f"\n{t['title']}  -> reports/{name}.md")
         for key in t["cells"]:
             r = by[key]
-            extra = f"  zero-shot {100 * r['zeroshot_avg']:.1f}%" if r.get("zeroshot_avg") is not None else ""
+            extra = f"  zero-shot {_zs(r)}" if r.get("zeroshot_avg") is not None else ""
             extra += "".join(f"  speedup {w} {v:.2f}x" for w, v in (r.get("speedup") or {}).items())
             calib = f" {r['calib']}" if r.get("calib") else ""
             lines.append(f"  {method_name(r) + calib:<44} target {r['ratio']:<4g} removed {r['achieved_ratio']:.3f}"
-                         f"  ppl {r['perplexity']:>10.2f}{extra}")
+                         f"  ppl {r['perplexity']:>10.2f}{_ci(r)}{extra}")
+            lines += [f"    warning: {w}" for w in r.get("warnings") or []]
     lines += ["", "Reports: reports/README.md (one markdown + CSV + figure per table); "
               "dvc metrics show; dvc plots show",
               f"MLflow: {tracking_uri()} (make mlflow-ui, then http://127.0.0.1:5000)"]
     return "\n".join(lines)
+
+
+def _ci(r: dict) -> str:
+    """The perplexity's 95% interval over windows, e.g. " [52.30, 60.15]", where recorded."""
+    ci = r.get("ppl_ci95")
+    return f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""
+
+
+def _zs(r: dict) -> str:
+    """The zero-shot average, its standard error and documents, e.g. "48.6% ± 2.7 (350 docs)", where recorded."""
+    from .noise import zeroshot_docs, zeroshot_stderr
+    se, n = zeroshot_stderr(r), zeroshot_docs(r)
+    return (f"{100 * r['zeroshot_avg']:.1f}%" + (f" ± {100 * se:.1f}" if se is not None else "")
+            + (f" ({n} docs)" if n is not None else ""))
 
 
 def main() -> int:

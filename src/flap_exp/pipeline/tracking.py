@@ -165,22 +165,30 @@ def run_params(cell: dict | None, params: dict, record: dict, manifests: dict) -
 
 
 def run_metrics(m: dict, usage: dict) -> dict:
-    """Evaluation numbers, plus wall time / peak memory of every stage behind the cell."""
+    """Evaluation numbers with their noise (the perplexity's 95% interval over windows and its window count,
+    zero-shot standard errors and document counts), plus wall time / peak memory of every stage behind the
+    cell; rounded per quantity (rounding.py), as in reports/metrics.json."""
+    from .noise import noise_metrics, task_stderr
+    from .rounding import rounded
     out = {k: float(m[k]) for k in ("perplexity", "achieved_ratio", "params_kept", "model_params") if k in m}
+    out |= noise_metrics(m)
     for stage, u in usage.items():
         out[f"{stage}_seconds"], out[f"{stage}_peak_rss_mib"] = u["seconds"], u["peak_rss_mib"]
     if m.get("zeroshot_avg") is not None:
         out["zeroshot_avg"] = m["zeroshot_avg"]
         for task, t in m["zeroshot"]["tasks"].items():
             out[f"zeroshot.{task}"] = t["score"]
-            out |= {f"zeroshot.{task}.{k}": t[k] for k in ("acc", "acc_norm") if t.get(k) is not None}
+            out |= {f"zeroshot.{task}.{k}": t[k] for k in ("acc", "acc_norm", "n_docs") if t.get(k) is not None}
+            se = task_stderr(t)
+            if se is not None:
+                out[f"zeroshot.{task}.stderr"] = se
     for name, v in (m.get("perplexity_extra") or {}).items():
         out[f"perplexity.{name}"] = v
     for w, v in (m.get("throughput_tokens_per_s") or {}).items():
         out[f"tokens_per_s.{w}"] = v
     for w, v in (m.get("speedup") or {}).items():
         out[f"speedup.{w}"] = v
-    return out
+    return {k: rounded(k, v) for k, v in out.items()}
 
 
 def cell_usage(row: dict, root: str | Path = ".") -> dict:
@@ -228,12 +236,36 @@ def _times(usage: dict) -> tuple[int, int] | None:
     return int((end - sum(u["seconds"] for u in usage.values())) * 1000), int(end * 1000)
 
 
+def comparison_figures(rows: list[dict], dense: dict, folder: Path) -> dict:
+    """The study's comparison figures, logged with the dense run (the reference of every table) under
+    figures/: every cell's perplexity vs achieved ratio on a log perplexity axis (one line per method and
+    calibration, 95% bars over windows), and the zero-shot averages with 95% error bars. Returns the data
+    drawn (the run's fingerprint: a changed cell redraws them)."""
+    from .plots import ppl_vs_ratio, zeroshot_bars
+    from .results import method_name
+    folder.mkdir(parents=True, exist_ok=True)
+    pts = [{**r, "method": method_name(r) + (f" {r['calib']}" if r.get("calib") else "")} for r in rows]
+    drawn = {"ppl": [[p["method"], p["achieved_ratio"], p["perplexity"], p.get("ppl_ci95")] for p in pts]}
+    if pts:
+        ppl_vs_ratio(pts, dense["perplexity"], folder / "ppl_vs_ratio.png")
+    zs = {f"{method_name(r)} {r['achieved_ratio']:.3f}": r for r in rows if r.get("zeroshot_avg") is not None}
+    if zs:
+        zeroshot_bars({"dense": dense} | zs, folder / "zeroshot.png")
+        drawn["zeroshot"] = sorted([k, r["zeroshot_avg"]] for k, r in zs.items())
+    return drawn
+
+
 def _upsert(client, exp_id: str, key: str, name: str, params: dict, metrics: dict, selection: dict | None,
-            tags: dict, times: tuple[int, int] | None) -> str:
-    """The cell's run: kept if nothing changed, else the old one is deleted and a new one logged."""
+            tags: dict, times: tuple[int, int] | None, figures: tuple[list[dict], dict] | None = None) -> str:
+    """The cell's run: kept if nothing changed, else the old one is deleted and a new one logged.
+    figures: (rows, dense) whose comparison figures the run carries (the dense run)."""
     from .plots import kept_per_layer
-    fp = sha256_text(json.dumps([params | {"git_commit": None, "dvc_exp_name": None}, metrics, selection, tags],
-                                sort_keys=True, default=str))
+    drawn = None
+    if figures is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            drawn = comparison_figures(*figures, Path(tmp))  # cheap; its data go into the fingerprint
+    fp = sha256_text(json.dumps([params | {"git_commit": None, "dvc_exp_name": None}, metrics, selection, tags]
+                                + ([drawn] if drawn is not None else []), sort_keys=True, default=str))
     old = client.search_runs([exp_id], filter_string=f"tags.`flap.cell` = '{key}'")
     if len(old) == 1 and old[0].data.tags.get("flap.fingerprint") == fp:
         return old[0].info.run_id
@@ -253,8 +285,17 @@ def _upsert(client, exp_id: str, key: str, name: str, params: dict, metrics: dic
             (Path(tmp) / "selection.json").write_text(json.dumps(selection, indent=1))
             kept_per_layer(selection, name, Path(tmp) / "kept_per_layer.png")
             client.log_artifacts(rid, tmp)
+    if figures is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            comparison_figures(*figures, Path(tmp))
+            client.log_artifacts(rid, tmp, "figures")
     client.set_terminated(rid, end_time=end)
     return rid
+
+
+def warning_tags(row: dict) -> dict:
+    """`flap.warning`: the cell's warnings (e.g. lsq on too few calibration tokens), where it has any."""
+    return {"flap.warning": " | ".join(row["warnings"])} if row.get("warnings") else {}
 
 
 #: MLflow 3 opens an experiment of unknown kind in its GenAI view; this tag opens the runs table.
@@ -278,13 +319,14 @@ def track(params: dict, record: dict, manifests: dict, rows: list[dict], dense: 
     du = cell_usage(dense)
     runs = {"dense": _upsert(client, exp_id, f"dense@{protocol}", run_name(None, protocol),
                              run_params(None, params, record, manifests), run_metrics(dense, du), None,
-                             {**ratio_tags(None), **table_tags(["main", "zeroshot"], protocol)}, _times(du))}
+                             {**ratio_tags(None), **table_tags(["main", "zeroshot"], protocol)}, _times(du),
+                             figures=(rows, dense))}
     for row in rows:
         u = cell_usage(row)
         runs[row["key"]] = _upsert(client, exp_id, f"{row['key']}@{protocol}", run_name(row, protocol),
                                    run_params(row, params, record, manifests), run_metrics(row, u),
-                                   sels[row["cell"]], {**ratio_tags(row), **table_tags(row["tables"], protocol)},
-                                   _times(u))
+                                   sels[row["cell"]], {**ratio_tags(row), **table_tags(row["tables"], protocol),
+                                                       **warning_tags(row)}, _times(u))
     return {"tracking_uri": uri, "experiment": name, "experiment_id": exp_id, "protocol": protocol, "runs": runs}
 
 
