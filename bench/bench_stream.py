@@ -1,6 +1,6 @@
 """Streamed pruning of a model larger than memory, with FLAP's bias and with lsq (`--stream`).
 
-Writes a random LLaMA of ~3.0 GB float32 weights (`flap_exp.synthetic.BIG_CONFIG`: 48 layers, d=1024,
+Writes a random LLaMA of ~3.0 GB float32 weights (`tests/helpers/synthetic.py`'s `BIG_CONFIG`: 48 layers, d=1024,
 MLP 4096, 16/4 heads) shard by shard, then, each in a fresh process, prunes it streamed (WIFV, AL-AM, 0.5,
 4 x 32 calibration tokens) under `--memory-budget` and evaluates the pruned directory streamed. Prints the
 peak resident memory of each run against the weights, and lsq's time against the bias run's; writes
@@ -18,10 +18,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-from flap_exp.synthetic import BIG_CONFIG, write_random_checkpoint
 from flap_exp.units import parse_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
+SYNTHETIC = ROOT / "tests" / "helpers" / "synthetic.py"  # the streaming test's random checkpoint and measurement
+sys.path.insert(0, str(SYNTHETIC.parent))
+from synthetic import BIG_CONFIG, write_random_checkpoint  # noqa: E402
 
 
 def main() -> None:
@@ -38,7 +40,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=a.tmp) as tmp:
         weights = write_random_checkpoint(BIG_CONFIG, Path(tmp) / "big")
         for comp in ("bias", "lsq"):
-            r = subprocess.run([sys.executable, "-m", "flap_exp.synthetic", str(Path(tmp) / "big"),
+            r = subprocess.run([sys.executable, str(SYNTHETIC), str(Path(tmp) / "big"),
                                 str(Path(tmp) / f"pruned-{comp}"), str(budget), comp],
                                capture_output=True, text=True, check=False)
             if r.returncode != 0:

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from .arch import DecoderLayer
     from .store import LayerStore
 
-# Per-layer LayerComps, or the older per-layer (o_proj bias, down_proj bias) pairs, or None (no compensation).
+# Per-layer LayerComps, or per-layer (o_proj bias, down_proj bias) pairs (compensation_biases), or None.
 Biases = list[LayerComp] | list[tuple[torch.Tensor, torch.Tensor]] | None
 
 
