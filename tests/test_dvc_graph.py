@@ -49,6 +49,27 @@ def test_closure_follows_relative_lazy_and_package_imports(tmp_path):
                    "src/flap_exp/sub/b.py", "src/flap_exp/c.py"}
 
 
+def test_closure_includes_every_method_module_of_a_registry(tmp_path):
+    # A Registry imports its package's modules by name at run time (pkgutil), invisible to `import` statements:
+    # a stage that declares one depends on every method module, and on what those modules import lazily.
+    src = tmp_path / "src" / "flap_exp"
+    (src / "methods" / "axis").mkdir(parents=True)
+    for f in ("__init__.py", "methods/__init__.py", "methods/axis/__init__.py", "heavy.py"):
+        (src / f).write_text("")
+    (src / "methods" / "axis" / "one.py").write_text("def begin():\n    from flap_exp import heavy\n")
+    (src / "catalogue.py").write_text('from .registry import Registry\nAXIS = Registry("axis", "flap_exp.methods.axis")\n')
+    (src / "registry.py").write_text("class Registry: ...\n")
+    script = tmp_path / "s.py"
+    script.write_text("from flap_exp.catalogue import AXIS\n")
+    got = {str(Path(f).relative_to(tmp_path / "src" / "flap_exp")) for f in deps.closure(script, tmp_path / "src")}
+    assert {"methods/axis/one.py", "heavy.py", "methods/axis/__init__.py"} <= got
+    # the real catalogue: every compensation's module and its implementation are in the compensate stage's deps
+    real = {str(Path(f).relative_to(ROOT)) for f in deps.closure(ROOT / "stages/compensate.py", ROOT / "src")}
+    methods = {f"src/flap_exp/methods/compensation/{p.name}"
+               for p in (ROOT / "src/flap_exp/methods/compensation").glob("*.py")}
+    assert methods <= real and "src/flap_exp/compensation/lsq.py" in real
+
+
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 @pytest.mark.parametrize("model", sorted(MODELS))

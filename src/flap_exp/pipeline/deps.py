@@ -1,7 +1,10 @@
 """The library files a stage script runs: the transitive closure of its flap_exp imports (static, by ast).
 
 dvc.yaml lists them as each stage's `deps` so that an edit to, say, arch.py reruns exactly the stages that
-import it. Imports inside functions count (the library imports lazily). In dvc.yaml each stage's code
+import it. Imports inside functions count (the library imports lazily), and so does a registry's package:
+`Registry(axis, "flap_exp.methods.X")` imports every module of that package on first use (registry.py), so a
+file that declares one depends on all of them (a user's FLAP_EXP_PLUGINS modules live outside the repository
+and are not tracked). In dvc.yaml each stage's code
 dependencies sit between `# imports of stages/X.py: BEGIN` and `# END`;
 `python -m flap_exp.pipeline.deps --write dvc.yaml` regenerates them, and tests/test_dvc_graph.py fails
 when dvc.yaml disagrees with the import graph. `python -m flap_exp.pipeline.deps stages/X.py` prints one.
@@ -33,6 +36,12 @@ def _module_of(src: Path, f: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def _package_modules(src: Path, package: str) -> set[str]:
+    """The package and every module directly in it (what Registry._load imports)."""
+    folder = src.joinpath(*package.split("."))
+    return {package} | {f"{package}.{f.stem}" for f in folder.glob("*.py") if f.name != "__init__.py"}
+
+
 def _imports(src: Path, f: Path) -> set[str]:
     """Modules of the package that file `f` imports (absolute or relative, at any depth in the file)."""
     tree = ast.parse(f.read_text(encoding="utf-8"), str(f))
@@ -50,6 +59,9 @@ def _imports(src: Path, f: Path) -> set[str]:
                 mod = node.module or ""
             out.add(mod)
             out |= {f"{mod}.{a.name}" for a in node.names}  # `from pkg import submodule`
+        elif (isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "Registry"
+              and len(node.args) > 1 and isinstance(node.args[1], ast.Constant) and isinstance(node.args[1].value, str)):
+            out |= _package_modules(src, node.args[1].value)
     return {m for m in out if m == PACKAGE or m.startswith(PACKAGE + ".")}
 
 
