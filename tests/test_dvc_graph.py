@@ -57,7 +57,8 @@ def test_closure_includes_every_method_module_of_a_registry(tmp_path):
     for f in ("__init__.py", "methods/__init__.py", "methods/axis/__init__.py", "heavy.py"):
         (src / f).write_text("")
     (src / "methods" / "axis" / "one.py").write_text("def begin():\n    from flap_exp import heavy\n")
-    (src / "catalogue.py").write_text('from .registry import Registry\nAXIS = Registry("axis", "flap_exp.methods.axis")\n')
+    (src / "catalogue.py").write_text('from .registry import Registry\n'
+                                      'AXIS = Registry("axis", "flap_exp.methods.axis")\n')
     (src / "registry.py").write_text("class Registry: ...\n")
     script = tmp_path / "s.py"
     script.write_text("from flap_exp.catalogue import AXIS\n")

@@ -36,6 +36,13 @@ def _module_of(src: Path, f: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def _registry_package(call: ast.Call) -> str:
+    """"flap_exp.methods.X" for a call `Registry(axis, "flap_exp.methods.X", ...)`, else ""."""
+    name = getattr(call.func, "id", None) or getattr(call.func, "attr", None)
+    arg = call.args[1] if name == "Registry" and len(call.args) > 1 else None
+    return arg.value if isinstance(arg, ast.Constant) and isinstance(arg.value, str) else ""
+
+
 def _package_modules(src: Path, package: str) -> set[str]:
     """The package and every module directly in it (what Registry._load imports)."""
     folder = src.joinpath(*package.split("."))
@@ -59,9 +66,8 @@ def _imports(src: Path, f: Path) -> set[str]:
                 mod = node.module or ""
             out.add(mod)
             out |= {f"{mod}.{a.name}" for a in node.names}  # `from pkg import submodule`
-        elif (isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "Registry"
-              and len(node.args) > 1 and isinstance(node.args[1], ast.Constant) and isinstance(node.args[1].value, str)):
-            out |= _package_modules(src, node.args[1].value)
+        elif isinstance(node, ast.Call) and _registry_package(node):
+            out |= _package_modules(src, _registry_package(node))
     return {m for m in out if m == PACKAGE or m.startswith(PACKAGE + ".")}
 
 
