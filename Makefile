@@ -45,10 +45,12 @@ bench: $(VENV_OK)
 clean:
 	rm -rf out .pytest_cache .mypy_cache .ruff_cache
 
-# --- the study pipeline (dvc.yaml, conf/): `make run` (every table, quick protocol), `make run PROTOCOL=paper`,
+# --- the study pipeline (dvc.yaml, conf/): `make run` (every table, quick protocol), `make run PROTOCOL=smoke`
+# (every table in minutes, reports/smoke/), `make run PROTOCOL=paper` (reports/paper/),
 # `make run EXP=ablation OVERRIDES="eval.max_windows=32"` (one table, a smaller subset)
 PROTOCOL  ?= quick
-EXP       ?= study
+# the smoke protocol runs the smoke experiment (fewer cells per table) unless EXP says otherwise
+EXP       ?= $(if $(filter smoke,$(PROTOCOL)),smoke,study)
 OVERRIDES ?=
 VENV_PATH := PATH=$(CURDIR)/.venv/bin:$$PATH
 

@@ -1,10 +1,10 @@
-"""report TABLE: reports/TABLE.md, reports/TABLE.csv and reports/figures/TABLE.png of one table of the study;
-report --index: reports/README.md, reports/metrics.json and reports/plots/ (DVC's metrics and plots)."""
+"""report TABLE: REPORTS/TABLE.md, REPORTS/TABLE.csv and REPORTS/figures/TABLE.png of one table of the study;
+report --index: REPORTS/README.md, REPORTS/metrics.json and REPORTS/plots/ (DVC's metrics and plots).
+REPORTS is cells.yaml's `reports`: reports/ for the default protocol, reports/PROTOCOL/ for the others."""
 import argparse
 
 from flap_exp.errors import FlapError
 from flap_exp.pipeline.cells import load_cells
-from flap_exp.pipeline.paths import REPORTS
 from flap_exp.pipeline.report import index_files, table_files
 from flap_exp.pipeline.results import collect
 from flap_exp.pipeline.stage import load_params, stage
@@ -24,6 +24,6 @@ if __name__ == "__main__":
         rows, dense, sels = collect(cells)
         protocol = p.get("protocol", "quick")
         if a.index:
-            index_files(cells, rows, dense, protocol, REPORTS)
+            index_files(cells, rows, dense, protocol, cells["reports"])
         else:
-            table_files(a.table, cells["tables"][a.table], rows, dense, sels, protocol, REPORTS)
+            table_files(a.table, cells["tables"][a.table], rows, dense, sels, protocol, cells["reports"])

@@ -81,7 +81,8 @@ def test_every_experiment_protocol_model_composes(experiment, protocol, model):
     cells = cells_from_params(params)["cells"]
     assert cells["evaluate"] and cells["tables"]
     n = params["data"]["calib"]["nsamples"]
-    assert n == {"quick": 128, "paper": 1024}[protocol]
+    assert n == {"quick": 128, "smoke": 8, "paper": 1024}[protocol]
+    assert cells["reports"] == ("reports" if protocol == "quick" else f"reports/{protocol}")
     for name, table in cells["tables"].items():
         assert table["cells"] and set(table["cells"]) <= set(cells["evaluate"]), name
         for m in table["measure"]:

@@ -278,7 +278,9 @@ def test_protocol_switch_and_back_recomputes_nothing_cached(repo: Path, first_ru
     lsq = f"wifv-al_am-0.5-{C}-lsq"
     assert ran(p) == {f"speed@{BIAS}", f"compensate_lsq@{lsq}", f"evaluate@{lsq}", "track"} | REPORTS
     assert _metrics(repo, lsq)["compensation_options"]["damping"] == 0.001
-    assert "Protocol **paper**" in (repo / "reports/main.md").read_text()
+    # its reports in reports/paper/; the default protocol's reports/ are left as they were
+    assert "Protocol **paper**" in (repo / "reports/paper/main.md").read_text()
+    assert "Protocol **quick**" in (repo / "reports/main.md").read_text()
     assert sorted(_mlflow_runs(repo, "paper")) == sorted(CELLS + ["dense"])  # its own runs, beside quick's
     sh(repo, sys.executable, "-m", "flap_exp.pipeline.compose", *OVERRIDES)
     p = sh(repo, DVC, "repro")

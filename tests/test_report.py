@@ -212,6 +212,6 @@ def test_warned_cells_are_listed_under_their_table_in_the_summary_and_in_mlflow(
     assert f"- wifv/al_am (lsq) 0.5 wiki-8: {w}" in md and "**Warnings**" in md
     assert "90.00 [80.00, 101.00] (removed 0.500)" in md
     assert "**Warnings**" not in table_report("calibration", table, [{**r, "warnings": []}], DENSE, "quick")
-    text = summary({"protocol": "quick"}, {"tables": {"calibration": table}}, [r], DENSE)
+    text = summary({"protocol": "quick"}, {"tables": {"calibration": table}, "reports": "reports"}, [r], DENSE)
     assert f"    warning: {w}" in text and "ppl      90.00 [80.00, 101.00]" in text
     assert warning_tags(r) == {"flap.warning": w} and warning_tags({**r, "warnings": []}) == {}

@@ -67,13 +67,15 @@ def check_compensations(compensations: dict) -> None:
 
 
 def _calibrations(where: str, spec, default: dict) -> list[tuple[str, int]]:
-    """A block's calibrations: "default" (the protocol's), "CORPUS" (the protocol's N) or "CORPUS:N"."""
+    """A block's calibrations: "default" (the protocol's), "CORPUS" (the protocol's N), "CORPUS:N" or
+    "default:N" (the default corpus at N)."""
     out = []
     for c in spec or ["default"]:
         if c in (None, "default"):
             corpus, n = default["corpus"], default["nsamples"]
         elif isinstance(c, str):
             corpus, _, n = c.partition(":")
+            corpus = default["corpus"] if corpus == "default" else corpus
             n = n or default["nsamples"]
         else:
             raise FlapError(f"{where}: a calibration is 'default', 'CORPUS' or 'CORPUS:N', got {c!r}")
@@ -240,12 +242,23 @@ def _cell(c: _Cells, metric: str, structure: str, ratio: float, ckey: str | None
     return out
 
 
+#: The protocol whose reports are reports/ (the committed ones); every other protocol's go to reports/PROTOCOL/,
+#: so a smoke or paper run never overwrites them.
+DEFAULT_PROTOCOL = "quick"
+
+
+def reports_dir(protocol: str | None) -> str:
+    return paths.REPORTS if protocol in (None, DEFAULT_PROTOCOL) else f"{paths.REPORTS}/{protocol}"
+
+
 def inputs_sha256(params: dict) -> str:
-    """The hash of what decides the cells: tables, metric and compensation options, default calibration."""
+    """The hash of what decides the cells: tables, metric and compensation options, default calibration,
+    and the protocol's report folder."""
     calib = params.get("data", {}).get("calib", {})
     src = {"tables": params.get("tables"), "metrics": params.get("metrics"),
            "compensations": params.get("compensations"),
-           "calib": {"corpus": calib.get("corpus"), "nsamples": calib.get("nsamples")}}
+           "calib": {"corpus": calib.get("corpus"), "nsamples": calib.get("nsamples")},
+           "reports": reports_dir(params.get("protocol"))}
     if set(params.get("structures") or STRUCTURES) != set(STRUCTURES):  # variants: their names decide cells
         src["structure names"] = sorted(params["structures"])
     return hashlib.sha256(json.dumps(src, sort_keys=True).encode()).hexdigest()
@@ -257,6 +270,7 @@ def cells_from_params(params: dict) -> dict:
     cells = expand_study(params.get("tables") or {}, params.get("metrics") or {}, params.get("compensations") or {},
                          {"corpus": calib["corpus"], "nsamples": calib["nsamples"]},
                          tuple(params.get("structures") or STRUCTURES))
+    cells["reports"] = reports_dir(params.get("protocol"))
     return {"params_sha256": inputs_sha256(params), "cells": cells}
 
 

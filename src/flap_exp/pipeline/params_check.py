@@ -13,7 +13,7 @@ from ..units import parse_bytes
 from ..validate import check_int
 
 MISSING = "???"  # OmegaConf's mark of a mandatory value left unset
-PROTOCOLS = ("quick", "paper")  # conf/protocol/
+PROTOCOLS = ("quick", "smoke", "paper")  # conf/protocol/
 
 
 def _get(params: dict, dotted: str):

@@ -14,7 +14,7 @@ def summary(params: dict, cells: dict, rows: list[dict], dense: dict) -> str:
     lines = [f"flap-exp study, protocol {params.get('protocol')}: {len(rows)} cells, dense perplexity "
              f"{dense['perplexity']:.2f} ({dense['ppl_windows']} windows)"]
     for name, t in cells["tables"].items():
-        lines.append(f"\n{t['title']}  -> reports/{name}.md")
+        lines.append(f"\n{t['title']}  -> {cells['reports']}/{name}.md")
         for key in t["cells"]:
             r = by[key]
             extra = f"  zero-shot {_zs(r)}" if r.get("zeroshot_avg") is not None else ""
@@ -23,8 +23,9 @@ def summary(params: dict, cells: dict, rows: list[dict], dense: dict) -> str:
             lines.append(f"  {method_name(r) + calib:<44} target {r['ratio']:<4g} removed {r['achieved_ratio']:.3f}"
                          f"  ppl {r['perplexity']:>10.2f}{_ci(r)}{extra}")
             lines += [f"    warning: {w}" for w in r.get("warnings") or []]
-    lines += ["", "Reports: reports/README.md (one markdown + CSV + figure per table); "
-              "dvc metrics show; dvc plots show",
+    where = cells["reports"]
+    views = "dvc metrics show; dvc plots show" if where == "reports" else f"dvc metrics show {where}/metrics.json"
+    lines += ["", f"Reports: {where}/README.md (one markdown + CSV + figure per table); {views}",
               f"MLflow: {tracking_uri()} (make mlflow-ui, then http://127.0.0.1:5000)"]
     return "\n".join(lines)
 

@@ -1,0 +1,73 @@
+"""Wall time of the study under a protocol, and what each stage costs beyond its own work.
+
+Runs `compose protocol=P` + `dvc repro` in a fresh `git clone` of this checkout (the checkout's params.yaml,
+cells.yaml, results/ and reports/ are never touched), with the model and texts already in the flap-exp cache
+(warm), then reads every stage's own clock from results/usage/ (written by the stage around its work) and
+prints: stages run, wall time, the stages' own time, and the overhead per stage (process start, imports, DVC's
+bookkeeping) = (wall - own) / stages.
+
+    .venv/bin/python bench/bench_smoke.py                      # the smoke protocol (minutes)
+    .venv/bin/python bench/bench_smoke.py --protocols smoke,quick   # and the whole quick study (about an hour)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+
+
+def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(cwd / "src")}
+    p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if p.returncode:
+        sys.exit(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")
+    return p
+
+
+def measure(protocol: str, workdir: Path) -> dict:
+    clone = workdir / protocol
+    run(["git", "clone", "-q", str(ROOT), str(clone)], workdir)
+    # what the Makefile passes as FLAP_EXP_WIKITEXT2; the clone has no ../shared beside it
+    wikitext2 = ROOT.parent / "shared" / "data" / "wikitext-2-raw"
+    if wikitext2.is_dir():
+        os.environ.setdefault("FLAP_EXP_WIKITEXT2", str(wikitext2))
+    run([sys.executable, "-m", "flap_exp.pipeline.compose", f"protocol={protocol}"], clone)
+    # the clone starts without results/: every stage runs (the run-cache is the clone's own, empty)
+    start = time.monotonic()
+    p = run([str(VENV_BIN / "dvc"), "repro"], clone)
+    wall = time.monotonic() - start
+    ran = re.findall(r"Running stage '([^']+)'", p.stdout)
+    own = {f.stem: json.loads(f.read_text())["seconds"] for f in (clone / "results" / "usage").glob("*.json")}
+    return {"protocol": protocol, "stages": len(ran), "wall_s": round(wall, 1), "own_s": round(sum(own.values()), 1),
+            "overhead_per_stage_s": round((wall - sum(own.values())) / max(len(ran), 1), 2)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--protocols", default="smoke", help="comma-separated: smoke, quick, paper")
+    ap.add_argument("--out", default=None, help="also write the rows as JSON here")
+    a = ap.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench_smoke-") as tmp:
+        for protocol in a.protocols.split(","):
+            rows.append(measure(protocol.strip(), Path(tmp)))
+            r = rows[-1]
+            print(f"{r['protocol']:<6} {r['stages']:>4} stages  wall {r['wall_s']:>7.1f} s  own {r['own_s']:>7.1f} s  "
+                  f"overhead {r['overhead_per_stage_s']:.2f} s per stage", flush=True)
+            shutil.rmtree(Path(tmp) / r["protocol"], ignore_errors=True)
+    if a.out:
+        Path(a.out).write_text(json.dumps(rows, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
