@@ -80,5 +80,6 @@ run-cluster: $(VENV_OK)
 
 MLFLOW_PORT ?= 5000
 mlflow-ui: $(VENV_OK)
+	@MLFLOW_PORT=$(MLFLOW_PORT) $(PY) -m flap_exp.pipeline.tracking --link
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false .venv/bin/mlflow ui --workers 1 --host 127.0.0.1 \
 		--port $(MLFLOW_PORT) --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}

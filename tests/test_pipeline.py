@@ -61,6 +61,7 @@ def _mlflow_runs(repo: Path, protocol: str = "quick") -> dict:
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     exp = client.get_experiment_by_name("flap-tiny-llama")
     assert exp is not None and exp.tags.get("mlflow.experimentKind") == "custom_model_development"
+    assert "metrics.`perplexity`" in exp.tags["mlflow.sharedViewState.flap"]  # what the summary's link opens
     runs = {r.data.tags["flap.cell"]: r for r in client.search_runs([exp.experiment_id])}
     return {k.rsplit("@", 1)[0]: r for k, r in runs.items() if k.endswith(f"@{protocol}")}
 

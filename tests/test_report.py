@@ -215,3 +215,50 @@ def test_warned_cells_are_listed_under_their_table_in_the_summary_and_in_mlflow(
     text = summary({"protocol": "quick"}, {"tables": {"calibration": table}, "reports": "reports"}, [r], DENSE)
     assert f"    warning: {w}" in text and "ppl      90.00 [80.00, 101.00]" in text
     assert warning_tags(r) == {"flap.warning": w} and warning_tags({**r, "warnings": []}) == {}
+
+
+def test_the_summary_links_the_runs_table_of_the_study_sorted_by_perplexity(tmp_path, monkeypatch):
+    """MLflow 3.17's UI opens a fresh browser on its GenAI overview whatever the experiment's tags say; the
+    printed link selects the machine-learning view and the runs table through the URL."""
+    import json
+    import urllib.parse
+
+    from flap_exp.pipeline.summary import summary
+    from flap_exp.pipeline.tracking import landing_url
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_PORT", raising=False)
+    table = {"title": "T", "layout": "calibration", "cells": []}
+    cells = {"tables": {"t": table}, "reports": "reports"}
+    assert summary({"protocol": "quick"}, cells, [], DENSE).endswith("then http://127.0.0.1:5000)")  # nothing tracked
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "mlflow.json").write_text(json.dumps({"experiment_id": "7"}))
+    monkeypatch.setenv("MLFLOW_PORT", "5077")
+    text = summary({"protocol": "quick"}, cells, [], DENSE)
+    url = landing_url("7")
+    assert url in text and url.startswith("http://127.0.0.1:5077/#/experiments/7/runs?")
+    q = urllib.parse.parse_qs(urllib.parse.urlsplit(url.replace("/#/", "/")).query)
+    assert q == {"workflowType": ["machine_learning"], "viewStateShareKey": ["flap"]}
+
+
+def test_the_shared_view_shows_perplexity_ratio_and_method_columns_sorted_by_perplexity():
+    import json
+
+    from flap_exp.pipeline.tracking import experiment_tags
+    tags = experiment_tags()
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
+    view = json.loads(tags["mlflow.sharedViewState.flap"])
+    assert view["orderByKey"] == "metrics.`perplexity`" and view["orderByAsc"] is True
+    assert {"metrics.`perplexity`", "metrics.`achieved_ratio`", "params.`compensation`"} <= set(view["selectedColumns"])
+
+
+def test_the_installed_mlflow_ui_reads_the_link_parameters():
+    """The link relies on the UI bundle's route and URL parameters; an MLflow upgrade that drops them fails here."""
+    from pathlib import Path
+
+    import mlflow
+    js = "".join(p.read_text(encoding="utf-8", errors="replace")
+                 for p in (Path(mlflow.__file__).parent / "server/js/build/static/js").glob("*.js"))
+    assert '"/experiments/:experimentId/runs"' in js
+    assert 'get("workflowType")' in js and 'MACHINE_LEARNING="machine_learning"' in js
+    assert '"orderByKey","orderByAsc"' in js  # the sort facets, which a shared view state may carry
+    assert 'U="viewStateShareKey",$="mlflow.sharedViewState."' in js and '"selectedColumns","columnOrder"' in js

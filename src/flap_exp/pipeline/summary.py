@@ -9,7 +9,7 @@ from ..errors import FlapError
 
 def summary(params: dict, cells: dict, rows: list[dict], dense: dict) -> str:
     from .results import method_name
-    from .tracking import tracking_uri
+    from .tracking import study_link, tracking_uri
     by = {r["key"]: r for r in rows}
     lines = [f"flap-exp study, protocol {params.get('protocol')}: {len(rows)} cells, dense perplexity "
              f"{dense['perplexity']:.2f} ({dense['ppl_windows']} windows)"]
@@ -26,7 +26,7 @@ def summary(params: dict, cells: dict, rows: list[dict], dense: dict) -> str:
     where = cells["reports"]
     views = "dvc metrics show; dvc plots show" if where == "reports" else f"dvc metrics show {where}/metrics.json"
     lines += ["", f"Reports: {where}/README.md (one markdown + CSV + figure per table); {views}",
-              f"MLflow: {tracking_uri()} (make mlflow-ui, then http://127.0.0.1:5000)"]
+              f"MLflow: {tracking_uri()} (make mlflow-ui, then {study_link()})"]
     return "\n".join(lines)
 
 

@@ -298,8 +298,39 @@ def warning_tags(row: dict) -> dict:
     return {"flap.warning": " | ".join(row["warnings"])} if row.get("warnings") else {}
 
 
-#: MLflow 3 opens an experiment of unknown kind in its GenAI view; this tag opens the runs table.
+#: The experiment's kind for MLflow's API and older UIs. MLflow 3.17's UI ignores it: it picks its GenAI or
+#: machine-learning view from the URL's `workflowType` (else the browser's last choice, GenAI when fresh) and
+#: shows no metric column until the user adds one, so the study's link (landing_url) names both the view
+#: and a shared view state (VIEW, an experiment tag the UI's "share view" reads: columns and sort order).
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+VIEW_KEY = "flap"
+VIEW = {"orderByKey": "metrics.`perplexity`", "orderByAsc": True,  # lowest perplexity first
+        "selectedColumns": [f"metrics.`{m}`" for m in ("perplexity", "perplexity_ci95_low", "perplexity_ci95_high",
+                                                       "achieved_ratio", "zeroshot_avg", "zeroshot_avg_stderr")]
+        + [f"params.`{p}`" for p in ("metric", "structure", "ratio", "compensation", "calib", "protocol")]}
+
+
+def experiment_tags() -> dict:
+    """The tags every study's experiment carries: its kind and the shared view of its runs table."""
+    return {**EXPERIMENT_KIND, f"mlflow.sharedViewState.{VIEW_KEY}": json.dumps(VIEW)}
+
+
+def ui_root() -> str:
+    """Where `make mlflow-ui` serves: 127.0.0.1, port MLFLOW_PORT (5000, the Makefile's and MLflow's default)."""
+    return f"http://127.0.0.1:{os.environ.get('MLFLOW_PORT') or '5000'}"
+
+
+def landing_url(experiment_id: str, ui: str | None = None) -> str:
+    """The experiment's runs table in the machine-learning view with VIEW's columns, sorted by perplexity (the
+    UI drops a shared view when the URL also carries a sort, so the sort is VIEW's)."""
+    query = urllib.parse.urlencode({"workflowType": "machine_learning", "viewStateShareKey": VIEW_KEY})
+    return f"{(ui or ui_root()).rstrip('/')}/#/experiments/{experiment_id}/runs?{query}"
+
+
+def study_link(record: str | Path = "results/mlflow.json") -> str:
+    """The landing URL of the study's experiment (track's record), else the UI's root (nothing tracked yet)."""
+    from .io import read_json
+    return landing_url(str(read_json(record)["experiment_id"])) if Path(record).is_file() else ui_root()
 
 
 def track(params: dict, record: dict, manifests: dict, rows: list[dict], dense: dict, sels: dict) -> dict:
@@ -311,8 +342,8 @@ def track(params: dict, record: dict, manifests: dict, rows: list[dict], dense: 
     client = MlflowClient(uri)
     name = params.get("mlflow", {}).get("experiment") or f"flap-{record['model']['identity'].get('name', 'model')}"
     exp = client.get_experiment_by_name(name)
-    exp_id = exp.experiment_id if exp else client.create_experiment(name, tags=EXPERIMENT_KIND)
-    for k, v in EXPERIMENT_KIND.items():
+    exp_id = exp.experiment_id if exp else client.create_experiment(name, tags=experiment_tags())
+    for k, v in experiment_tags().items():
         client.set_experiment_tag(exp_id, k, v)
     protocol = params.get("protocol", "quick")
     from .results import run_name
@@ -332,8 +363,11 @@ def track(params: dict, record: dict, manifests: dict, rows: list[dict], dense: 
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    if args == ["--link"]:
+        print(f"mlflow: open {study_link()}")
+        return 0
     if args != ["--check"]:
-        print("usage: python -m flap_exp.pipeline.tracking --check", file=sys.stderr)
+        print("usage: python -m flap_exp.pipeline.tracking --check | --link", file=sys.stderr)
         return 2
     try:
         print(f"mlflow: {preflight()} reachable")
