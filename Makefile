@@ -6,7 +6,7 @@ VENV_OK := .venv/.installed
 WIKITEXT2 ?= $(abspath $(wildcard ../shared/data/wikitext-2-raw))
 export FLAP_EXP_WIKITEXT2 := $(WIKITEXT2)
 
-.PHONY: setup run test test-fast lint bench clean compose mlflow-ui
+.PHONY: setup run test test-fast lint bench clean compose mlflow-ui exp-show
 
 setup: $(VENV_OK)
 
@@ -77,6 +77,11 @@ run-cluster: $(VENV_OK)
 	$(PY) -m flap_exp.pipeline.compose protocol=$(PROTOCOL) experiment=$(EXP) $(OVERRIDES)
 	$(VENV_PATH) $(PY) -m flap_exp.pipeline.cluster cluster=$(CLUSTER) $(CLUSTER_OVERRIDES)
 	$(PY) -m flap_exp.pipeline.summary
+
+# DVC's experiment table narrowed to what reads side by side: each cell's perplexity (46 columns for the study,
+# of 588 that `dvc exp show` lists: every param, dependency and noise figure); `--md` for a markdown table.
+exp-show: $(VENV_OK)
+	.venv/bin/dvc exp show --drop '.*' --keep 'Experiment$$|Created$$|protocol$$|.*\.perplexity$$' $(ARGS)
 
 MLFLOW_PORT ?= 5000
 mlflow-ui: $(VENV_OK)

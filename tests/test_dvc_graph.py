@@ -33,6 +33,36 @@ def test_dvc_yaml_code_deps_are_the_import_closure():
             assert str(Path(f).relative_to(ROOT)) in listed, (name, f)
 
 
+def test_dvc_yaml_carries_the_committed_cells_inline_so_dvc_lists_only_params_a_person_set():
+    """DVC shows every key of a `vars` file as a parameter; dvc.yaml's inline copy of cells.yaml is not one."""
+    import subprocess
+    import sys
+    dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    cells = yaml.safe_load((ROOT / "cells.yaml").read_text())
+    assert dvc["vars"] == [{"cells": cells["cells"]}], "recompose: make compose"
+    code = "import dvc.api, json; print(json.dumps(sorted(dvc.api.params_show())))"
+    shown = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    top = set(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    assert set(yaml.safe_load(shown.stdout)) == top and "cells" not in top
+
+
+def test_compose_copies_the_cells_into_the_pipeline_beside_params(tmp_path, capsys):
+    from flap_exp.pipeline.compose import main
+    pipeline = "vars:\n  # the cells, written by compose: BEGIN\n  - old: 1\n  # END\nstages: {}\n"
+    (tmp_path / "dvc.yaml").write_text(pipeline)
+    args = ["--conf", str(ROOT / "conf"), "--out", str(tmp_path / "params.yaml"), "experiment=smoke"]
+    assert main(args) == 0 and "its copy in dvc.yaml" in capsys.readouterr().out
+    cells = yaml.safe_load((tmp_path / "cells.yaml").read_text())["cells"]
+    text = (tmp_path / "dvc.yaml").read_text()
+    assert yaml.safe_load(text) == {"vars": [{"cells": cells}], "stages": {}} and "old" not in text
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")  # no block: nothing written, one line
+    (tmp_path / "params.yaml").unlink()
+    assert main([*args, "experiment=study"]) == 2
+    err = capsys.readouterr().err
+    assert "has no '# the cells, written by compose: BEGIN" in err and err.strip().count("\n") == 0
+    assert not (tmp_path / "params.yaml").exists() and (tmp_path / "dvc.yaml").read_text() == "stages: {}\n"
+
+
 def test_closure_follows_relative_lazy_and_package_imports(tmp_path):
     src = tmp_path / "src" / "flap_exp"
     (src / "sub").mkdir(parents=True)

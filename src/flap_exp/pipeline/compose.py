@@ -8,6 +8,7 @@ Mistakes (unknown option, unknown key, bad grid) print one line, no traceback, a
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -72,6 +73,24 @@ def cells_text(params_text: str) -> str:
     return head + yaml.safe_dump(cells_from_params(yaml.safe_load(params_text)), sort_keys=False, width=120)
 
 
+#: dvc.yaml's inline copy of the cells: DVC tracks every key of a `vars` *file* as a parameter (cells.yaml made
+#: `dvc exp show` 1,431 columns wide, 844 of them generated), but not `vars` written in dvc.yaml itself.
+CELLS_BLOCK = re.compile(r"^(?P<indent>[ ]*)# the cells, written by compose: BEGIN\n(?:.*\n)*?(?P=indent)# END\n", re.M)
+
+
+def inline_cells(dvc_text: str, cells_yaml: str) -> str:
+    """dvc.yaml's text with its `vars` block holding `cells` (cells.yaml's, the same data)."""
+    import yaml
+    m = CELLS_BLOCK.search(dvc_text)
+    if m is None:
+        raise FlapError("dvc.yaml has no '# the cells, written by compose: BEGIN ... # END' block under vars")
+    ind = m["indent"]
+    body = yaml.safe_dump([{"cells": yaml.safe_load(cells_yaml)["cells"]}], sort_keys=False, width=120)
+    block = "".join(f"{ind}{line}\n" for line in body.splitlines())
+    return (dvc_text[:m.start()] + f"{ind}# the cells, written by compose: BEGIN\n" + block + f"{ind}# END\n"
+            + dvc_text[m.end():])
+
+
 def _write(path: Path, text: str) -> None:
     if not path.exists() or path.read_text(encoding="utf-8") != text:  # untouched: no mtime churn for DVC
         with atomic_file(path) as tmp:
@@ -103,9 +122,18 @@ def main(argv: list[str] | None = None) -> int:
     except FlapError as err:
         print(f"compose: error: {err}", file=sys.stderr)
         return 2
+    dvc_yaml = out.parent / "dvc.yaml"  # a project's pipeline beside params.yaml gets the cells inline
+    try:
+        pipeline = inline_cells(dvc_yaml.read_text(encoding="utf-8"), derived) if dvc_yaml.is_file() else None
+    except FlapError as err:
+        print(f"compose: error: {dvc_yaml}: {err}", file=sys.stderr)
+        return 2
     _write(cells, derived)
+    if pipeline is not None:
+        _write(dvc_yaml, pipeline)
     _write(out, text)
-    print(f"compose: wrote {out} and {cells} ({' '.join(a.overrides) or 'defaults'})")
+    print(f"compose: wrote {out} and {cells}{' (and its copy in dvc.yaml)' if pipeline else ''} "
+          f"({' '.join(a.overrides) or 'defaults'})")
     return 0
 
 
