@@ -6,7 +6,7 @@ VENV_OK := .venv/.installed
 WIKITEXT2 ?= $(abspath $(wildcard ../shared/data/wikitext-2-raw))
 export FLAP_EXP_WIKITEXT2 := $(WIKITEXT2)
 
-.PHONY: setup run test test-fast lint bench clean compose mlflow-ui exp-show
+.PHONY: setup run test test-fast lint bench clean compose mlflow-ui exp-show plots
 
 setup: $(VENV_OK)
 
@@ -82,6 +82,12 @@ run-cluster: $(VENV_OK)
 # of 588 that `dvc exp show` lists: every param, dependency and noise figure); `--md` for a markdown table.
 exp-show: $(VENV_OK)
 	.venv/bin/dvc exp show --drop '.*' --keep 'Experiment$$|Created$$|protocol$$|.*\.perplexity$$' $(ARGS)
+
+# DVC's interactive plots offline: its page loads vega from a CDN and is blank without internet; this one inlines
+# vega, vega-lite and vega-embed (dvc-render's versions, fetched once from the npm registry into .venv/share/vega).
+plots: $(VENV_OK)
+	t=$$($(PY) -m flap_exp.pipeline.offline_plots .venv/share/vega) && \
+		$(VENV_PATH) .venv/bin/dvc plots show --html-template "$$t" $(ARGS)
 
 MLFLOW_PORT ?= 5000
 mlflow-ui: $(VENV_OK)
