@@ -58,7 +58,8 @@ def template(scripts: list[str]) -> str:
     safe = [s.replace("</script", "<\\/script") for s in scripts]
     inline = "".join(f"<script>{s}</script>\n" for s in safe)
     return ("<!DOCTYPE html>\n<html>\n<head>\n<meta charset=\"utf-8\">\n<title>flap-exp: dvc plots</title>\n"
-            f"{inline}<style>table {{border-spacing: 15px;}}</style>\n</head>\n<body>\n{{plot_divs}}\n</body>\n</html>\n")
+            f"{inline}<style>table {{border-spacing: 15px;}}</style>\n</head>\n"
+            "<body>\n{plot_divs}\n</body>\n</html>\n")
 
 
 def write_template(cache: Path) -> Path:
