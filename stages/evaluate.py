@@ -7,9 +7,9 @@ from flap_exp.pipeline import paths
 from flap_exp.pipeline.compensate import load_compensation, sample_warning
 from flap_exp.pipeline.evaluate import evaluate
 from flap_exp.pipeline.io import read_json, write_json
+from flap_exp.pipeline.mlflow_store import preflight
 from flap_exp.pipeline.records import arch_of, eval_record, load_prepared_model
 from flap_exp.pipeline.stage import load_params, stage, write_usage
-from flap_exp.pipeline.tracking import preflight
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()

@@ -3,6 +3,7 @@ every composed experiment x protocol x model yields consistent cells, and stage 
 flap_exp.pipeline.paths names."""
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 
@@ -19,18 +20,51 @@ PROTOCOLS = sorted(p.stem for p in (ROOT / "conf" / "protocol").glob("*.yaml"))
 MODELS = {"smollm2-135m": [], "smollm2-135m-mha": [], "local": ["model.name=/models/llama"]}
 
 
-def test_dvc_yaml_code_deps_are_the_import_closure():
+def test_each_stage_depends_on_the_fingerprint_of_its_scripts_import_closure(tmp_path):
     text = (ROOT / "dvc.yaml").read_text()
     assert deps.regenerate(text, ROOT) == text, "run: python -m flap_exp.pipeline.deps --write dvc.yaml"
-    # every stage that runs a script has its import block, for that very script
     stages = yaml.safe_load(text)["stages"]
+    assert stages["code"] == {"cmd": "python -m flap_exp.pipeline.deps --fingerprints results/code",
+                              "deps": ["src/flap_exp", "stages"], "outs": ["results/code"]}
     for name, st in stages.items():
+        if name == "code":
+            continue
         body = st.get("do", st)
-        script = re.match(r"python (stages/\S+\.py)", body["cmd"])[1]
+        script = Path(re.match(r"python (stages/\S+\.py)", body["cmd"])[1])
         listed = [d for d in body["deps"] if isinstance(d, str)]
-        assert script in listed, name
-        for f in deps.closure(ROOT / script, ROOT / "src"):
-            assert str(Path(f).relative_to(ROOT)) in listed, (name, f)
+        per_method = "--compensation ${item.compensation}" in body["cmd"]  # a cell that runs one method
+        want = f"results/code/{script.stem}{'-${item.method}' if per_method else ''}.txt"
+        assert [d for d in listed if d.startswith(("results/code", "src/", "stages/"))] == [want], name
+    deps.write_fingerprints(tmp_path, ROOT)
+    for script in (ROOT / "stages").glob("*.py"):
+        lines = (tmp_path / f"{script.stem}.txt").read_text().splitlines()
+        files = [str(Path(f).relative_to(ROOT)) for f in deps.closure(script, ROOT / "src")]
+        assert [ln.split("  ", 1)[1] for ln in lines] == [f"stages/{script.name}", *files]
+        digest = hashlib.sha256((ROOT / files[0]).read_bytes()).hexdigest()
+        assert lines[1] == f"{digest}  {files[0]}"
+
+
+def test_fingerprints_change_exactly_for_the_scripts_that_run_an_edited_file(tmp_path):
+    """Figures: the report and track scripts only (calibrate reaches the MLflow preflight, not the runs'
+    code); the lsq math: every per-method fingerprint of lsq and the scripts that import all methods, never
+    a bias or none one."""
+    import shutil
+    for d in ("src", "stages"):
+        shutil.copytree(ROOT / d, tmp_path / d, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    out = tmp_path / "results" / "code"
+    assert len(deps.write_fingerprints(out, tmp_path)) > 10
+    assert deps.write_fingerprints(out, tmp_path) == []  # unchanged files are not rewritten (no DVC churn)
+
+    def edit(rel: str) -> set[str]:
+        f = tmp_path / rel
+        f.write_text(f.read_text() + "\n# an edit\n")
+        return {Path(n).stem for n in deps.write_fingerprints(out, tmp_path)}
+    assert {s.split("-")[0] for s in edit("src/flap_exp/pipeline/plots.py")} == {"report", "track"}
+    assert edit("src/flap_exp/compensation/lsq_solve.py") == {"evaluate-lsq", "compensate-lsq"}
+    assert "calibrate" in edit("src/flap_exp/arch.py")
+    (tmp_path / "stages" / "standardize.py").unlink()  # a removed stage script: its fingerprints go too
+    deps.write_fingerprints(out, tmp_path)
+    assert not list(out.glob("standardize*"))
 
 
 def test_dvc_yaml_carries_the_committed_cells_inline_so_dvc_lists_only_params_a_person_set():
@@ -81,24 +115,34 @@ def test_closure_follows_relative_lazy_and_package_imports(tmp_path):
 
 def test_closure_includes_every_method_module_of_a_registry(tmp_path):
     # A Registry imports its package's modules by name at run time (pkgutil), invisible to `import` statements:
-    # a stage that declares one depends on every method module, and on what those modules import lazily.
+    # a stage that declares one depends on every method module's file; on what a method imports to run only
+    # in that method's own closure (select).
     src = tmp_path / "src" / "flap_exp"
     (src / "methods" / "axis").mkdir(parents=True)
-    for f in ("__init__.py", "methods/__init__.py", "methods/axis/__init__.py", "heavy.py"):
+    for f in ("__init__.py", "methods/__init__.py", "methods/axis/__init__.py", "heavy.py", "other.py"):
         (src / f).write_text("")
     (src / "methods" / "axis" / "one.py").write_text("def begin():\n    from flap_exp import heavy\n")
+    (src / "methods" / "axis" / "two.py").write_text("def begin():\n    from flap_exp import other\n")
     (src / "catalogue.py").write_text('from .registry import Registry\n'
                                       'AXIS = Registry("axis", "flap_exp.methods.axis")\n')
     (src / "registry.py").write_text("class Registry: ...\n")
     script = tmp_path / "s.py"
     script.write_text("from flap_exp.catalogue import AXIS\n")
-    got = {str(Path(f).relative_to(tmp_path / "src" / "flap_exp")) for f in deps.closure(script, tmp_path / "src")}
-    assert {"methods/axis/one.py", "heavy.py", "methods/axis/__init__.py"} <= got
-    # the real catalogue: every compensation's module and its implementation are in the compensate stage's deps
-    real = {str(Path(f).relative_to(ROOT)) for f in deps.closure(ROOT / "stages/compensate.py", ROOT / "src")}
+
+    def got(select=None):
+        return {str(Path(f).relative_to(src)) for f in deps.closure(script, tmp_path / "src", select)}
+    assert {"methods/axis/one.py", "methods/axis/two.py", "methods/axis/__init__.py"} <= got()
+    assert not {"heavy.py", "other.py"} & got()
+    one = got({"flap_exp.methods.axis": "one"})
+    assert "heavy.py" in one and "other.py" not in one
+    # the real catalogue: the lsq cells' compensate stage runs the lsq implementation, the bias cells' does not
+    def real(method):
+        return {str(Path(f).relative_to(ROOT))
+                for f in deps.closure(ROOT / "stages/compensate.py", ROOT / "src", {deps.METHODS: method})}
     methods = {f"src/flap_exp/methods/compensation/{p.name}"
                for p in (ROOT / "src/flap_exp/methods/compensation").glob("*.py")}
-    assert methods <= real and "src/flap_exp/compensation/lsq.py" in real
+    assert methods <= real("bias") and "src/flap_exp/compensation/lsq.py" in real("lsq")
+    assert "src/flap_exp/compensation/lsq.py" not in real("bias")
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)

@@ -123,7 +123,7 @@ def test_repro_builds_every_stage(repo: Path, first_run):
                 "score@text-8-wifv", "score_free@weight_magnitude", f"standardize@{C}-wifv", "standardize@text-8-wifv",
                 f"search@wifv-al_am-0.5-{C}", "search@wifv-al_am-0.5-text-8", "search@weight_magnitude-ul_um-0.5",
                 f"search_seq@wanda_sp-ul_um-0.5-{C}", "evaluate_dense", "zeroshot_dense@dense", f"zeroshot@{BIAS}",
-                f"speed@{BIAS}", "track"} | {f"evaluate@{c}" for c in CELLS} | COMPENSATE | REPORTS
+                f"speed@{BIAS}", "track", "code"} | {f"evaluate@{c}" for c in CELLS} | COMPENSATE | REPORTS
     assert stages == expected
     manifest = json.loads((repo / f"results/calibrate/{C}/manifest.json").read_text())
     assert manifest["nsamples"] == 16 and manifest["seqlen"] == 32 and manifest["seed"] == 0
@@ -246,6 +246,31 @@ def test_reports_one_per_table_with_index_and_dvc_views(repo: Path, first_run):
     assert "speedup.decode_b1" in data[BIAS] and set(data) == set(CELLS) | {"dense"}
     plots = sh(repo, DVC, "plots", "show", "--json").stdout
     assert "reports/plots/ppl_vs_ratio.csv" in plots and "achieved_ratio" in plots
+
+
+def _status(repo: Path) -> set[str]:
+    return set(json.loads(sh(repo, DVC, "status", "--json").stdout or "{}"))
+
+
+def test_code_edits_rerun_only_the_stages_that_run_the_edited_file(repo: Path, first_run):
+    """An edit under src/ reruns the code stage; its fingerprints then say which stages are stale (dvc status):
+    a figure's code only the report stages and track, the lsq math only the lsq cells."""
+    plots, lsq = repo / "src/flap_exp/pipeline/plots.py", repo / "src/flap_exp/compensation/lsq_solve.py"
+    lsq_cells = {f"compensate_lsq@{c}" for c in CELLS if c.endswith("-lsq")} | {f"evaluate@{c}" for c in CELLS
+                                                                                if c.endswith("-lsq")}
+    for edited, stale in ((plots, {"track"} | REPORTS), (lsq, lsq_cells)):
+        text = edited.read_text()
+        try:
+            edited.write_text(text + "\n# an edit\n")
+            assert _status(repo) == {"code"}  # DVC sees the edit; the fingerprints are not rewritten yet
+            sh(repo, DVC, "repro", "code")
+            assert _status(repo) == stale, edited.name
+        finally:
+            edited.write_text(text)
+        sh(repo, DVC, "repro", "code")
+        assert _status(repo) == set()
+    lock = (repo / "dvc.lock").read_text()
+    assert "src/flap_exp/arch.py" not in lock and "results/code/evaluate-lsq.txt" in lock  # one code dep a stage
 
 
 def test_structure_and_lsq_options_rerun_only_their_cells(repo: Path, first_run):

@@ -49,7 +49,7 @@ def _stream(root: str, env: dict, *args: str) -> tuple[list[str], list[str]]:
 def run_local(cfg: ClusterConfig) -> dict:
     from .parallel import ParallelConfig, run_parallel
     if cfg.mlflow_tracking_uri:
-        from .tracking import preflight
+        from .mlflow_store import preflight
         os.environ["MLFLOW_TRACKING_URI"] = preflight(cfg.mlflow_tracking_uri)  # the queue's workers inherit it
     return run_parallel(ParallelConfig(jobs=cfg.array_parallelism, root=cfg.root))
 

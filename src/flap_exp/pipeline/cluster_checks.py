@@ -79,7 +79,7 @@ def remote_url(root: str, wanted: str | None) -> str:
 
 def tracking(uri: str | None) -> str:
     """The MLflow store the gathering stage logs to: required (setting or $MLFLOW_TRACKING_URI), reachable."""
-    from .tracking import preflight
+    from .mlflow_store import preflight
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
         raise FlapError("cluster=slurm needs an MLflow tracking server everyone reads: set "

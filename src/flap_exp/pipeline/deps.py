@@ -1,13 +1,20 @@
-"""The library files a stage script runs: the transitive closure of its flap_exp imports (static, by ast).
+"""The library files a stage script runs: the transitive closure of its flap_exp imports (static, by ast),
+fingerprinted for DVC.
 
-dvc.yaml lists them as each stage's `deps` so that an edit to, say, arch.py reruns exactly the stages that
-import it. Imports inside functions count (the library imports lazily), and so does a registry's package:
-`Registry(axis, "flap_exp.methods.X")` imports every module of that package on first use (registry.py), so a
-file that declares one depends on all of them (a user's FLAP_EXP_PLUGINS modules live outside the repository
-and are not tracked). In dvc.yaml each stage's code
-dependencies sit between `# imports of stages/X.py: BEGIN` and `# END`;
-`python -m flap_exp.pipeline.deps --write dvc.yaml` regenerates them, and tests/test_dvc_graph.py fails
-when dvc.yaml disagrees with the import graph. `python -m flap_exp.pipeline.deps stages/X.py` prints one.
+A stage depends on the fingerprint of its script's closure, `results/code/SCRIPT.txt` (the sha256 of every file
+it runs), which the `code` stage writes; so an edit to, say, arch.py reruns exactly the stages that import it,
+and dvc.lock records one code dependency per stage instead of the ~50 files it listed (the lock was 1.4 MB and
+DVC reads and rewrites it after every stage). Imports inside functions count (the library imports lazily), and
+so does a registry's package: `Registry(axis, "flap_exp.methods.X")` imports every module of that package on
+first use (registry.py), so a file that declares one depends on all of their files (names, options, checks);
+the code a method module imports to run (lazily, in its `begin`) counts only in a per-method fingerprint,
+`results/code/SCRIPT-METHOD.txt` (for a script that takes `--compensation`), whose closure follows that one
+method module like an import: a cell that runs one compensation method reruns when that method's code
+changes, and no other stage does. A user's FLAP_EXP_PLUGINS modules live outside the repository, untracked.
+In dvc.yaml each stage's code dependency sits between `# imports of stages/X.py: BEGIN` (`... [method]: BEGIN`
+for the per-method one) and `# END`; `python -m flap_exp.pipeline.deps --write dvc.yaml` regenerates them,
+`--fingerprints results/code` is the code stage, and tests/test_dvc_graph.py fails when dvc.yaml disagrees.
+`python -m flap_exp.pipeline.deps stages/X.py` prints one closure.
 """
 from __future__ import annotations
 
@@ -16,10 +23,12 @@ import re
 import sys
 from pathlib import Path
 
-BLOCK = re.compile(r"^(?P<indent>[ ]*)# imports of (?P<script>\S+): BEGIN\n(?:(?P=indent)- .*\n)*?(?P=indent)# END\n",
-                   re.M)
+BLOCK = re.compile(r"^(?P<indent>[ ]*)# imports of (?P<script>\S+?)(?P<method> \[method\])?: BEGIN\n"
+                   r"(?:(?P=indent)- .*\n)*?(?P=indent)# END\n", re.M)
 
 PACKAGE = "flap_exp"
+CODE = "results/code"  # the code stage's output: one fingerprint per stage script (and per method)
+METHODS = "flap_exp.methods.compensation"  # the registry package a per-method fingerprint narrows
 
 
 def _module_file(src: Path, module: str) -> Path | None:
@@ -49,12 +58,15 @@ def _package_modules(src: Path, package: str) -> set[str]:
     return {package} | {f"{package}.{f.stem}" for f in folder.glob("*.py") if f.name != "__init__.py"}
 
 
-def _imports(src: Path, f: Path) -> set[str]:
-    """Modules of the package that file `f` imports (absolute or relative, at any depth in the file)."""
+def _imports(src: Path, f: Path, select: dict[str, str] | None = None) -> tuple[set[str], set[str]]:
+    """Modules of the package that file `f` imports (absolute or relative, at any depth in the file), and the
+    modules a registry in it registers: their files count, the code they call only when `select` names one
+    ({package: method}; that one is followed like an import)."""
     tree = ast.parse(f.read_text(encoding="utf-8"), str(f))
     here = _module_of(src, f) if f.is_relative_to(src) else ""
     pkg = here if f.name == "__init__.py" else here.rpartition(".")[0]
     out: set[str] = set()
+    registered: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             out |= {a.name for a in node.names}
@@ -67,12 +79,17 @@ def _imports(src: Path, f: Path) -> set[str]:
             out.add(mod)
             out |= {f"{mod}.{a.name}" for a in node.names}  # `from pkg import submodule`
         elif isinstance(node, ast.Call) and _registry_package(node):
-            out |= _package_modules(src, _registry_package(node))
-    return {m for m in out if m == PACKAGE or m.startswith(PACKAGE + ".")}
+            package = _registry_package(node)
+            chosen = (select or {}).get(package)
+            out |= {package, f"{package}.{chosen}"} if chosen else {package}
+            registered |= _package_modules(src, package)
+    ours = lambda ms: {m for m in ms if m == PACKAGE or m.startswith(PACKAGE + ".")}  # noqa: E731
+    return ours(out), ours(registered) - ours(out)
 
 
-def closure(script: str | Path, src: str | Path = "src") -> list[str]:
-    """Sorted repo-relative paths of every flap_exp file `script` runs, with the packages' __init__ files."""
+def closure(script: str | Path, src: str | Path = "src", select: dict[str, str] | None = None) -> list[str]:
+    """Sorted repo-relative paths of every flap_exp file `script` runs, with the packages' __init__ files
+    (`select`: {registry package: the one method module counted of it})."""
     src = Path(src)
     todo, seen = [Path(script)], set()
     files: set[Path] = set()
@@ -81,29 +98,82 @@ def closure(script: str | Path, src: str | Path = "src") -> list[str]:
         if f in seen:
             continue
         seen.add(f)
-        for mod in _imports(src, f):
+        imported, registered = _imports(src, f, select)
+        for mod in imported:
             parts = mod.split(".")
             for i in range(1, len(parts) + 1):  # importing a.b.c runs a/__init__ and a/b/__init__ too
                 mf = _module_file(src, ".".join(parts[:i]))
                 if mf is not None:
                     files.add(mf)
                     todo.append(mf)
+        # a registered method module: its file (names, options, checks), not what it imports to run
+        files |= {mf for mf in (_module_file(src, m) for m in registered) if mf is not None}
     return sorted(str(p) for p in files)
 
 
-def regenerate(dvc_yaml_text: str, root: str | Path = ".") -> str:
-    """dvc.yaml's text with every `# imports of SCRIPT: BEGIN ... # END` block rewritten from the imports."""
+def methods(src: str | Path = "src") -> list[str]:
+    """The compensation methods (the modules of METHODS), each with its own fingerprint per script."""
+    folder = Path(src).joinpath(*METHODS.split("."))
+    return sorted(f.stem for f in folder.glob("*.py") if f.name != "__init__.py")
+
+
+def fingerprint(script: str | Path, root: str | Path = ".", method: str | None = None) -> str:
+    """`sha256  path` of the script and every library file it runs (with one compensation method's module, if
+    given): the content of results/code/SCRIPT[-METHOD].txt."""
+    import hashlib
     root = Path(root)
+    select = {METHODS: method} if method else None
+    files = [Path(script)] + [Path(f) for f in closure(root / script, root / "src", select)]
+    lines = []
+    for f in files:
+        path = f if f.is_absolute() else root / f
+        lines.append(f"{hashlib.sha256(path.read_bytes()).hexdigest()}  {path.relative_to(root).as_posix()}\n")
+    return "".join(lines)
+
+
+def write_fingerprints(out: str | Path = CODE, root: str | Path = ".") -> list[str]:
+    """The code stage: one fingerprint per stage script, plus one per method for a script whose closure holds
+    the methods' registry; files whose content is unchanged are not rewritten. Returns the names written."""
+    from ..atomic import atomic_file
+    root, out = Path(root), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    wanted: dict[str, str] = {}
+    for script in sorted((root / "stages").glob("*.py")):
+        rel = script.relative_to(root)
+        wanted[f"{script.stem}.txt"] = text = fingerprint(rel, root)
+        if "--compensation" in script.read_text(encoding="utf-8"):  # a cell's stage: it runs one method
+            wanted |= {f"{script.stem}-{m}.txt": fingerprint(rel, root, m) for m in methods(root / "src")}
+    written = []
+    for name, text in wanted.items():
+        target = out / name
+        if not target.is_file() or target.read_text(encoding="utf-8") != text:
+            with atomic_file(target) as tmp:
+                tmp.write_text(text, encoding="utf-8")
+            written.append(name)
+    for stale in set(p.name for p in out.glob("*.txt")) - set(wanted):  # a deleted stage script
+        (out / stale).unlink()
+    return written
+
+
+def regenerate(dvc_yaml_text: str, root: str | Path = ".") -> str:
+    """dvc.yaml's text with every `# imports of SCRIPT: BEGIN ... # END` block naming SCRIPT's fingerprint
+    (`${item.method}`'s for a `[method]` block)."""
 
     def block(m: re.Match) -> str:
-        ind, script = m["indent"], m["script"]
-        files = [script] + [str(Path(f).relative_to(root)) for f in closure(root / script, root / "src")]
-        return (f"{ind}# imports of {script}: BEGIN\n" + "".join(f"{ind}- {f}\n" for f in files) + f"{ind}# END\n")
+        ind, script, per_method = m["indent"], m["script"], bool(m["method"])
+        name = Path(script).stem + ("-${item.method}" if per_method else "")
+        return (f"{ind}# imports of {script}{' [method]' if per_method else ''}: BEGIN\n"
+                f"{ind}- {CODE}/{name}.txt\n{ind}# END\n")
     return BLOCK.sub(block, dvc_yaml_text)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = argv if argv is not None else sys.argv[1:]
+    if args[:1] == ["--fingerprints"]:
+        out = args[1] if len(args) > 1 else CODE
+        written = write_fingerprints(out)
+        print(f"code: {len(written)} fingerprint(s) changed in {out}" + (f": {', '.join(written)}" if written else ""))
+        return 0
     if args[:1] == ["--write"]:
         path = Path(args[1] if len(args) > 1 else "dvc.yaml")
         text = path.read_text(encoding="utf-8")

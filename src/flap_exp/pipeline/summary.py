@@ -8,8 +8,9 @@ from ..errors import FlapError
 
 
 def summary(params: dict, cells: dict, rows: list[dict], dense: dict) -> str:
+    from .mlflow_store import tracking_uri
     from .results import method_name
-    from .tracking import study_link, tracking_uri
+    from .tracking import study_link
     by = {r["key"]: r for r in rows}
     lines = [f"flap-exp study, protocol {params.get('protocol')}: {len(rows)} cells, dense perplexity "
              f"{dense['perplexity']:.2f} ({dense['ppl_windows']} windows)"]
