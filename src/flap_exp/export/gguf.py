@@ -72,29 +72,35 @@ def write_metadata(writer, arch: str, config, w: Widths, layers: list[LayerOut],
     writer.add_vocab_size(config.vocab_size)
 
 
-def export(req: ExportRequest) -> dict:
+def write_gguf(model, manifest: dict, out, gtype: str = "f32") -> dict:
+    """Write `model` (pruned or dense, in memory) to the GGUF file `out` atomically; a summary of what was written.
+    `manifest` names the base model (its tokenizer's source)."""
     from gguf import GGUFWriter
-    model, _, manifest = load_pruned(req.src, verify=False)  # verified by check_request
     config, w = model.config, Widths.of(model.config)
     rope_theta(config)  # refused before anything is written
     sd = {k: v.detach() for k, v in model.state_dict().items()}
     layers = plan_layers(sd, config.num_hidden_layers, w.group_size, w.head_dim)
     arch = arch_name(layers)
-    with atomic_file(req.out) as tmp:
+    with atomic_file(out) as tmp:
         writer = GGUFWriter(tmp, arch)
-        write_metadata(writer, arch, config, w, layers, req.gguf_type)
+        write_metadata(writer, arch, config, w, layers, gtype)
         tokenizer = add_tokenizer(writer, manifest, config.vocab_size)
-        add_tensor(writer, "token_embd.weight", sd["model.embed_tokens.weight"], req.gguf_type)
-        add_tensor(writer, "output_norm.weight", sd["model.norm.weight"], req.gguf_type)
+        add_tensor(writer, "token_embd.weight", sd["model.embed_tokens.weight"], gtype)
+        add_tensor(writer, "output_norm.weight", sd["model.norm.weight"], gtype)
         if not config.tie_word_embeddings:
-            add_tensor(writer, "output.weight", sd["lm_head.weight"], req.gguf_type)
+            add_tensor(writer, "output.weight", sd["lm_head.weight"], gtype)
         for i, lay in enumerate(layers):
             for name, t in lay.tensors.items():
-                add_tensor(writer, f"blk.{i}.{name}", t, req.gguf_type)
+                add_tensor(writer, f"blk.{i}.{name}", t, gtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-    return {"out": str(req.out), "format": "gguf", "arch": arch, "type": req.gguf_type, "tokenizer": tokenizer,
+    return {"out": str(out), "format": "gguf", "arch": arch, "type": gtype, "tokenizer": tokenizer,
             "head_count": [lay.n_head for lay in layers], "head_count_kv": [lay.n_head_kv for lay in layers],
             "feed_forward_length": [lay.n_ff for lay in layers]}
+
+
+def export(req: ExportRequest) -> dict:
+    model, _, manifest = load_pruned(req.src, verify=False)  # verified by check_request
+    return write_gguf(model, manifest, req.out, req.gguf_type)
