@@ -25,6 +25,7 @@ import torch
 
 from flap_exp.data import Corpus, load_text, tokenize
 from flap_exp.export.gguf import write_gguf
+from flap_exp.export.widths import Widths
 from flap_exp.models import load_model
 from flap_exp.persist import load_pruned
 
@@ -32,11 +33,11 @@ GGML_F32 = 0  # llama.cpp's GGML_TYPE_F32 (the KV cache of the fidelity runs; f1
 SEQLEN = 128  # the project's perplexity protocol
 
 
-def flops_per_token(summary: dict, hidden: int, head_dim: int, vocab: int, context: float) -> float:
-    """Multiply-adds x 2 per token of a GGUF's layers (from its per-layer widths), the head and attention scores."""
-    total = 2.0 * hidden * vocab
-    for h, kv, ff in zip(summary["head_count"], summary["head_count_kv"], summary["feed_forward_length"],
-                         strict=True):
+def flops_per_token(w: Widths, hidden: int, vocab: int, context: float) -> float:
+    """Multiply-adds x 2 per token of the kept layer widths (not the GGUF's zero padding), the head and the
+    attention scores."""
+    total, head_dim = 2.0 * hidden * vocab, w.head_dim
+    for h, kv, ff in zip(w.heads, w.kv_heads, w.channels, strict=True):
         total += 2.0 * hidden * head_dim * (2 * h + 2 * kv) + 2.0 * 3 * hidden * ff
         total += 2.0 * 2 * h * head_dim * context  # q.k and p.v over the context
     return total
@@ -98,7 +99,6 @@ def main() -> None:
     ids = tokenize(dense.tokenizer, text.text)
     prompt = ids[: a.prompt].tolist()
     cfg = dense.model.config
-    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     rows: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="bench-llamacpp-") as tmp:
         models = {"dense": (dense.model, {"base_model": dense.identity})}
@@ -110,9 +110,10 @@ def main() -> None:
             summary = write_gguf(m, manifest, path, a.type)
             rows[name] = {"arch": summary["arch"], "achieved_ratio": manifest.get("achieved_ratio", 0.0),
                           "gguf_bytes": path.stat().st_size, "path": path,
-                          "flops_prefill": flops_per_token(summary, cfg.hidden_size, hd, cfg.vocab_size,
+                          "feed_forward_length": summary["feed_forward_length"],
+                          "flops_prefill": flops_per_token(Widths.of(m.config), cfg.hidden_size, cfg.vocab_size,
                                                            (a.prompt + 1) / 2),
-                          "flops_gen": flops_per_token(summary, cfg.hidden_size, hd, cfg.vocab_size,
+                          "flops_gen": flops_per_token(Widths.of(m.config), cfg.hidden_size, cfg.vocab_size,
                                                        a.prompt + a.gen / 2)}
             if a.windows:
                 rows[name].update(fidelity(llama_cpp, path, m, ids, a.windows, a.threads))

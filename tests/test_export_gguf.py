@@ -65,7 +65,7 @@ def export(src: Path, out: Path, capsys, *extra: str) -> None:
 
 
 @pytest.mark.parametrize("groups, channels, arch", [
-    ([1, 1, 1], [32, 32, 32], "llama"),
+    ([1, 1, 1], [30, 30, 30], "llama"),  # feed-forward padded with 2 zero channels
     ([2, 1, 2], [48, 20, 33], "deci"),
     ([2, 1, 0], [40, 0, 20], "deci"),  # layer 2 without attention (bias folded), layer 1 without MLP
     ([0, 2, 1], [10, 30, 48], "deci"),  # layer 0 without attention: one zero group
@@ -80,7 +80,7 @@ def test_llama_cpp_runs_the_pruned_model(tmp_path, capsys, wiki, groups, channel
     assert fields["general.architecture"].contents() == arch
     if arch == "deci":  # the kept widths, as per-layer arrays (an attention-less layer 0 keeps one zero group)
         assert fields["deci.attention.head_count_kv"].contents() == [g or (i == 0) for i, g in enumerate(groups)]
-        assert fields["deci.feed_forward_length"].contents() == [c or 1 for c in channels]
+        assert fields["deci.feed_forward_length"].contents() == [max(32, -(-c // 32) * 32) for c in channels]
     want, got = torch_logits(src, windows), llama_logits(out, windows)
     assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
     assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.99

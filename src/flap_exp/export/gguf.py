@@ -35,7 +35,7 @@ def rope_theta(config) -> float:
 
 def add_tensor(writer, name: str, t: torch.Tensor, gtype: str) -> None:
     from gguf import GGMLQuantizationType, quants
-    a = t.detach().to(torch.float32).cpu().numpy()
+    a = np.ascontiguousarray(t.detach().to(torch.float32).cpu().numpy())  # row-major, whatever view t is
     if not np.isfinite(a).all():
         raise FlapError(f"tensor {name} holds NaN or Inf; nothing written")
     if a.ndim < 2 or gtype == "f32":

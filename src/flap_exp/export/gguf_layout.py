@@ -7,8 +7,11 @@ llama.cpp's `deci` architecture reads per-layer arrays of query heads, k/v heads
   (the same residual stream; deci's attention-free layer passes its input on unchanged). Layer 0 has no
   previous layer, and llama.cpp takes the head size from layer 0's head count, so an attention-less layer 0
   keeps one all-zero k/v group instead: zero values give a zero context and the output is its bias.
-- an MLP-less layer keeps one all-zero channel (silu(0) * 0 = 0, the output is `ffn_down.bias`): deci skips
-  the rest of a layer whose feed-forward length is 0, its attention output included.
+- every feed-forward length is padded with all-zero channels (silu(0) * 0 = 0: the same output) up to a
+  multiple of FFN_MULTIPLE. llama.cpp's fast CPU matmul (llamafile's sgemm) needs the inner dimension to be a
+  multiple of 16 floats, else it falls back to a slower path for ffn_down, and Q8_0 needs rows of multiples
+  of 32 values. An MLP-less layer so keeps FFN_MULTIPLE zero channels and outputs its `ffn_down.bias`: deci
+  skips the rest of a layer whose feed-forward length is 0, its attention output included.
 q and k rows are permuted from transformers' rotate-half RoPE to llama.cpp's interleaved pairs, as llama.cpp's
 own converter does.
 """
@@ -17,6 +20,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+
+#: feed-forward lengths are padded to this multiple (zero channels; see above): 32 = a Q8_0 block, and a
+#: multiple of the 16 floats of an AVX-512 register that llama.cpp's sgemm needs
+FFN_MULTIPLE = 32
 
 
 @dataclass
@@ -33,6 +40,11 @@ def rope_permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
         return w
     shape = w.shape
     return w.reshape(n_heads, 2, shape[0] // n_heads // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+
+
+def pad_rows(w: torch.Tensor, n: int) -> torch.Tensor:
+    """`w` with `n` zero rows appended."""
+    return torch.cat([w, w.new_zeros(n, *w.shape[1:])]) if n else w
 
 
 def plan_layer(sd: dict[str, torch.Tensor], i: int, group_size: int, head_dim: int) -> LayerOut:
@@ -66,14 +78,14 @@ def plan_layer(sd: dict[str, torch.Tensor], i: int, group_size: int, head_dim: i
         if o_bias is not None and bool(o_bias.any()):
             t["fold.bias"] = o_bias  # moved onto the previous layer's ffn_down.bias by fold_biases
     gate, up = sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"]
-    n_ff = down.shape[1]
-    if n_ff == 0:
-        n_ff, gate, up, down = 1, gate.new_zeros(1, d), up.new_zeros(1, d), down.new_zeros(d, 1)
-    t.update({"ffn_gate.weight": gate, "ffn_up.weight": up, "ffn_down.weight": down})
+    pad = -down.shape[1] % FFN_MULTIPLE if down.shape[1] else FFN_MULTIPLE
+    n_ff = down.shape[1] + pad
+    t.update({"ffn_gate.weight": pad_rows(gate, pad), "ffn_up.weight": pad_rows(up, pad),
+              "ffn_down.weight": pad_rows(down.T, pad).T})
     for name in ("gate_proj", "up_proj"):
         b = sd.get(p + f"mlp.{name}.bias")
         if b is not None and b.numel() and bool(b.any()):
-            t[f"ffn_{name.removesuffix('_proj')}.bias"] = b
+            t[f"ffn_{name.removesuffix('_proj')}.bias"] = pad_rows(b, pad)
     if down_bias is not None and bool(down_bias.any()):
         t["ffn_down.bias"] = down_bias
     return LayerOut(n_head, kv, n_ff, t)
