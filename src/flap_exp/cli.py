@@ -1,4 +1,4 @@
-"""Command line: `flap-exp prune ...` and `flap-exp ppl ...`. argparse stays here; the library gets typed configs.
+"""Command line: `flap-exp prune`, `ppl` and `export`. argparse stays here; the library gets typed configs.
 
 The parser reads only the torch-free catalogue; every command body imports the engine (torch, transformers)
 inside the function, on purpose, so that `flap-exp --help` and a bad option answer at once."""
@@ -106,6 +106,12 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--batch-size", type=int, default=8)
     q.add_argument("--max-windows", type=int, default=None, help="evaluate only the first windows")
     _add_runtime(q)
+    e = sub.add_parser("export", help="write a pruned directory for another program (transformers, llama.cpp)")
+    e.add_argument("model", help="pruned directory (written by flap-exp prune --out)")
+    e.add_argument("--to", required=True, help="hf (a stock transformers directory; every layer the same widths) "
+                   "or gguf (llama.cpp, any widths)")
+    e.add_argument("out", help="a new path: a directory for hf, a file for gguf")
+    e.add_argument("--gguf-type", default=None, help="gguf tensor type: f32 (default), f16 or q8_0")
     return ap
 
 
@@ -253,12 +259,20 @@ def cmd_ppl(a: argparse.Namespace) -> dict:
     return _ppl(model, tok, text, a.seqlen, a.batch_size, a.max_windows, streamed=a.stream)
 
 
+def cmd_export(a: argparse.Namespace) -> dict:
+    import importlib
+
+    from .export import FORMATS, check_request
+    req = check_request(a.model, a.to, a.out, a.gguf_type)  # everything checked before a weight is read
+    return importlib.import_module(f".export.{FORMATS[req.to]}", __package__).export(req)
+
+
 def main(argv: list[str] | None = None) -> int:
     from .tempfiles import Terminated, signals_as_exit
     a = _parser().parse_args(argv)
     try:
         with signals_as_exit():  # SIGTERM/SIGINT unwind through the cleanups of temporaries
-            out = {"prune": cmd_prune, "ppl": cmd_ppl}[a.cmd](a)
+            out = {"prune": cmd_prune, "ppl": cmd_ppl, "export": cmd_export}[a.cmd](a)
     except FlapError as err:
         print(f"flap-exp: error: {err}", file=sys.stderr)
         return 2

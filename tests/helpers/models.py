@@ -51,3 +51,28 @@ def save_model_dir(path: Path, words: list[str], std: float | None = 0.3, identi
     if identity:
         (path / "flap_identity.json").write_text(json.dumps({"name": "tiny-llama", "source": "test"}))
     return path
+
+
+def save_pruned_dir(path: Path, groups: list[int], channels: list[int], bias: bool = True, seed: int = 0,
+                    words: list[str] | None = None, **kw) -> Path:
+    """A tiny LLaMA pruned to `groups[i]` k/v groups and `channels[i]` MLP channels in layer i (which ones: drawn
+    with `seed`), with random compensation biases (`bias`) or zero ones, saved as `flap-exp prune` does."""
+    from flap_exp.arch import ArchView
+    from flap_exp.persist import save_pruned
+    from flap_exp.selection import Selection
+    from flap_exp.surgery import prune_model
+    words = words or [f"w{i}" for i in range(40)]
+    model = tiny_model(seed=seed, vocab=len(words) + 2, layers=len(groups), **kw)
+    arch = ArchView.from_config(model.config)
+    g = torch.Generator().manual_seed(seed)
+
+    def mask(n: int, k: int) -> torch.Tensor:
+        m = torch.zeros(n, dtype=torch.bool)
+        m[torch.randperm(n, generator=g)[:k]] = True
+        return m
+    sel = Selection([mask(arch.num_kv_heads, k) for k in groups], [mask(arch.intermediate_size, c) for c in channels])
+    biases = [(torch.randn(arch.hidden_size, generator=g) * bias, torch.randn(arch.hidden_size, generator=g) * bias)
+              for _ in groups]
+    prune_model(model, sel, biases, arch)
+    return save_pruned(model, word_tokenizer(words), {"selection": sel.to_json(),
+                                                      "base_model": {"name": "tiny-llama", "source": "test"}}, path)
