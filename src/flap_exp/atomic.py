@@ -6,6 +6,7 @@ get the user's umask (mkdtemp/mkstemp alone would make them 0700/0600).
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 import shutil
@@ -13,7 +14,15 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from .errors import FlapError
 from .tempfiles import honour_umask, honour_umask_tree, sweep_stale, temp_prefix
+
+
+def _refuse_full(err: OSError, target: Path) -> None:
+    """A full disk (or quota) while writing `target` becomes one line; its temporary is already removed."""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise FlapError(f"{target}: the disk filled up while writing it ({err.strerror}); nothing was written "
+                        "and the temporaries are removed: free some space and run again") from None
 
 
 @contextlib.contextmanager
@@ -36,6 +45,10 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(target)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        _refuse_full(err, target)
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -54,6 +67,10 @@ def atomic_file(target: str | os.PathLike) -> Iterator[Path]:
         honour_umask(tmp, is_dir=False)
         yield tmp
         os.replace(tmp, target)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        _refuse_full(err, target)
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

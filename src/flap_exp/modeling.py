@@ -8,12 +8,14 @@ registers both, so `AutoModelForCausalLM.from_pretrained(dir)` loads a pruned di
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn as nn
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+from .coverage import refuse_incomplete
+from .errors import FlapError
 from .manifest import MANIFEST, read_manifest, verify_weights
 
 if TYPE_CHECKING:
@@ -89,15 +91,22 @@ class FlapLlamaForCausalLM(LlamaForCausalLM):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, flap_verify: bool = True, **kwargs):
-        """Safetensors only (a pruned directory is never unpickled), and a local directory holding a
-        flap_manifest.json is checked against the manifest's weight hashes first, as `flap-exp ppl` does.
+        """Safetensors only (a pruned directory is never unpickled); a local directory is checked against its
+        flap_manifest.json's hashes of every file first, as `flap-exp ppl` does, and the loaded tensors must cover
+        the model exactly.
         `flap_verify=False` skips the hashes (for a caller that has just checked them)."""
         kwargs["use_safetensors"] = True
         path = pretrained_model_name_or_path
         if flap_verify and isinstance(path, (str, os.PathLike)) and os.path.isdir(path):
-            if os.path.exists(os.path.join(path, MANIFEST)):
-                verify_weights(path, read_manifest(path))
-        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+            if not os.path.exists(os.path.join(path, MANIFEST)):
+                raise FlapError(f"{os.path.join(path, MANIFEST)} is missing: a pruned directory loads only with "
+                                "its manifest (prune again, or pass flap_verify=False for a copy you saved yourself)")
+            verify_weights(path, read_manifest(path))
+        want_info = kwargs.pop("output_loading_info", False)
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        model, info = cast("tuple[FlapLlamaForCausalLM, dict]", loaded)  # (model, info) with output_loading_info
+        refuse_incomplete(info, pretrained_model_name_or_path)  # never a re-initialised parameter
+        return (model, info) if want_info else model
 
 
 AutoConfig.register("flap_llama", FlapLlamaConfig, exist_ok=True)

@@ -26,6 +26,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from . import modeling  # noqa: F401  (registers flap_llama, so pruned directories stream too)
 from .arch import ArchView, decoder_layers
+from .coverage import refuse_incomplete
 from .errors import FlapError
 from .integrity import check_finite_tensors
 from .runtime import return_freed_memory_to_os
@@ -70,6 +71,9 @@ class StreamedModel:
         base.rotary_emb.to(self.device)
         self.layers = decoder_layers(self.model)
         self.tied = bool(getattr(self.config, "tie_word_embeddings", False)) and "lm_head.weight" not in self.ckpt
+        expected = set(self.model.state_dict()) - ({"lm_head.weight"} if self.tied else set())
+        refuse_incomplete({"missing_keys": expected - set(self.ckpt.where),  # before any work, as in memory
+                           "unexpected_keys": set(self.ckpt.where) - expected}, folder)
         self.cut = False  # set by prune once it has cut the skeleton's layers: no longer the checkpoint's
 
     @property
