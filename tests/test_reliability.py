@@ -204,3 +204,201 @@ def test_pickled_base_weights_refused_before_torch_load(ws, capsys, monkeypatch)
         assert cli.main(args) == 2
         one_error(capsys.readouterr().err, "model: its weights are pickled (pytorch_model.bin), never loaded here")
     assert snapshot(ws) == before
+
+
+# ---------------------------------------------------------------- 3. one writer per --out
+
+_SLOW = """
+import sys, time
+from pathlib import Path
+import flap_exp.manifest as manifest
+real = manifest.sha256_file
+def slow(path):  # inside the atomic temporary, after the weights are written: wait for the test's go
+    Path(sys.argv[1]).write_text("saving")
+    while not Path(sys.argv[2]).exists():
+        time.sleep(0.05)
+    return real(path)
+manifest.sha256_file = slow
+from flap_exp.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def test_second_concurrent_writer_fails_naming_the_holder(ws, capsys):
+    import socket
+    import subprocess
+    import sys
+    import time
+    ready, go = ws.parent / "ready", ws.parent / "go"
+    src = Path(__file__).resolve().parents[1] / "src"
+    first = subprocess.Popen([sys.executable, "-c", _SLOW, str(ready), str(go), *prune_args("out")], cwd=ws,
+                             env={**os.environ, "PYTHONPATH": str(src)}, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not ready.exists():
+            assert first.poll() is None and time.time() < deadline, first.communicate()
+            time.sleep(0.1)
+        assert cli.main(prune_args("out")) == 2
+        one_error(capsys.readouterr().err, f"--out out is being written by process {first.pid} on "
+                                           f"{socket.gethostname()} since ")
+        assert cli.main(prune_args("out", "--overwrite")) == 2  # --overwrite does not break a live lock either
+        capsys.readouterr()
+    finally:
+        go.write_text("go")
+        _, err = first.communicate(timeout=120)
+    assert first.returncode == 0, err
+    assert load_pruned(ws / "out")[2]["achieved_ratio"] > 0  # the first run's result, whole
+    assert not (ws / ".out.lock").exists()
+
+
+def test_stale_lock_of_a_dead_process_is_taken_over(ws, capsys):
+    import socket
+    import subprocess
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (ws / ".out.lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "since": "then"}))
+    assert cli.main(prune_args("out")) == 0
+    assert f"took over the stale lock {ws / '.out.lock'} (process {dead.pid} is gone)" in capsys.readouterr().err
+    assert not (ws / ".out.lock").exists() and (ws / "out" / MANIFEST).is_file()
+
+
+def test_lock_of_another_host_is_never_taken_over(ws, capsys):
+    (ws / ".out.lock").write_text(json.dumps({"pid": 1, "host": "elsewhere", "since": "then"}))
+    before = snapshot(ws)
+    assert cli.main(prune_args("out")) == 2
+    one_error(capsys.readouterr().err, "--out out is being written by process 1 on elsewhere since then")
+    assert snapshot(ws) == before
+
+
+def test_overwrite_never_deletes_files_the_user_added(ws, capsys):
+    (ws / "pruned" / "notes.txt").write_text("mine")
+    (ws / "pruned" / "eval").mkdir()
+    (ws / "pruned" / "eval" / "ppl.json").write_text("{}")
+    before = snapshot(ws)
+    assert cli.main(prune_args("pruned", "--overwrite")) == 2
+    one_error(capsys.readouterr().err, "--out pruned holds files flap-exp did not write (eval, notes.txt); "
+                                       "--overwrite would delete them")
+    assert snapshot(ws) == before
+    shutil.rmtree(ws / "pruned" / "eval")
+    (ws / "pruned" / "notes.txt").unlink()
+    assert cli.main(prune_args("pruned", "--overwrite")) == 0  # what flap-exp wrote alone: replaced
+
+
+# ---------------------------------------------------------------- 4. path checks before the long work
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    import flap_exp.models
+    monkeypatch.setattr(flap_exp.models, "load_model", lambda *a, **k: pytest.fail("loaded before the checks"))
+    monkeypatch.setattr(flap_exp.models, "model_location", lambda *a, **k: pytest.fail("loaded before the checks"))
+
+
+def test_out_name_too_long_for_its_temporaries(ws, capsys, no_loading):
+    name = "p" * 240  # a legal name (255) whose '.NAME.old-PID-HOST-XXXXXXXX' sibling is not
+    before = snapshot(ws)
+    assert cli.main(prune_args(name)) == 2
+    one_error(capsys.readouterr().err, "its name is too long: flap-exp writes a temporary sibling of")
+    assert snapshot(ws) == before
+
+
+@pytest.mark.parametrize("out", [".", ".."])
+def test_out_current_directory_or_above_refused(ws, out, capsys, no_loading):
+    (ws / "a" / "b").mkdir(parents=True)
+    os.chdir(ws / "a" / "b")
+    before = snapshot(ws)
+    assert cli.main(prune_args(out, model=str(ws / "model"))) == 2
+    one_error(capsys.readouterr().err, f"--out {out} is the current directory or one above it")
+    assert snapshot(ws) == before
+
+
+def test_free_disk_space_checked_against_an_estimate(ws, capsys, monkeypatch, no_loading):
+    import collections
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**6, 10**6 - 4096, 4096))
+    before = snapshot(ws)
+    assert cli.main(prune_args("out")) == 2
+    line = one_error(capsys.readouterr().err, "--out out: about ")
+    assert "MiB will be written to" in line and "but only 0.0 MiB are free" in line
+    assert snapshot(ws) == before
+
+
+def test_disk_full_while_saving_is_one_line_and_leaves_nothing(ws, capsys, monkeypatch):
+    import errno
+
+    import flap_exp.persist
+    real = flap_exp.persist._finish
+
+    def full(tmp, *a):
+        real(tmp, *a)  # the directory is complete in its temporary: the failure comes last
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(flap_exp.persist, "_finish", full)
+    before = snapshot(ws)
+    for extra in ([], ["--stream"]):
+        assert cli.main(prune_args("deep/out", *extra)) == 2
+        one_error(capsys.readouterr().err, "deep/out: the disk filled up while writing it (No space left on device)"
+                                           "; nothing was written and the temporaries are removed")
+        assert snapshot(ws) == before  # no temporary, no lock, not even the parent folder
+
+
+def test_disk_full_while_filling_the_cache_is_one_line(tmp_path):
+    import errno
+
+    from flap_exp.atomic import atomic_dir
+    target = tmp_path / "cache" / "models" / "m"
+    with pytest.raises(FlapError) as err:
+        with atomic_dir(target) as tmp:
+            (tmp / "model.safetensors").write_bytes(b"x" * 10)
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert one_line(err).startswith(f"{target}: the disk filled up while writing it")
+    assert list(target.parent.iterdir()) == []
+
+
+def test_unusable_cache_refused_before_work(ws, capsys, monkeypatch, no_loading):
+    (ws / "afile").write_text("x")
+    monkeypatch.setenv("FLAP_EXP_CACHE", str(ws / "afile" / "cache"))
+    before = snapshot(ws)
+    assert cli.main(prune_args("out", model="smollm2-135m")) == 2
+    one_error(capsys.readouterr().err, f"the model cache {ws / 'afile' / 'cache'} cannot be created")
+    assert snapshot(ws) == before
+
+
+# ---------------------------------------------------------------- 6. inputs that cannot be pruned as given
+
+def test_pruning_a_pruned_model_refused_before_work(ws, capsys, no_loading):
+    before = snapshot(ws)
+    assert cli.main(prune_args("out", model="pruned")) == 2
+    one_error(capsys.readouterr().err, "--model pruned is already a pruned model; pruning it again is not supported")
+    (ws / "pruned" / MANIFEST).unlink()  # a flap_llama config alone says so too
+    before = snapshot(ws)
+    assert cli.main(prune_args("out", "--stream", model="pruned")) == 2
+    one_error(capsys.readouterr().err, "--model pruned is already a pruned model")
+    assert snapshot(ws) == before
+
+
+@pytest.mark.parametrize("tensor", ["model.layers.1.mlp.up_proj.weight", "model.embed_tokens.weight"])
+@pytest.mark.parametrize("stream", [False, True], ids=["resident", "streamed"])
+def test_data_free_metric_refuses_a_nan_weight(ws, tensor, stream, capsys):
+    sd = load_file(ws / "model" / "model.safetensors")
+    sd[tensor].view(-1)[3] = float("nan")
+    save_file(sd, ws / "model" / "model.safetensors", metadata={"format": "pt"})
+    before = snapshot(ws)
+    args = prune_args("out", "--metric", "weight_magnitude", *(["--stream"] if stream else []))
+    assert cli.main(args) == 2
+    line = one_error(capsys.readouterr().err, "non-finite values")
+    assert tensor in line and "(1 NaN, 0 Inf of" in line
+    assert snapshot(ws) == before
+
+
+def test_hidden_size_not_divisible_by_heads_is_one_line(ws, capsys):
+    c = json.loads((ws / "model" / "config.json").read_text())
+    c.pop("head_dim")
+    c["hidden_size"] = 30
+    (ws / "model" / "config.json").write_text(json.dumps(c))
+    before = snapshot(ws)
+    for args in (prune_args("out"), prune_args("out", "--stream"),
+                 ["ppl", "model", "--data", "text", "--data-path", "corpus.txt", "--stream"]):
+        assert cli.main(args) == 2
+        one_error(capsys.readouterr().err, "The hidden size (30) is not a multiple of the number of attention "
+                                           "heads (4)")
+    assert snapshot(ws) == before

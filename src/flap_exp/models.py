@@ -27,6 +27,7 @@ from .jsonfile import parse_json_file
 from .manifest import files_sha256, verify_files
 from .sources import SMOLLM2, WheelSource, cache_lock, cache_root, fetch_members
 from .tempfiles import sweep_stale
+from .validate import config_errors, config_message
 
 
 @dataclass(frozen=True)
@@ -189,8 +190,10 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str = "cpu
         model, info = cast("tuple[Any, dict]", loaded)  # (model, info) with output_loading_info
         model = model.to(device).eval()
         tok = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as err:
+    except (OSError, *config_errors()) as err:  # type: ignore[misc]  # (mypy cannot see a starred tuple's types)
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if not isinstance(err, (OSError, ValueError)):  # a config the strict validator refused: say why
+            first = config_message(err)
         raise FlapError(f"cannot load model {spec!r} (embedded names: {', '.join(EMBEDDED)}; or a local "
                         f"directory or Hub id): {first}") from None
     ArchView.from_config(model.config)  # refuses non-LLaMA models with a clear message

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, TypeVar
 import torch
 import torch.nn as nn
 from accelerate import init_empty_weights
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
 from . import modeling  # noqa: F401  (registers flap_llama, so pruned directories stream too)
 from .arch import ArchView, decoder_layers
@@ -32,6 +32,7 @@ from .integrity import check_finite_tensors
 from .runtime import return_freed_memory_to_os
 from .shards import Checkpoint
 from .units import mib
+from .validate import read_config
 
 if TYPE_CHECKING:
     from .arch import DecoderLayer
@@ -62,7 +63,7 @@ class StreamedModel:
                  budget: int | None = None):
         return_freed_memory_to_os()  # else the allocator keeps each released layer resident
         self.ckpt = Checkpoint(folder)  # checks every shard first: a broken directory fails before any work
-        self.config = AutoConfig.from_pretrained(folder)
+        self.config = read_config(folder)
         self.arch = ArchView.from_config(self.config)
         self.dtype, self.device, self.budget = dtype, torch.device(device), budget
         with init_empty_weights():  # parameters on "meta"; buffers (rotary inv_freq) real, on the CPU

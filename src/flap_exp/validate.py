@@ -56,15 +56,41 @@ def peek_arch(spec: str):
     folder = model_dir(spec)
     if folder is None or not (folder / "config.json").is_file():
         return None
-    from transformers import AutoConfig
-
-    from . import modeling  # noqa: F401  (flap_llama configs)
     from .arch import ArchView
     try:
-        config = AutoConfig.from_pretrained(folder)
+        config = read_config(folder)
     except (OSError, ValueError):
         return None  # load_model reports it with its own message
     return ArchView.from_config(config)
+
+
+def config_errors() -> tuple[type[BaseException], ...]:
+    """What transformers raises for an inconsistent config: newer versions validate it in a strict dataclass
+    (e.g. a hidden size that heads do not divide without an explicit head_dim)."""
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:  # an older huggingface_hub: ValueError only
+        return (ValueError,)
+    return (ValueError, StrictDataclassError)
+
+
+def config_message(err: BaseException) -> str:
+    """The one line that says what is wrong with a config (the validator's own cause where there is one)."""
+    cause = err.__cause__ or err
+    lines = [line.strip() for line in str(cause).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(cause).__name__
+
+
+def read_config(folder):
+    """AutoConfig of a model directory; an inconsistent config.json is one FlapError (OSError passes through)."""
+    from transformers import AutoConfig
+
+    from . import modeling  # noqa: F401  (flap_llama configs)
+    errors = tuple(e for e in config_errors() if e is not ValueError)
+    try:
+        return AutoConfig.from_pretrained(folder)
+    except errors as err:
+        raise FlapError(f"{folder}/config.json is not a consistent model config: {config_message(err)}") from None
 
 
 def _nearest_existing(p: Path) -> Path:
