@@ -19,9 +19,10 @@ from transformers import AutoModelForCausalLM
 from flap_exp import cli
 from flap_exp.errors import FlapError
 from flap_exp.manifest import FILES_KEY, MANIFEST, record_files
-from flap_exp.persist import load_pruned
+from flap_exp.persist import load_pruned, save_pruned
+from flap_exp.prune import PruneConfig, prune
 
-from helpers.models import save_model_dir
+from helpers.models import save_model_dir, tiny_model
 
 
 def snapshot(root: Path) -> dict:
@@ -402,3 +403,45 @@ def test_hidden_size_not_divisible_by_heads_is_one_line(ws, capsys):
         one_error(capsys.readouterr().err, "The hidden size (30) is not a multiple of the number of attention "
                                            "heads (4)")
     assert snapshot(ws) == before
+
+
+# ---------------------------------------------------------------- 5. config round trips (Mistral)
+
+WINDOW = 16  # Mistral's sliding window, well below the test length: the mask differs from a causal one
+
+
+def _mistral():
+    return tiny_model(kind="mistral", sliding_window=WINDOW, rope_theta=5000.0, rms_norm_eps=1e-5)
+
+
+def _logits(model, n: int = 64) -> torch.Tensor:
+    x = torch.randint(0, 101, (2, n), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        return model(x).logits
+
+
+def test_mistral_window_changes_logits_beyond_it():
+    """The premise of the next tests: at 64 tokens a window of 16 changes the logits (else they prove nothing)."""
+    windowed = _mistral()
+    full = _mistral()
+    full.config.sliding_window = None
+    assert (_logits(windowed) - _logits(full)).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.3])
+def test_mistral_pruned_save_reload_keeps_every_forward_field(ratio, tmp_path):
+    dense = _mistral()
+    ref = _logits(dense)
+    model = _mistral()
+    windows = torch.randint(0, 101, (8, 32), generator=torch.Generator().manual_seed(1))
+    res = prune(model, windows, PruneConfig(ratio=ratio), progress=False)
+    in_process = _logits(model)
+    save_pruned(model, None, {"selection": res.selection.to_json()}, tmp_path / "m")
+    back, _, _ = load_pruned(tmp_path / "m")
+    for key in ("sliding_window", "rms_norm_eps", "head_dim", "max_position_embeddings",
+                "num_attention_heads", "num_key_value_heads", "hidden_act", "vocab_size"):
+        assert getattr(back.config, key) == getattr(dense.config, key), key
+    assert back.config.rope_parameters == dense.config.rope_parameters and "5000" in str(dense.config.rope_parameters)
+    torch.testing.assert_close(_logits(back), in_process, rtol=0, atol=0)
+    if ratio == 0.0:  # nothing removed, a zero bias: the dense model's logits, window included
+        torch.testing.assert_close(_logits(back), ref, rtol=1e-5, atol=1e-5)

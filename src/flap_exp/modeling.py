@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn as nn
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, LlamaModel, MistralModel
 
 from .coverage import refuse_incomplete
 from .errors import FlapError
@@ -33,6 +33,15 @@ class FlapLlamaConfig(LlamaConfig):
         self.layer_kv_heads = list(layer_kv_heads) if layer_kv_heads is not None else [kv] * n
         self.layer_intermediate_size = (list(layer_intermediate_size) if layer_intermediate_size is not None
                                         else [self.intermediate_size] * n)
+        # A Mistral base's attention window (None: full causal attention, as LLaMA): FlapLlamaModel reads it.
+        self.sliding_window = kwargs.get("sliding_window", getattr(self, "sliding_window", None))
+
+
+class FlapLlamaModel(LlamaModel):
+    """LLaMA's decoder stack with Mistral's one difference, its forward: a sliding-window causal mask when
+    `config.sliding_window` is set (a pruned Mistral), the plain causal mask otherwise (identical to LLaMA's)."""
+
+    forward = MistralModel.forward
 
 
 class EmptyAttention(nn.Module):
@@ -83,6 +92,7 @@ class FlapLlamaForCausalLM(LlamaForCausalLM):
 
     def __init__(self, config: FlapLlamaConfig):
         super().__init__(config)
+        self.model.__class__ = FlapLlamaModel  # the same modules and state; only the forward (the mask) differs
         g = config.num_attention_heads // (config.num_key_value_heads or config.num_attention_heads)  # as above
         hd = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         for layer, n_kv, n_ch in zip(self.model.layers, config.layer_kv_heads, config.layer_intermediate_size,
