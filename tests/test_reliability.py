@@ -445,3 +445,21 @@ def test_mistral_pruned_save_reload_keeps_every_forward_field(ratio, tmp_path):
     torch.testing.assert_close(_logits(back), in_process, rtol=0, atol=0)
     if ratio == 0.0:  # nothing removed, a zero bias: the dense model's logits, window included
         torch.testing.assert_close(_logits(back), ref, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- 7. the pipeline's stores and inputs
+
+def test_tracking_preflight_opens_the_store_as_track_does(tmp_path, monkeypatch, capsys):
+    from flap_exp.pipeline.tracking import main
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file://{tmp_path}/store")
+    before = snapshot(tmp_path)
+    assert main(["--check"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"mlflow: error: MLflow cannot open the store file://{tmp_path}/store: "
+                                               "The filesystem tracking backend"), err
+    assert err[0].endswith("set MLFLOW_ALLOW_FILE_STORE=true or use sqlite:///mlflow.db")
+    assert snapshot(tmp_path) == before
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow's own opt-out: the store then opens
+    assert main(["--check"]) == 0
