@@ -494,3 +494,39 @@ def test_cached_corpus_checked_against_its_recorded_sha256(tmp_path, monkeypatch
     (folder / sources.RECORD).unlink()  # a cache from before the record: extracted again, once
     assert sources.fetch_members(src, ["pkg/data/wiki.utf8"]) == folder and len(downloads) == 2
     assert f.read_text() == "an article\n"
+
+
+def test_every_stage_refuses_a_stale_cells_yaml(tmp_path):
+    """A hand edit of params.yaml's tables without recomposing: every stage refuses cells.yaml in one line
+    (not only the summary), before any work."""
+    import ast
+    import subprocess
+    import sys
+
+    import yaml
+
+    from flap_exp.pipeline.stage import load_params
+
+    from helpers.pipeline import OVERRIDES, TINY_STUDY, env_for, tiny_project
+    repo = tmp_path / "repo"
+    tiny_project(repo, TINY_STUDY)
+    subprocess.run([sys.executable, "-m", "flap_exp.pipeline.compose", *OVERRIDES], cwd=repo, env=env_for(repo),
+                   check=True, capture_output=True)
+    assert load_params(repo / "params.yaml")["tables"]  # fresh: accepted
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["tables"]["main"]["blocks"]["flap"]["ratios"] = [0.3]
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(FlapError) as err:
+        load_params(repo / "params.yaml")
+    assert "cells.yaml was derived from other tables/options than params.yaml's" in one_line(err)
+    for script in sorted((repo / "stages").glob("*.py")):  # each stage's body starts with load_params()
+        tree = ast.parse(script.read_text())
+        withs = [n for n in ast.walk(tree) if isinstance(n, ast.With)]
+        first = [ast.unparse(s) for s in withs[0].body[:2]] if withs else []  # (after the MLflow preflight)
+        assert any("load_params()" in s for s in first), f"{script.name}: {first}"
+    before = snapshot(repo)
+    r = subprocess.run([sys.executable, "stages/prepare.py"], cwd=repo, env=env_for(repo), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("prepare: error: cells.yaml was derived from other tables")
+    assert snapshot(repo) == before
