@@ -342,16 +342,21 @@ def test_disk_full_while_saving_is_one_line_and_leaves_nothing(ws, capsys, monke
         assert snapshot(ws) == before  # no temporary, no lock, not even the parent folder
 
 
-def test_disk_full_while_filling_the_cache_is_one_line(tmp_path):
-    import errno
-
+@pytest.mark.parametrize("error", [
+    OSError(28, "No space left on device"),
+    # safetensors' Rust writer (what save_pretrained uses for the weights) reports it in its own exception type
+    type("SafetensorError", (Exception,), {})('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
+                                              'message: "No space left on device" })'),
+], ids=["oserror", "safetensors"])
+def test_disk_full_while_filling_the_cache_is_one_line(tmp_path, error):
     from flap_exp.atomic import atomic_dir
     target = tmp_path / "cache" / "models" / "m"
     with pytest.raises(FlapError) as err:
         with atomic_dir(target) as tmp:
             (tmp / "model.safetensors").write_bytes(b"x" * 10)
-            raise OSError(errno.ENOSPC, "No space left on device")
-    assert one_line(err).startswith(f"{target}: the disk filled up while writing it")
+            raise error
+    assert one_line(err) == (f"{target}: the disk filled up while writing it (No space left on device); nothing "
+                             "was written and the temporaries are removed: free some space and run again")
     assert list(target.parent.iterdir()) == []
 
 

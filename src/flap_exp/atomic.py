@@ -17,11 +17,24 @@ from pathlib import Path
 from .errors import FlapError
 from .tempfiles import honour_umask, honour_umask_tree, sweep_stale, temp_prefix
 
+# How writers that are not Python's own (safetensors' Rust writer: SafetensorError) report a full disk.
+_FULL = {errno.ENOSPC: ("No space left on device", "StorageFull", "os error 28"),
+         errno.EDQUOT: ("Disk quota exceeded", "QuotaExceeded", "os error 122")}
 
-def _refuse_full(err: OSError, target: Path) -> None:
+
+def _full(err: BaseException) -> str | None:
+    """The strerror of a full disk or quota behind `err`, else None."""
+    if isinstance(err, OSError) and err.errno in _FULL:
+        return err.strerror or os.strerror(err.errno)
+    text = str(err)
+    return next((os.strerror(code) for code, marks in _FULL.items() if any(m in text for m in marks)), None)
+
+
+def _refuse_full(err: BaseException, target: Path) -> None:
     """A full disk (or quota) while writing `target` becomes one line; its temporary is already removed."""
-    if err.errno in (errno.ENOSPC, errno.EDQUOT):
-        raise FlapError(f"{target}: the disk filled up while writing it ({err.strerror}); nothing was written "
+    why = _full(err)
+    if why:
+        raise FlapError(f"{target}: the disk filled up while writing it ({why}); nothing was written "
                         "and the temporaries are removed: free some space and run again") from None
 
 
@@ -45,7 +58,7 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(target)
-    except OSError as err:
+    except Exception as err:
         shutil.rmtree(tmp, ignore_errors=True)
         _refuse_full(err, target)
         raise
@@ -67,7 +80,7 @@ def atomic_file(target: str | os.PathLike) -> Iterator[Path]:
         honour_umask(tmp, is_dir=False)
         yield tmp
         os.replace(tmp, target)
-    except OSError as err:
+    except Exception as err:
         tmp.unlink(missing_ok=True)
         _refuse_full(err, target)
         raise
