@@ -380,6 +380,10 @@ def test_pruning_a_pruned_model_refused_before_work(ws, capsys, no_loading):
     assert cli.main(prune_args("out", "--stream", model="pruned")) == 2
     one_error(capsys.readouterr().err, "--model pruned is already a pruned model")
     assert snapshot(ws) == before
+    from flap_exp.pipeline.prepare import prepare  # the pipeline's model=local too, before loading it
+    with pytest.raises(FlapError) as err:
+        prepare({"name": "pruned", "dtype": "float32"}, {}, [])
+    assert one_line(err).startswith("model.name pruned is already a pruned model")
 
 
 @pytest.mark.parametrize("tensor", ["model.layers.1.mlp.up_proj.weight", "model.embed_tokens.weight"])

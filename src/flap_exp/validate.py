@@ -163,8 +163,8 @@ def estimate_pruned_bytes(spec: str, ratio: float, itemsize: int) -> int | None:
     return (numel - removed) * itemsize + (1 << 20)  # + 1 MiB for the config, tokenizer and manifest
 
 
-def check_not_pruned(spec: str) -> None:
-    """A pruned directory as --model: refused (its ratio would be counted against the dense widths)."""
+def check_not_pruned(spec: str, what: str = "--model") -> None:
+    """A pruned directory as the model to prune: refused (its ratio would be counted against the dense widths)."""
     folder = model_dir(spec)
     if folder is None:
         return
@@ -174,7 +174,7 @@ def check_not_pruned(spec: str) -> None:
         with_type = parse_json_file(folder / "config.json", "fix or remove it").get("model_type")
         flap = with_type == "flap_llama"
     if flap:
-        raise FlapError(f"--model {spec} is already a pruned model; pruning it again is not supported (its ratio "
+        raise FlapError(f"{what} {spec} is already a pruned model; pruning it again is not supported (its ratio "
                         "would count against the dense widths): prune the base model with the total ratio instead")
 
 
