@@ -151,7 +151,8 @@ def _check_prune(a: argparse.Namespace, itemsize: int = 4):
     check_not_pruned(a.model)
     out = check_out_dir(a.out, a.model, a.overwrite)
     sweep_stale(out.parent)  # temporaries of killed runs beside --out
-    if a.model in EMBEDDED and not ((model_dir(a.model) or out) / IDENTITY).exists():
+    cached = model_dir(a.model) if a.model in EMBEDDED else None
+    if cached is not None and not (cached / IDENTITY).exists():
         check_cache_usable()  # a first use converts the model into the cache
     arch = peek_arch(a.model)
     if arch is not None:
