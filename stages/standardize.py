@@ -6,7 +6,7 @@ from flap_exp.pipeline import paths
 from flap_exp.pipeline.io import load_tensors, read_json, save_tensors
 from flap_exp.pipeline.records import arch_of
 from flap_exp.pipeline.score import checked_scores, standardize
-from flap_exp.pipeline.stage import stage
+from flap_exp.pipeline.stage import load_params, stage
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
@@ -14,6 +14,7 @@ if __name__ == "__main__":
     ap.add_argument("--calib")
     a = ap.parse_args()
     with stage(f"standardize@{a.calib + '-' if a.calib else ''}{a.metric}"):
+        load_params()  # reads no parameter, but refuses a stale cells.yaml as every stage does
         arch, src = arch_of(read_json(paths.PREPARE)), paths.scores(a.metric, a.calib)
         units = standardize(checked_scores(*load_tensors(src), arch, a.metric, src), arch)
         save_tensors(paths.units(a.metric, a.calib), units, {"metric": a.metric, "calib": a.calib, "units": True})

@@ -400,6 +400,7 @@ def test_pruned_directory_is_never_unpickled(pruned, monkeypatch):
     torch.save(sd, pruned / "pytorch_model.bin")
     m = json.loads((pruned / MANIFEST).read_text())
     m["weights_sha256"] = files_sha256(pruned, ["pytorch_model.bin"])
+    m["files_sha256"] = files_sha256(pruned, [p.name for p in pruned.iterdir() if p.name != MANIFEST])
     (pruned / MANIFEST).write_text(json.dumps(m))
     calls = []
     real_load = torch.load
@@ -416,8 +417,8 @@ def test_added_weights_file_is_refused(pruned):
     save_file({"x": torch.zeros(2)}, pruned / "model-extra.safetensors")
     with pytest.raises(FlapError) as err:
         load_pruned(pruned)
-    assert one_line(err) == (f"{pruned}/model-extra.safetensors is not recorded in {MANIFEST} (a weights file was "
-                             "added); refusing it: prune again")
+    assert one_line(err) == (f"{pruned}/model-extra.safetensors is not recorded in {MANIFEST} (a file was "
+                             "added); refusing it: prune again (flap-exp prune ... --out DIR)")
 
 
 # --- 8. the cached dequantized model is checked against the hash recorded at conversion --------------------

@@ -180,13 +180,13 @@ def test_empty_directory_is_used(ws, capsys):
 _SLOW_SAVE = """
 import sys, time
 from pathlib import Path
-import flap_exp.persist as persist
-real = persist.sha256_file
+import flap_exp.manifest as manifest
+real = manifest.sha256_file
 def slow(path):  # called inside the atomic temporary directory, after the weights are written
     Path(sys.argv[1]).write_text(str(path))
     time.sleep(60)
     return real(path)
-persist.sha256_file = slow
+manifest.sha256_file = slow
 from flap_exp.cli import main
 sys.exit(main(sys.argv[2:]))
 """
@@ -233,9 +233,11 @@ def test_kill9_temporary_is_swept_next_run_and_live_ones_kept(ws, capsys):
         user = ws / ".out.tmp-notes"  # a user's file that merely looks similar
         user.write_text("mine")
         before = snapshot(ws, skip=stale[0])
+        assert before.pop(".out.lock")  # the killed run's lock on --out: taken over, then released
         rc, err = run_main(prune_args("out"), capsys)
         assert rc == 0, err
         assert f"flap-exp: removed stale temporary {stale[0]} (process {proc.pid} is gone)" in err
+        assert f"flap-exp: took over the stale lock {ws / '.out.lock'} (process {proc.pid} is gone)" in err
         assert not stale[0].exists() and live.is_dir() and foreign.is_dir() and user.read_text() == "mine"
         after = snapshot(ws, skip=ws / "out")
         assert after == before

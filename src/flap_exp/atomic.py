@@ -6,6 +6,7 @@ get the user's umask (mkdtemp/mkstemp alone would make them 0700/0600).
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 import shutil
@@ -13,7 +14,28 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from .errors import FlapError
 from .tempfiles import honour_umask, honour_umask_tree, sweep_stale, temp_prefix
+
+# How writers that are not Python's own (safetensors' Rust writer: SafetensorError) report a full disk.
+_FULL = {errno.ENOSPC: ("No space left on device", "StorageFull", "os error 28"),
+         errno.EDQUOT: ("Disk quota exceeded", "QuotaExceeded", "os error 122")}
+
+
+def _full(err: BaseException) -> str | None:
+    """The strerror of a full disk or quota behind `err`, else None."""
+    if isinstance(err, OSError) and err.errno in _FULL:
+        return err.strerror or os.strerror(err.errno)
+    text = str(err)
+    return next((os.strerror(code) for code, marks in _FULL.items() if any(m in text for m in marks)), None)
+
+
+def _refuse_full(err: BaseException, target: Path) -> None:
+    """A full disk (or quota) while writing `target` becomes one line; its temporary is already removed."""
+    why = _full(err)
+    if why:
+        raise FlapError(f"{target}: the disk filled up while writing it ({why}); nothing was written "
+                        "and the temporaries are removed: free some space and run again") from None
 
 
 @contextlib.contextmanager
@@ -36,6 +58,10 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(target)
+    except Exception as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        _refuse_full(err, target)
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -54,6 +80,10 @@ def atomic_file(target: str | os.PathLike) -> Iterator[Path]:
         honour_umask(tmp, is_dir=False)
         yield tmp
         os.replace(tmp, target)
+    except Exception as err:
+        tmp.unlink(missing_ok=True)
+        _refuse_full(err, target)
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -139,15 +139,33 @@ def _check_prune_sizes(a: argparse.Namespace) -> None:
     check_int("--remove-groups", a.remove_groups, 0, allow_none=True)
 
 
-def _check_prune(a: argparse.Namespace):
-    """Every prune option, before any weight is read; the model's ArchView when its config is at hand."""
+def _check_prune(a: argparse.Namespace, itemsize: int = 4):
+    """Every prune option and path, before any weight is read; the model's ArchView when its config is at hand.
+    `itemsize`: bytes per weight written (the --dtype)."""
+    from .models import EMBEDDED, IDENTITY
     from .tempfiles import sweep_stale
-    from .validate import check_out_dir, check_structure_options, peek_arch
+    from .validate import (
+        check_cache_usable,
+        check_free_space,
+        check_not_pruned,
+        check_out_dir,
+        check_structure_options,
+        estimate_pruned_bytes,
+        model_dir,
+        peek_arch,
+    )
+    check_not_pruned(a.model)
     out = check_out_dir(a.out, a.model, a.overwrite)
     sweep_stale(out.parent)  # temporaries of killed runs beside --out
+    cached = model_dir(a.model) if a.model in EMBEDDED else None
+    if cached is not None and not (cached / IDENTITY).exists():
+        check_cache_usable()  # a first use converts the model into the cache
     arch = peek_arch(a.model)
     if arch is not None:
         _warn(check_structure_options(arch, a.structure, a.ratio, a.min_groups, a.min_channels, a.remove_groups))
+    need = estimate_pruned_bytes(a.model, a.ratio, itemsize)
+    if need is not None:
+        check_free_space(out.parent, need, f"--out {a.out}")
     return arch
 
 
@@ -173,6 +191,18 @@ def _streamed(spec: str, device, dtype, budget):
 
 
 def cmd_prune(a: argparse.Namespace) -> dict:
+    from .outlock import out_lock
+    from .validate import check_out_dir
+    _check_prune_sizes(a)
+    cfg = prune_config(a)
+    device, dtype = _runtime(a)
+    arch = _check_prune(a, dtype.itemsize)
+    with out_lock(a.out):  # one writer per --out: a second run fails here at once, naming this one
+        check_out_dir(a.out, a.model, a.overwrite)  # again: a run that held the lock may just have written it
+        return _prune_locked(a, cfg, device, dtype, arch)
+
+
+def _prune_locked(a: argparse.Namespace, cfg, device, dtype, arch) -> dict:
     from .compensation import config_record
     from .data import Corpus, calibration_windows, load_text, tokenize
     from .models import load_model
@@ -180,10 +210,6 @@ def cmd_prune(a: argparse.Namespace) -> dict:
     from .prune import prune
     from .units import parse_bytes
     from .validate import check_out_dir, check_structure_options
-    _check_prune_sizes(a)
-    cfg = prune_config(a)
-    device, dtype = _runtime(a)
-    arch = _check_prune(a)
     budget = parse_bytes(a.memory_budget)
     if a.stream:  # every shard and the budget checked before the text is read
         sm, tok, identity = _streamed(a.model, device, dtype, budget)

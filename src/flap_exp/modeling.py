@@ -8,12 +8,14 @@ registers both, so `AutoModelForCausalLM.from_pretrained(dir)` loads a pruned di
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn as nn
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, LlamaModel, MistralModel
 
+from .coverage import refuse_incomplete
+from .errors import FlapError
 from .manifest import MANIFEST, read_manifest, verify_weights
 
 if TYPE_CHECKING:
@@ -31,6 +33,15 @@ class FlapLlamaConfig(LlamaConfig):
         self.layer_kv_heads = list(layer_kv_heads) if layer_kv_heads is not None else [kv] * n
         self.layer_intermediate_size = (list(layer_intermediate_size) if layer_intermediate_size is not None
                                         else [self.intermediate_size] * n)
+        # A Mistral base's attention window (None: full causal attention, as LLaMA): FlapLlamaModel reads it.
+        self.sliding_window = kwargs.get("sliding_window", getattr(self, "sliding_window", None))
+
+
+class FlapLlamaModel(LlamaModel):
+    """LLaMA's decoder stack with Mistral's one difference, its forward: a sliding-window causal mask when
+    `config.sliding_window` is set (a pruned Mistral), the plain causal mask otherwise (identical to LLaMA's)."""
+
+    forward = MistralModel.forward
 
 
 class EmptyAttention(nn.Module):
@@ -81,6 +92,7 @@ class FlapLlamaForCausalLM(LlamaForCausalLM):
 
     def __init__(self, config: FlapLlamaConfig):
         super().__init__(config)
+        self.model.__class__ = FlapLlamaModel  # the same modules and state; only the forward (the mask) differs
         g = config.num_attention_heads // (config.num_key_value_heads or config.num_attention_heads)  # as above
         hd = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         for layer, n_kv, n_ch in zip(self.model.layers, config.layer_kv_heads, config.layer_intermediate_size,
@@ -89,15 +101,22 @@ class FlapLlamaForCausalLM(LlamaForCausalLM):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, flap_verify: bool = True, **kwargs):
-        """Safetensors only (a pruned directory is never unpickled), and a local directory holding a
-        flap_manifest.json is checked against the manifest's weight hashes first, as `flap-exp ppl` does.
+        """Safetensors only (a pruned directory is never unpickled); a local directory is checked against its
+        flap_manifest.json's hashes of every file first, as `flap-exp ppl` does, and the loaded tensors must cover
+        the model exactly.
         `flap_verify=False` skips the hashes (for a caller that has just checked them)."""
         kwargs["use_safetensors"] = True
         path = pretrained_model_name_or_path
         if flap_verify and isinstance(path, (str, os.PathLike)) and os.path.isdir(path):
-            if os.path.exists(os.path.join(path, MANIFEST)):
-                verify_weights(path, read_manifest(path))
-        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+            if not os.path.exists(os.path.join(path, MANIFEST)):
+                raise FlapError(f"{os.path.join(path, MANIFEST)} is missing: a pruned directory loads only with "
+                                "its manifest (prune again, or pass flap_verify=False for a copy you saved yourself)")
+            verify_weights(path, read_manifest(path))
+        want_info = kwargs.pop("output_loading_info", False)
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        model, info = cast("tuple[FlapLlamaForCausalLM, dict]", loaded)  # (model, info) with output_loading_info
+        refuse_incomplete(info, pretrained_model_name_or_path)  # never a re-initialised parameter
+        return (model, info) if want_info else model
 
 
 AutoConfig.register("flap_llama", FlapLlamaConfig, exist_ok=True)

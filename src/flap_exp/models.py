@@ -12,7 +12,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn as nn
@@ -21,11 +21,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from . import modeling  # noqa: F401  (registers flap_llama so pruned directories load too)
 from .arch import ArchView, decoder_layers
 from .atomic import atomic_dir
+from .coverage import refuse_incomplete
 from .errors import FlapError
 from .jsonfile import parse_json_file
 from .manifest import files_sha256, verify_files
 from .sources import SMOLLM2, WheelSource, cache_lock, cache_root, fetch_members
 from .tempfiles import sweep_stale
+from .validate import config_errors, config_message
 
 
 @dataclass(frozen=True)
@@ -138,6 +140,19 @@ def read_identity(path: Path, embedded: bool) -> dict:
     return identity
 
 
+PICKLES = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")  # torch.save/pickle formats transformers would unpickle
+
+
+def refuse_pickled(path: Path) -> None:
+    """A local model directory must hold its weights as safetensors: pickled weights are refused unread."""
+    if any(path.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for pat in PICKLES for p in path.glob(pat))
+    if pickled:
+        raise FlapError(f"{path}: its weights are pickled ({', '.join(pickled[:3])}), never loaded here (unpickling "
+                        "runs code); convert them to safetensors first (save_pretrained(..., safe_serialization=True))")
+
+
 def model_location(spec: str) -> tuple[Path | str, dict]:
     """(directory or Hub id, identity) of an embedded name (converted on first use, its files checked), a local
     directory, or a Hub id; no weights are loaded."""
@@ -151,6 +166,7 @@ def model_location(spec: str) -> tuple[Path | str, dict]:
         return path, read_identity(path, embedded=True)
     if os.path.isdir(spec):
         path = Path(spec)
+        refuse_pickled(path)
         return path, (read_identity(path, embedded=False) if (path / IDENTITY).exists()
                       else {"name": path.name, "source": f"dir:{path.resolve()}"})
     return spec, {"name": spec, "source": f"hub:{spec}"}
@@ -169,14 +185,19 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str = "cpu
     """An embedded name (see EMBEDDED), a local model directory, or a Hugging Face Hub id."""
     path, identity = model_location(spec)
     try:
-        # (the ignore: typeshed's functools.wraps, which transformers puts on PreTrainedModel.to, drops self)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()  # type: ignore[arg-type]
+        # safetensors only: a pickle is never loaded (refused with its own line for a local directory above)
+        loaded = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, output_loading_info=True)
+        model, info = cast("tuple[Any, dict]", loaded)  # (model, info) with output_loading_info
+        model = model.to(device).eval()
         tok = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as err:
+    except (OSError, *config_errors()) as err:  # type: ignore[misc]  # (mypy cannot see a starred tuple's types)
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if not isinstance(err, (OSError, ValueError)):  # a config the strict validator refused: say why
+            first = config_message(err)
         raise FlapError(f"cannot load model {spec!r} (embedded names: {', '.join(EMBEDDED)}; or a local "
                         f"directory or Hub id): {first}") from None
     ArchView.from_config(model.config)  # refuses non-LLaMA models with a clear message
+    refuse_incomplete(info, spec)  # a missing tensor would be re-initialised at random: never
     if hasattr(model, "hf_quantizer"):
         model.hf_quantizer = None
     identity.setdefault("revision", getattr(model.config, "_commit_hash", None))

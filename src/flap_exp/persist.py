@@ -20,9 +20,8 @@ from . import modeling  # noqa: F401  (registers flap_llama with the Auto classe
 from .arch import decoder_layers
 from .atomic import atomic_dir
 from .errors import FlapError
-from .manifest import MANIFEST, read_manifest, verify_weights, weight_files
+from .manifest import FILES_KEY, MANIFEST, read_manifest, record_files, verify_weights, weight_files
 from .shards import INDEX
-from .sources import sha256_file
 from .surgery import flap_config
 
 if TYPE_CHECKING:
@@ -35,7 +34,8 @@ def _finish(tmp: Path, tokenizer, manifest: dict) -> None:
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     m = dict(manifest)
-    m["weights_sha256"] = {p.name: sha256_file(p) for p in weight_files(tmp)}
+    m[FILES_KEY] = record_files(tmp)  # every file: config.json and the tokenizer change numbers as much as weights
+    m["weights_sha256"] = {p.name: m[FILES_KEY][p.name] for p in weight_files(tmp)}
     (tmp / MANIFEST).write_text(json.dumps(m, indent=1))
 
 

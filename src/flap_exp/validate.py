@@ -56,15 +56,41 @@ def peek_arch(spec: str):
     folder = model_dir(spec)
     if folder is None or not (folder / "config.json").is_file():
         return None
-    from transformers import AutoConfig
-
-    from . import modeling  # noqa: F401  (flap_llama configs)
     from .arch import ArchView
     try:
-        config = AutoConfig.from_pretrained(folder)
+        config = read_config(folder)
     except (OSError, ValueError):
         return None  # load_model reports it with its own message
     return ArchView.from_config(config)
+
+
+def config_errors() -> tuple[type[BaseException], ...]:
+    """What transformers raises for an inconsistent config: newer versions validate it in a strict dataclass
+    (e.g. a hidden size that heads do not divide without an explicit head_dim)."""
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:  # an older huggingface_hub: ValueError only
+        return (ValueError,)
+    return (ValueError, StrictDataclassError)
+
+
+def config_message(err: BaseException) -> str:
+    """The one line that says what is wrong with a config (the validator's own cause where there is one)."""
+    cause = err.__cause__ or err
+    lines = [line.strip() for line in str(cause).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(cause).__name__
+
+
+def read_config(folder):
+    """AutoConfig of a model directory; an inconsistent config.json is one FlapError (OSError passes through)."""
+    from transformers import AutoConfig
+
+    from . import modeling  # noqa: F401  (flap_llama configs)
+    errors = tuple(e for e in config_errors() if e is not ValueError)
+    try:
+        return AutoConfig.from_pretrained(folder)
+    except errors as err:
+        raise FlapError(f"{folder}/config.json is not a consistent model config: {config_message(err)}") from None
 
 
 def _nearest_existing(p: Path) -> Path:
@@ -84,6 +110,85 @@ def _probe_writable(folder: Path, out: str) -> None:
         raise FlapError(f"--out {out}: cannot create anything in {folder} ({err.strerror})") from None
 
 
+# mkdtemp's and token_hex(4)'s random suffixes are 8 characters; a pid may grow to 7 digits (pid_max 4194304)
+_TEMP_SUFFIX, _PID_DIGITS = 8, 7
+
+
+def check_name_length(folder: Path, name: str, out: str) -> None:
+    """The longest sibling flap-exp writes beside `name` (`.NAME.old-PID-HOST-XXXXXXXX`) fits the filesystem."""
+    from .tempfiles import HOST
+    try:
+        limit = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255  # the common limit (ext4, xfs, btrfs, tmpfs)
+    longest = len(f".{name}.old-{'9' * _PID_DIGITS}-{HOST}-") + _TEMP_SUFFIX
+    if longest > limit:
+        raise FlapError(f"--out {out}: its name is too long: flap-exp writes a temporary sibling of {longest} "
+                        f"characters and the filesystem allows {limit}; use a name of at most "
+                        f"{len(name) - (longest - limit)} characters")
+
+
+def check_free_space(folder: Path, need: int, what: str) -> None:
+    """Refuse before the work when the filesystem of `folder` (or its nearest existing parent) has less than
+    `need` bytes free."""
+    import shutil
+
+    from .units import mib
+    base = _nearest_existing(folder)
+    try:
+        free = shutil.disk_usage(base).free
+    except OSError:
+        return  # nothing to measure: the write itself reports a full disk in one line (atomic.py)
+    if free < need:
+        raise FlapError(f"{what}: about {mib(need)} will be written to {base} but only {mib(free)} are free; "
+                        "free some space or choose another place")
+
+
+def estimate_pruned_bytes(spec: str, ratio: float, itemsize: int) -> int | None:
+    """Bytes a pruned copy of the model takes (an upper bound: every tensor of the dense checkpoint at
+    `itemsize` bytes, less `ratio` of the decoder's attention+MLP weights), from the checkpoint's headers
+    alone; None when the weights are not on disk yet."""
+    folder = model_dir(spec)
+    if folder is None or not folder.is_dir():
+        return None
+    from .shards import Checkpoint
+    try:
+        ckpt = Checkpoint(folder)
+    except FlapError:
+        return None  # reported by the load with its own message
+    import math
+    numel = sum(math.prod(info["shape"]) for info in ckpt.info.values())
+    arch = peek_arch(spec)
+    removed = int(ratio * arch.total_params) if arch is not None else 0
+    return (numel - removed) * itemsize + (1 << 20)  # + 1 MiB for the config, tokenizer and manifest
+
+
+def check_not_pruned(spec: str, what: str = "--model") -> None:
+    """A pruned directory as the model to prune: refused (its ratio would be counted against the dense widths)."""
+    folder = model_dir(spec)
+    if folder is None:
+        return
+    flap = (folder / MANIFEST).is_file()
+    if not flap and (folder / "config.json").is_file():
+        from .jsonfile import parse_json_file
+        with_type = parse_json_file(folder / "config.json", "fix or remove it").get("model_type")
+        flap = with_type == "flap_llama"
+    if flap:
+        raise FlapError(f"{what} {spec} is already a pruned model; pruning it again is not supported (its ratio "
+                        "would count against the dense widths): prune the base model with the total ratio instead")
+
+
+def check_cache_usable() -> None:
+    """The model cache (FLAP_EXP_CACHE) can be created and written, before a first conversion."""
+    from .sources import cache_root
+    root = cache_root()
+    base = _nearest_existing(root)
+    if not base.is_dir():
+        raise FlapError(f"the model cache {root} cannot be created: {base} is a file (set FLAP_EXP_CACHE)")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise FlapError(f"the model cache {root} is not writable (set FLAP_EXP_CACHE to a writable directory)")
+
+
 def check_out_dir(out: str, model_spec: str | None = None, overwrite: bool = False) -> Path:
     """`--out` may be written: a new path in a writable directory, an empty directory, or (with `overwrite`)
     a flap-exp pruned directory. Never a file, a symlink, an unrelated directory or the input model's."""
@@ -95,9 +200,13 @@ def check_out_dir(out: str, model_spec: str | None = None, overwrite: bool = Fal
         if r == m or m in r.parents or r in m.parents:
             where = "is" if r == m else "is inside" if m in r.parents else "contains"
             raise FlapError(f"--out {out} {where} the input model's directory {m}; choose a path outside it")
+    cwd = Path(os.getcwd()).resolve()
+    if path.parent == path or path.resolve() == cwd or path.resolve() in cwd.parents:
+        raise FlapError(f"--out {out} is the current directory or one above it; choose a new path")
     base = _nearest_existing(path.parent)
     if not base.is_dir():
         raise FlapError(f"--out {out}: {base} is a file, so nothing can be created inside it")
+    check_name_length(base, path.name, out)
     _probe_writable(base, out)
     if os.path.lexists(path):
         if path.is_symlink():
@@ -115,7 +224,20 @@ def check_out_dir(out: str, model_spec: str | None = None, overwrite: bool = Fal
                             f"(no {MANIFEST}); refusing to replace it (choose a new path)")
         if not overwrite:
             raise FlapError(f"--out {out} already holds a flap-exp pruned model; pass --overwrite to replace it")
+        _refuse_user_files(path, out)
     return path
+
+
+def _refuse_user_files(path: Path, out: str) -> None:
+    """--overwrite replaces what flap-exp wrote, never what the user added inside the directory."""
+    from .jsonfile import parse_json_file
+    from .manifest import unrecorded_files
+    manifest = parse_json_file(path / MANIFEST, "refusing to replace it (remove the directory yourself)")
+    added = unrecorded_files(path, manifest)
+    if added:
+        more = f" and {len(added) - 5} more" if len(added) > 5 else ""
+        raise FlapError(f"--out {out} holds files flap-exp did not write ({', '.join(added[:5])}{more}); "
+                        "--overwrite would delete them: move them out first, or choose a new path")
 
 
 def check_structure_options(arch, structure: str, ratio: float, min_groups: int, min_channels: int,

@@ -6,24 +6,28 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 WIKITEXT2 = SHARED / "data" / "wikitext-2-raw"
 
 
 def tiny_config(heads: int = 4, kv: int = 2, layers: int = 3, hidden: int = 32, inter: int = 48,
-                head_dim: int = 8, vocab: int = 101, **kw) -> LlamaConfig:
+                head_dim: int = 8, vocab: int = 101, kind: str = "llama", **kw) -> LlamaConfig:
+    """`kind`: "llama", or "mistral" (a MistralConfig: pass sliding_window=W for its windowed attention)."""
     kw = {"max_position_embeddings": 128, "tie_word_embeddings": False, **kw}
-    return LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                       num_attention_heads=heads, num_key_value_heads=kv, head_dim=head_dim, **kw)
+    cls = {"llama": LlamaConfig, "mistral": MistralConfig}[kind]
+    return cls(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+               num_attention_heads=heads, num_key_value_heads=kv, head_dim=head_dim, **kw)
 
 
 def tiny_model(seed: int = 0, std: float | None = 0.3, **kw) -> LlamaForCausalLM:
-    """A random tiny LLaMA; `std`: its matrices redrawn with that deviation (the default init, 0.02, gives
-    near-constant activations), None keeps transformers' init."""
+    """A random tiny LLaMA (or Mistral: kind="mistral"); `std`: its matrices redrawn with that deviation (the
+    default init, 0.02, gives near-constant activations), None keeps transformers' init."""
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(tiny_config(**kw)).eval()
+    config = tiny_config(**kw)
+    cls = MistralForCausalLM if config.model_type == "mistral" else LlamaForCausalLM
+    model = cls(config).eval()
     if std is not None:
         with torch.no_grad():
             for p in model.parameters():

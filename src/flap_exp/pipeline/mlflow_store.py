@@ -74,6 +74,20 @@ def _file(uri: str, parts) -> None:
         raise FlapError(f"MLflow file store {folder} cannot be written (MLFLOW_TRACKING_URI={uri})")
 
 
+def _open(uri: str) -> None:
+    """Open the store as `track` will (MlflowClient builds it at once): MLflow's own refusals, e.g. its file
+    store in maintenance mode without MLFLOW_ALLOW_FILE_STORE=true, come here as one line, before any stage."""
+    try:
+        from mlflow.tracking import MlflowClient
+        MlflowClient(uri)
+    except Exception as err:  # noqa: BLE001  (MlflowException and whatever the store's constructor raises)
+        text = " ".join(str(err).split()) or type(err).__name__
+        first = text.split(". ")[0].rstrip(".")
+        hint = "; set MLFLOW_ALLOW_FILE_STORE=true or use sqlite:///mlflow.db" if "MLFLOW_ALLOW_FILE_STORE" in text \
+            else ""
+        raise FlapError(f"MLflow cannot open the store {uri}: {first}{hint}") from None
+
+
 def _database(uri: str, parts) -> None:
     import socket
     try:
@@ -104,6 +118,7 @@ def preflight(uri: str | None = None) -> str:
         _sqlite(uri)
     elif scheme == "file":
         _file(uri, parts)
+        _open(uri)
     elif scheme.split("+")[0] in _DB_PORTS:
         _database(uri, parts)
     elif scheme != "databricks":

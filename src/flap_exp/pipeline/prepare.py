@@ -17,7 +17,9 @@ def prepare(model_params: dict, data_params: dict, corpora: list[str]) -> dict:
     """The base model's record and the calibration corpora's (results/prepare.json), by corpus name;
     evaluation corpora are recorded apart (prepare_eval) so that adding one never invalidates calibration."""
     from ..integrity import check_finite_weights
+    from ..validate import check_not_pruned
     from .records import calib_corpus, open_model
+    check_not_pruned(model_params["name"], "model.name")  # its ratios would count against the dense widths
     lm = open_model({**model_params, "device": "cpu"})
     if not lm.streamed:  # (streamed: each layer is checked as it is read, by the hash below)
         check_finite_weights(lm.model, f"model {model_params['name']!r}")  # refused before any stage uses it

@@ -25,7 +25,13 @@ def load_params(path: str | Path = "params.yaml") -> dict:
     params = yaml.safe_load(p.read_text(encoding="utf-8"))
     if not isinstance(params, dict):
         raise FlapError(f"{p} is not a mapping of parameters: compose it again")
-    return check_params(params)  # also covers `dvc exp run -S` (DVC composes) and hand edits
+    check_params(params)  # also covers `dvc exp run -S` (DVC composes) and hand edits
+    from .cells import load_cells
+    from .paths import CELLS
+    # cells.yaml (the stages DVC runs) must come from these params: a hand edit of params.yaml's tables
+    # without recomposing is refused by every stage, not only by the summary
+    load_cells(params, str(p.with_name(CELLS)))
+    return params
 
 
 def versions() -> dict:
