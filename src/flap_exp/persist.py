@@ -16,10 +16,11 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from . import modeling  # noqa: F401  (registers flap_llama with the Auto classes)
+from . import modeling  # noqa: F401  (registers the pruned types with the Auto classes)
 from .arch import decoder_layers
 from .atomic import atomic_dir
 from .errors import FlapError
+from .families import PRUNED
 from .manifest import MANIFEST, read_manifest, verify_weights, weight_files
 from .shards import INDEX
 from .sources import sha256_file
@@ -41,7 +42,7 @@ def _finish(tmp: Path, tokenizer, manifest: dict) -> None:
 
 def save_pruned(model: PreTrainedModel, tokenizer, manifest: dict, out: str | Path) -> Path:
     """Write `out` atomically: a half-written directory never appears under that name."""
-    if getattr(model.config, "model_type", None) != "flap_llama":
+    if getattr(model.config, "model_type", None) not in PRUNED:
         raise FlapError("save_pruned expects a physically pruned model (prune_model sets its config)")
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)

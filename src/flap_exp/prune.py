@@ -170,7 +170,7 @@ def prune(source: nn.Module | LayerStore, windows: torch.Tensor | None, cfg: Pru
                 sink.write_layer(i, layer)
             else:
                 comps.append(c)
-    store.model.config = flap_config(store.config, sel)  # type: ignore[assignment]  # (typed Tensor | Module)
+    store.model.config = flap_config(store.config, sel)
     store.cut = True  # its layers are cut: a streamed store is spent for another run
     kept = None if sink is not None or any(c is None for c in comps) else [c for c in comps if c is not None]
     return PruneResult(sel, sel.achieved_ratio(arch), stats, kept,

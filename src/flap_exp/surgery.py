@@ -18,7 +18,8 @@ import torch.nn as nn
 
 from .arch import ArchView, decoder_layers
 from .compensation.base import LayerComp, from_biases
-from .modeling import EmptyAttention, FlapLlamaConfig, new_linear
+from .families import family_of
+from .modeling import PRUNED_CLASSES, EmptyAttention, new_linear
 from .selection import Selection
 
 if TYPE_CHECKING:
@@ -127,20 +128,22 @@ def mask_model(model: nn.Module, sel: Selection, biases: Biases, arch: ArchView)
 
 
 def prune_model(model: nn.Module, sel: Selection, biases: Biases, arch: ArchView) -> None:
-    """Remove the unselected units in place; the config becomes a FlapLlamaConfig with per-layer widths."""
+    """Remove the unselected units in place; the config becomes its family's pruned config (per-layer widths)."""
     comps = as_comps(biases)
     for i, layer in enumerate(decoder_layers(model)):
         cut_layer(layer, sel.keep_groups[i], sel.keep_channels[i], comps[i] if comps else None, arch)
-    model.config = flap_config(model.config, sel)  # type: ignore[assignment]  # (typed Tensor | Module)
+    model.config = flap_config(model.config, sel)
 
 
-def flap_config(config, sel: Selection) -> FlapLlamaConfig:
+def flap_config(config, sel: Selection):
+    """The pruned config of the model's family (families.py): the dense config plus per-layer widths."""
+    cfg_class, model_class = PRUNED_CLASSES[family_of(config.model_type).pruned_type]
     d = config.to_dict()
     for k in ("model_type", "architectures", "transformers_version", "layer_kv_heads", "layer_intermediate_size"):
         d.pop(k, None)
-    cfg = FlapLlamaConfig(layer_kv_heads=[int(g.sum()) for g in sel.keep_groups],
-                          layer_intermediate_size=[int(c.sum()) for c in sel.keep_channels], **d)
-    cfg.architectures = ["FlapLlamaForCausalLM"]
+    cfg = cfg_class(layer_kv_heads=[int(g.sum()) for g in sel.keep_groups],
+                    layer_intermediate_size=[int(c.sum()) for c in sel.keep_channels], **d)
+    cfg.architectures = [model_class.__name__]
     return cfg
 
 
