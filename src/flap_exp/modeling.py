@@ -52,7 +52,7 @@ def shape_layer(layer: DecoderLayer, n_groups: int, n_channels: int, group_size:
     """Give a stock decoder layer the widths of a pruned one (weights uninitialized, to be loaded)."""
     attn, mlp = layer.self_attn, layer.mlp
     d, like = attn.q_proj.in_features, attn.q_proj.weight
-    q_out, kv_out = n_groups * group_size * head_dim, n_groups * head_dim
+    q_out, kv_out = n_groups * group_size * head_dim, n_groups * head_dim  # group_size: this layer's G'
     o_proj = new_linear(q_out, d, True, like)
     if n_groups == 0:
         layer.self_attn = EmptyAttention(d, head_dim, attn.layer_idx, o_proj)  # type: ignore[assignment]  # no heads
@@ -61,6 +61,7 @@ def shape_layer(layer: DecoderLayer, n_groups: int, n_channels: int, group_size:
         attn.q_proj, attn.k_proj, attn.v_proj = (new_linear(d, q_out, qb, like), new_linear(d, kv_out, qb, like),
                                                  new_linear(d, kv_out, qb, like))
         attn.o_proj = o_proj
+        attn.num_key_value_groups = group_size
     gb = mlp.gate_proj.bias is not None
     mlp.gate_proj, mlp.up_proj = new_linear(d, n_channels, gb, like), new_linear(d, n_channels, gb, like)
     mlp.down_proj = new_linear(n_channels, d, True, like)
@@ -70,11 +71,14 @@ class _PerLayerConfig:
     """Mixed into a family's config: per-layer kept k/v groups and MLP widths (default: the dense ones)."""
 
     def __init__(self, layer_kv_heads: list[int] | None = None, layer_intermediate_size: list[int] | None = None,
-                 **kwargs):
+                 layer_q_heads: list[int] | None = None, **kwargs):
         super().__init__(**kwargs)
         n = self.num_hidden_layers  # type: ignore[attr-defined]  # set by the family's config
         kv = self.num_key_value_heads or self.num_attention_heads  # type: ignore[attr-defined]  # (same)
         self.layer_kv_heads = list(layer_kv_heads) if layer_kv_heads is not None else [kv] * n
+        g = (self.num_attention_heads // kv)  # type: ignore[attr-defined]  # (same)
+        # query heads per layer: G per kept group unless query-head units removed some (selection.py)
+        self.layer_q_heads = list(layer_q_heads) if layer_q_heads is not None else [n * g for n in self.layer_kv_heads]
         self.layer_intermediate_size = (list(layer_intermediate_size) if layer_intermediate_size is not None
                                         else [self.intermediate_size] * n)  # type: ignore[attr-defined]
 
@@ -86,9 +90,9 @@ class _PerLayerModel:
         super().__init__(config)  # the family's *ForCausalLM
         g = config.num_attention_heads // (config.num_key_value_heads or config.num_attention_heads)
         hd = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        for layer, n_kv, n_ch in zip(self.model.layers, config.layer_kv_heads,
-                                     config.layer_intermediate_size, strict=True):
-            shape_layer(layer, n_kv, n_ch, g, hd)
+        for layer, n_kv, n_q, n_ch in zip(self.model.layers, config.layer_kv_heads, config.layer_q_heads,
+                                          config.layer_intermediate_size, strict=True):
+            shape_layer(layer, n_kv, n_ch, n_q // n_kv if n_kv else g, hd)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, flap_verify: bool = True, **kwargs):
