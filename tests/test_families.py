@@ -100,3 +100,24 @@ def test_other_model_types_are_refused_in_one_line():
     assert "\n" not in msg and "'gpt2'" in msg
     for fam in FAMILIES:
         assert fam in msg
+
+
+def test_layers_without_attention_or_mlp(family, dense, tmp_path):
+    """A layer that lost every group (its attention outputs o_proj's bias, through Gemma's post-norm) and one
+    that lost every channel: masked == pruned == reloaded."""
+    from flap_exp.selection import Selection
+    from flap_exp.surgery import prune_model
+    arch = ArchView.from_config(dense.config)
+    keep_g = [torch.ones(arch.num_kv_heads, dtype=torch.bool) for _ in range(arch.num_layers)]
+    keep_c = [torch.ones(arch.intermediate_size, dtype=torch.bool) for _ in range(arch.num_layers)]
+    keep_g[1][:] = False
+    keep_c[2][:] = False
+    sel = Selection(keep_g, keep_c)
+    biases = [(torch.randn(arch.hidden_size, generator=torch.Generator().manual_seed(i)), torch.zeros(arch.hidden_size))
+              for i in range(arch.num_layers)]
+    masked, pruned = copy.deepcopy(dense), copy.deepcopy(dense)
+    mask_model(masked, sel, biases, arch)
+    prune_model(pruned, sel, biases, arch)
+    torch.testing.assert_close(logits(pruned), logits(masked), rtol=1e-5, atol=1e-5)
+    save_pruned(pruned, None, {"selection": sel.to_json()}, tmp_path / "z")
+    torch.testing.assert_close(logits(load_pruned(tmp_path / "z")[0]), logits(pruned), rtol=0, atol=0)
