@@ -85,3 +85,17 @@ def test_unequal_heads_per_group_and_unsupported_combinations_are_refused():
         assert "\n" not in str(e.value) and "query" in str(e.value)
     with pytest.raises(FlapError, match="attn_unit must be one of"):
         StructureOptions(attn_unit="head")
+
+
+def test_manifest_query_heads_must_match_the_weights(windows, tmp_path):
+    import json
+
+    from flap_exp.persist import MANIFEST
+    pruned = tiny_model(heads=4, kv=1)
+    res = prune(pruned, windows, PruneConfig("wifv", "ul_um", 0.5, options=QUERY, batch_size=4), progress=False)
+    out = save_pruned(pruned, None, {"selection": res.selection.to_json()}, tmp_path / "m")
+    man = json.loads((out / MANIFEST).read_text())
+    man["selection"]["kept_heads"][0] = man["selection"]["kept_heads"][0][:-1]
+    (out / MANIFEST).write_text(json.dumps(man))
+    with pytest.raises(FlapError, match="layer 0 has 2 query heads, the manifest says 1"):
+        load_pruned(out)

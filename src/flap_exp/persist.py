@@ -115,6 +115,10 @@ def check_against_manifest(model: PreTrainedModel, manifest: dict, folder: str |
         if kv != len(kept_g[i]) or ch != len(kept_c[i]):
             raise FlapError(f"{folder}: layer {i} has {kv} k/v groups and {ch} MLP channels, the manifest says "
                             f"{len(kept_g[i])} and {len(kept_c[i])}")
+        kept_h = manifest["selection"].get("kept_heads")  # query-head units (selection.py)
+        q = layer.self_attn.q_proj.out_features // hd
+        if isinstance(kept_h, list) and i < len(kept_h) and q != len(kept_h[i]):
+            raise FlapError(f"{folder}: layer {i} has {q} query heads, the manifest says {len(kept_h[i])}")
 
 
 def load_pruned(folder: str | Path, dtype=None, device: str = "cpu", verify: bool = True):
