@@ -14,7 +14,7 @@ from flap_exp.persist import load_pruned
 
 
 def test_non_llama_model_refused():
-    with pytest.raises(FlapError, match="not LLaMA-family"):
+    with pytest.raises(FlapError, match="is not supported; supported: llama"):
         ArchView.from_config(GPT2Config())
 
 

@@ -420,7 +420,7 @@ WINDOW = 16  # Mistral's sliding window, well below the test length: the mask di
 
 
 def _mistral():
-    return tiny_model(kind="mistral", sliding_window=WINDOW, rope_theta=5000.0, rms_norm_eps=1e-5)
+    return tiny_model(family="mistral", sliding_window=WINDOW, rope_theta=5000.0, rms_norm_eps=1e-5)
 
 
 def _logits(model, n: int = 64) -> torch.Tensor:

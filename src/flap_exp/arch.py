@@ -1,4 +1,4 @@
-"""What FLAP needs to know about a LLaMA-family model, read from its config and modules.
+"""What FLAP needs to know about a supported model (families.py), read from its config and modules.
 
 The attention unit is a key/value group: one k head, one v head and the G query heads that share them
 (G = 1 for plain multi-head attention). Nothing here assumes a layer count, head count or head size.
@@ -12,15 +12,16 @@ from typing import TYPE_CHECKING, cast
 import torch.nn as nn
 
 from .errors import FlapError
+from .families import FAMILIES, PRUNED, Family, family_of
 
 if TYPE_CHECKING:
-    # The type checker's view of a decoder layer. Every LLAMA_FAMILY layer has the Llama layer's attributes
+    # The type checker's view of a decoder layer. Every supported family's layer has the Llama layer's attributes
     # (self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj, ...), which nn.Module.__getattr__ would type as
     # `Tensor | Module`, making each such chain an error.
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer as DecoderLayer
 
 #: model_type values whose decoder layers have the LLaMA shape (q/k/v/o + gate/up/down, RMSNorm, RoPE).
-LLAMA_FAMILY = ("llama", "mistral", "flap_llama")
+LLAMA_FAMILY = tuple(FAMILIES) + tuple(PRUNED)
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,11 @@ class ArchView:
     num_kv_heads: int  # key/value heads = attention units per layer
     head_dim: int
     intermediate_size: int
+    family: str = "llama"  # a key of families.FAMILIES: where the norms around the units are
+
+    @property
+    def fam(self) -> Family:
+        return FAMILIES[self.family]
 
     @property
     def group_size(self) -> int:
@@ -63,15 +69,14 @@ class ArchView:
 
     @classmethod
     def from_config(cls, config) -> ArchView:
-        mt = getattr(config, "model_type", None)
-        if mt not in LLAMA_FAMILY:
-            raise FlapError(f"model type {mt!r} is not LLaMA-family; supported: {', '.join(LLAMA_FAMILY)}")
+        fam = family_of(getattr(config, "model_type", None))
         heads = config.num_attention_heads
         kv = getattr(config, "num_key_value_heads", None) or heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         if heads % kv:
             raise FlapError(f"{heads} query heads do not split into {kv} key/value groups")
-        return cls(config.num_hidden_layers, config.hidden_size, heads, kv, head_dim, config.intermediate_size)
+        return cls(config.num_hidden_layers, config.hidden_size, heads, kv, head_dim, config.intermediate_size,
+                   fam.model_type)
 
 
 def decoder_layers(model: nn.Module) -> MutableSequence[DecoderLayer]:
@@ -81,3 +86,13 @@ def decoder_layers(model: nn.Module) -> MutableSequence[DecoderLayer]:
     if layers is None:
         raise FlapError(f"{type(model).__name__} has no decoder layers at .model.layers; not a LLaMA-family model")
     return cast("MutableSequence[DecoderLayer]", layers)
+
+
+def mlp_input(layer: nn.Module, fam: Family, h):
+    """The MLP block's input for the residual stream h after the attention block."""
+    return getattr(layer, fam.mlp_norm)(h)
+
+
+def block_output(layer: nn.Module, norm: str | None, y):
+    """What a block adds to the residual stream for its output projection's output y (a post-norm or y)."""
+    return y if norm is None else getattr(layer, norm)(y)

@@ -35,35 +35,45 @@ class _Caught(Exception):
     pass
 
 
-class _Catcher(nn.Module):
-    def __init__(self, store: dict):
-        super().__init__()
-        self.store = store
+class _Recorder(nn.Module):
+    """Stands in for a decoder layer: records its hidden states (layer 0) and kwargs, passes the states on;
+    the last one stops the forward (norm and head are never run)."""
 
-    def forward(self, hidden_states, **kwargs):
-        self.store["h"] = hidden_states
-        self.store["kw"] = {k: v for k, v in kwargs.items() if k in _LAYER_KWARGS}
-        raise _Caught
+    def __init__(self, store: dict, last: bool):
+        super().__init__()
+        self.store, self.last = store, last
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self.store.setdefault("h", hidden_states)
+        self.store.setdefault("kw", []).append({k: v for k, v in kwargs.items() if k in _LAYER_KWARGS})
+        if self.last:
+            raise _Caught
+        return hidden_states
 
 
 @torch.no_grad()
-def layer0_inputs(model: nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """The hidden states and kwargs (mask, rotary embeddings, positions) that enter decoder layer 0."""
+def layer0_inputs(model: nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[dict]]:
+    """The hidden states entering decoder layer 0, and per decoder layer the kwargs it is called with (mask,
+    rotary embeddings, positions): they differ between layers where a family mixes sliding-window and
+    global layers (Gemma 2/3, Qwen2 with layer_types), each with its own mask and rotary base."""
     layers = decoder_layers(model)
     store: dict = {}
-    first = layers[0]
-    layers[0] = _Catcher(store)  # type: ignore[call-overload]  # a stand-in for layer 0, put back below
+    real = list(layers)
+    for i in range(len(real)):
+        layers[i] = _Recorder(store, i == len(real) - 1)  # type: ignore[call-overload]  # put back below
     try:
         getattr(model, "model", model)(input_ids=input_ids, use_cache=False)
     except _Caught:
         pass
     finally:
-        layers[0] = first
+        for i, layer in enumerate(real):
+            layers[i] = layer
     return store["h"], store["kw"]
 
 
 def layer_inputs(store: LayerStore, windows: torch.Tensor, batch_size: int) -> tuple[list, list]:
-    """Per batch of windows: the hidden states and kwargs entering decoder layer 0 (on the store's device)."""
+    """Per batch of windows: the hidden states entering decoder layer 0 (on the store's device), and the
+    per-layer kwargs (`kws[batch][layer]`)."""
     hs, kws = [], []
     with store.embedding():
         for batch in windows.split(batch_size):
@@ -87,7 +97,7 @@ def stats_over_layers(store: LayerStore, hs: list, kws: list, on_layer: OnLayer 
                 acc[name] = acc[name].update(x)
 
             with input_hooks(targets, record):
-                outs = [layer(h, **kw) for h, kw in zip(hs, kws, strict=True)]
+                outs = [layer(h, **kw[i]) for h, kw in zip(hs, kws, strict=True)]
             stats = LayerStats(acc["attn"], acc["mlp"])
             for name, s in acc.items():
                 if not (torch.isfinite(s.mean).all() and torch.isfinite(s.m2).all()):
@@ -95,7 +105,7 @@ def stats_over_layers(store: LayerStore, hs: list, kws: list, on_layer: OnLayer 
                                     f"input ({name}); check the model's dtype and weights")
             changed = on_layer(i, layer, stats) if on_layer is not None else None
             if changed is not None:
-                outs = [changed(h, **kw) for h, kw in zip(hs, kws, strict=True)]
+                outs = [changed(h, **kw[i]) for h, kw in zip(hs, kws, strict=True)]
         hs = outs
         result.append(LayerStats(*(ChannelStats(s.count, s.mean.cpu(), s.m2.cpu(), s.meansq.cpu())
                                    for s in (stats.attn, stats.mlp))))

@@ -89,6 +89,9 @@ def _parser() -> argparse.ArgumentParser:
                         "or floor (official floor(p x units) per layer)")
     p.add_argument("--head-cost", choices=["exact", "official"], default="exact",
                    help="AL-AM group cost: exact, or official (the official code's truncated integer cost)")
+    p.add_argument("--attn-unit", choices=["group", "query"], default="group",
+                   help="attention units: whole k/v groups (default), or query heads inside a group (al_am, ul_um; "
+                        "k/v go once all their query heads have)")
     _add_corpus(p, "calib", "wiki", "train")
     p.add_argument("--nsamples", type=int, default=1024, help="N calibration windows (the paper's 1024)")
     p.add_argument("--seqlen", type=int, default=128, help="T tokens per window (the paper's 128)")
@@ -176,7 +179,8 @@ def prune_config(a: argparse.Namespace):
     sq = {"default": None, "on": True, "off": False}[a.square_attn]
     return PruneConfig(a.metric, a.structure, a.ratio, compensation=compensation_config(a), square_attn=sq,
                        options=StructureOptions(a.min_groups, a.min_channels, a.remove_groups,
-                                                ul_rounding=a.ul_rounding, head_cost=a.head_cost),
+                                                ul_rounding=a.ul_rounding, head_cost=a.head_cost,
+                                                attn_unit=a.attn_unit),
                        batch_size=a.batch_size).validate()
 
 

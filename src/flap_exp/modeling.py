@@ -1,47 +1,28 @@
-"""A LLaMA whose layers have their own widths: the config and model class that reload a pruned model.
+"""A model whose layers have their own widths: the config and model classes that reload a pruned model.
 
-`FlapLlamaConfig` is a LlamaConfig plus per-layer `layer_kv_heads` (kept key/value groups; query heads
-= groups * G) and `layer_intermediate_size`. `FlapLlamaForCausalLM` builds the stock LLaMA and then
-shapes each layer, with a bias on o_proj and down_proj for the compensation. Importing flap_exp
-registers both, so `AutoModelForCausalLM.from_pretrained(dir)` loads a pruned directory.
+One pair per pruned type of families.PRUNED (flap_llama, flap_qwen2, flap_qwen3, flap_gemma2,
+flap_gemma3_text): `FlapLlamaConfig` is a LlamaConfig plus per-layer `layer_kv_heads` (kept key/value groups;
+query heads = groups * G) and `layer_intermediate_size`; `FlapLlamaForCausalLM` builds the stock LLaMA and
+then shapes each layer, with a bias on o_proj and down_proj for the compensation; the other families' are
+the same mix-ins over their own classes. Importing flap_exp registers them all, so
+`AutoModelForCausalLM.from_pretrained(dir)` loads a pruned directory.
 """
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, LlamaModel, MistralModel
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from .coverage import refuse_incomplete
 from .errors import FlapError
+from .families import PRUNED, Family
 from .manifest import MANIFEST, read_manifest, verify_weights
 
 if TYPE_CHECKING:
     from .arch import DecoderLayer
-
-
-class FlapLlamaConfig(LlamaConfig):
-    model_type = "flap_llama"
-
-    def __init__(self, layer_kv_heads: list[int] | None = None, layer_intermediate_size: list[int] | None = None,
-                 **kwargs):
-        super().__init__(**kwargs)
-        n = self.num_hidden_layers
-        kv = self.num_key_value_heads or self.num_attention_heads  # set by LlamaConfig, but typed optional
-        self.layer_kv_heads = list(layer_kv_heads) if layer_kv_heads is not None else [kv] * n
-        self.layer_intermediate_size = (list(layer_intermediate_size) if layer_intermediate_size is not None
-                                        else [self.intermediate_size] * n)
-        # A Mistral base's attention window (None: full causal attention, as LLaMA): FlapLlamaModel reads it.
-        self.sliding_window = kwargs.get("sliding_window", getattr(self, "sliding_window", None))
-
-
-class FlapLlamaModel(LlamaModel):
-    """LLaMA's decoder stack with Mistral's one difference, its forward: a sliding-window causal mask when
-    `config.sliding_window` is set (a pruned Mistral), the plain causal mask otherwise (identical to LLaMA's)."""
-
-    forward = MistralModel.forward
 
 
 class EmptyAttention(nn.Module):
@@ -73,7 +54,7 @@ def shape_layer(layer: DecoderLayer, n_groups: int, n_channels: int, group_size:
     """Give a stock decoder layer the widths of a pruned one (weights uninitialized, to be loaded)."""
     attn, mlp = layer.self_attn, layer.mlp
     d, like = attn.q_proj.in_features, attn.q_proj.weight
-    q_out, kv_out = n_groups * group_size * head_dim, n_groups * head_dim
+    q_out, kv_out = n_groups * group_size * head_dim, n_groups * head_dim  # group_size: this layer's G'
     o_proj = new_linear(q_out, d, True, like)
     if n_groups == 0:
         layer.self_attn = EmptyAttention(d, head_dim, attn.layer_idx, o_proj)  # type: ignore[assignment]  # no heads
@@ -82,22 +63,38 @@ def shape_layer(layer: DecoderLayer, n_groups: int, n_channels: int, group_size:
         attn.q_proj, attn.k_proj, attn.v_proj = (new_linear(d, q_out, qb, like), new_linear(d, kv_out, qb, like),
                                                  new_linear(d, kv_out, qb, like))
         attn.o_proj = o_proj
+        attn.num_key_value_groups = group_size
     gb = mlp.gate_proj.bias is not None
     mlp.gate_proj, mlp.up_proj = new_linear(d, n_channels, gb, like), new_linear(d, n_channels, gb, like)
     mlp.down_proj = new_linear(n_channels, d, True, like)
 
 
-class FlapLlamaForCausalLM(LlamaForCausalLM):
-    config_class = FlapLlamaConfig
+class _PerLayerConfig:
+    """Mixed into a family's config: per-layer kept k/v groups and MLP widths (default: the dense ones)."""
 
-    def __init__(self, config: FlapLlamaConfig):
-        super().__init__(config)
-        self.model.__class__ = FlapLlamaModel  # the same modules and state; only the forward (the mask) differs
-        g = config.num_attention_heads // (config.num_key_value_heads or config.num_attention_heads)  # as above
+    def __init__(self, layer_kv_heads: list[int] | None = None, layer_intermediate_size: list[int] | None = None,
+                 layer_q_heads: list[int] | None = None, **kwargs):
+        super().__init__(**kwargs)
+        n = self.num_hidden_layers  # type: ignore[attr-defined]  # set by the family's config
+        kv = self.num_key_value_heads or self.num_attention_heads  # type: ignore[attr-defined]  # (same)
+        self.layer_kv_heads = list(layer_kv_heads) if layer_kv_heads is not None else [kv] * n
+        g = (self.num_attention_heads // kv)  # type: ignore[attr-defined]  # (same)
+        # query heads per layer: G per kept group unless query-head units removed some (selection.py)
+        self.layer_q_heads = list(layer_q_heads) if layer_q_heads is not None else [n * g for n in self.layer_kv_heads]
+        self.layer_intermediate_size = (list(layer_intermediate_size) if layer_intermediate_size is not None
+                                        else [self.intermediate_size] * n)  # type: ignore[attr-defined]
+
+
+class _PerLayerModel:
+    """Mixed into a family's *ForCausalLM: the stock model, then each layer shaped to its pruned widths."""
+
+    def __init__(self, config):
+        super().__init__(config)  # the family's *ForCausalLM
+        g = config.num_attention_heads // (config.num_key_value_heads or config.num_attention_heads)
         hd = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        for layer, n_kv, n_ch in zip(self.model.layers, config.layer_kv_heads, config.layer_intermediate_size,
-                                     strict=True):
-            shape_layer(layer, n_kv, n_ch, g, hd)
+        for layer, n_kv, n_q, n_ch in zip(self.model.layers, config.layer_kv_heads, config.layer_q_heads,
+                                          config.layer_intermediate_size, strict=True):
+            shape_layer(layer, n_kv, n_ch, n_q // n_kv if n_kv else g, hd)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, flap_verify: bool = True, **kwargs):
@@ -113,11 +110,31 @@ class FlapLlamaForCausalLM(LlamaForCausalLM):
                                 "its manifest (prune again, or pass flap_verify=False for a copy you saved yourself)")
             verify_weights(path, read_manifest(path))
         want_info = kwargs.pop("output_loading_info", False)
-        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
-        model, info = cast("tuple[FlapLlamaForCausalLM, dict]", loaded)  # (model, info) with output_loading_info
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *args,  # type: ignore[misc]
+                                         output_loading_info=True, **kwargs)
+        model, info = loaded  # (model, info) with output_loading_info
         refuse_incomplete(info, pretrained_model_name_or_path)  # never a re-initialised parameter
         return (model, info) if want_info else model
 
 
-AutoConfig.register("flap_llama", FlapLlamaConfig, exist_ok=True)
-AutoModelForCausalLM.register(FlapLlamaConfig, FlapLlamaForCausalLM, exist_ok=True)
+def _camel(model_type: str) -> str:
+    return "".join(p.capitalize() for p in model_type.split("_"))
+
+
+def _define(fam: Family) -> tuple[type, type]:
+    """The pruned config and model classes of one family, registered with transformers' Auto classes."""
+    import transformers
+    base_cfg, base_model = getattr(transformers, fam.config_class), getattr(transformers, fam.model_class)
+    name = _camel(fam.pruned_type)  # FlapLlama, FlapQwen2, FlapGemma3Text, ...
+    cfg = type(f"{name}Config", (_PerLayerConfig, base_cfg), {"model_type": fam.pruned_type, "__module__": __name__})
+    model = type(f"{name}ForCausalLM", (_PerLayerModel, base_model), {"config_class": cfg, "__module__": __name__})
+    AutoConfig.register(fam.pruned_type, cfg, exist_ok=True)
+    AutoModelForCausalLM.register(cfg, model, exist_ok=True)
+    return cfg, model
+
+
+#: pruned model_type -> (config class, model class), one pair per pruned type of families.PRUNED
+PRUNED_CLASSES: dict[str, tuple[type, type]] = {t: _define(f) for t, f in PRUNED.items()}
+for _cfg, _model in PRUNED_CLASSES.values():
+    globals()[_cfg.__name__], globals()[_model.__name__] = _cfg, _model
+FlapLlamaConfig, FlapLlamaForCausalLM = PRUNED_CLASSES["flap_llama"]

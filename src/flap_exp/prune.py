@@ -28,7 +28,15 @@ from .metrics import channel_scores, get_metric, layer_channel_scores
 from .selection import Selection
 from .stats import LayerStats
 from .store import LayerStore, ResidentStore, as_store
-from .structures import PER_LAYER, StructureOptions, check_ratio, get_structure, groups_removed, ul_layer
+from .structures import (
+    PER_LAYER,
+    StructureOptions,
+    check_attn_unit,
+    check_ratio,
+    get_structure,
+    groups_removed,
+    ul_layer,
+)
 from .surgery import cut_layer, flap_config, mask_layer
 
 if TYPE_CHECKING:
@@ -60,7 +68,12 @@ class PruneConfig:
         get_structure(self.structure)
         metric = get_metric(self.metric)
         self.resolved_compensation()
-        if (self.sequential if self.sequential is not None else metric.sequential) and self.structure not in PER_LAYER:
+        check_attn_unit(self.structure, self.options)
+        sequential = self.sequential if self.sequential is not None else metric.sequential
+        if sequential and self.options.attn_unit == "query":
+            raise FlapError("query-head units (attn_unit 'query') are not available with sequential calibration "
+                            f"({self.metric}); use attn_unit 'group'")
+        if sequential and self.structure not in PER_LAYER:
             raise FlapError(f"sequential calibration needs a per-layer structure ({', '.join(sorted(PER_LAYER))}), "
                             f"not {self.structure!r}")
         return self
@@ -165,12 +178,13 @@ def prune(source: nn.Module | LayerStore, windows: torch.Tensor | None, cfg: Pru
                   disable=not progress):
         with store.layer(i) as layer:  # dense weights: the compensation is computed before the cut
             c = step(i, layer)
-            cut_layer(layer, sel.keep_groups[i], sel.keep_channels[i], c, arch)
+            cut_layer(layer, sel.keep_groups[i], sel.keep_channels[i], c, arch,
+                      sel.keep_heads[i] if sel.keep_heads else None)
             if sink is not None:
                 sink.write_layer(i, layer)
             else:
                 comps.append(c)
-    store.model.config = flap_config(store.config, sel)  # type: ignore[assignment]  # (typed Tensor | Module)
+    store.model.config = flap_config(store.config, sel)
     store.cut = True  # its layers are cut: a streamed store is spent for another run
     kept = None if sink is not None or any(c is None for c in comps) else [c for c in comps if c is not None]
     return PruneResult(sel, sel.achieved_ratio(arch), stats, kept,

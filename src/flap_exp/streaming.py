@@ -99,10 +99,12 @@ class StreamedModel:
         check_finite_tensors(tensors, f"{self.ckpt.folder} ({prefix.rstrip('.')})")
         for n in names:
             _set_param(module, n, tensors.pop(self._ckpt_name(prefix + n)))
+        module.to(self.device)  # its buffers (e.g. Gemma's embedding scale); the weights are there already
         try:
             yield module
         finally:
-            module.to("meta")  # frees the weights; the skeleton keeps the shapes
+            for n in names:  # frees the weights; the skeleton keeps the shapes, and its buffers stay real
+                _set_param(module, n, module.get_parameter(n).to("meta"))
 
     def layer(self, i: int) -> contextlib.AbstractContextManager[DecoderLayer]:
         return self.loaded(self.layers[i], f"model.layers.{i}.")

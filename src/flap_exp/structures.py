@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import query_units as qu
 from .arch import ArchView
 from .errors import FlapError
 from .integrity import check_finite_scores
@@ -33,6 +34,9 @@ Scores = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (attention channe
 
 UL_ROUNDING = ("fill", "floor")
 HEAD_COSTS = ("exact", "official")
+ATTN_UNITS = ("group", "query")
+#: Structures that rank query-head units (query_units.py) when attn_unit is "query".
+QUERY_STRUCTURES = ("ul_um", "al_am")
 
 
 @dataclass(frozen=True)
@@ -48,9 +52,12 @@ class StructureOptions:
     ul_rounding: str = "fill"
     # AL-AM: "exact" group cost; "official" the official code's truncated integer cost (compatibility).
     head_cost: str = "exact"
+    # "group": k/v groups go whole (FLAP); "query": query heads inside a group go too, k/v once all its heads
+    # have gone (query_units.py), so a model with one k/v head can still lose attention weights. Costs exact.
+    attn_unit: str = "group"
 
     def __post_init__(self) -> None:
-        for name, valid in (("ul_rounding", UL_ROUNDING), ("head_cost", HEAD_COSTS)):
+        for name, valid in (("ul_rounding", UL_ROUNDING), ("head_cost", HEAD_COSTS), ("attn_unit", ATTN_UNITS)):
             if getattr(self, name) not in valid:
                 raise FlapError(f"{name} must be one of {', '.join(valid)}; got {getattr(self, name)!r}")
         for name in ("min_groups", "min_channels"):
@@ -138,8 +145,27 @@ def ul_layer(attn: torch.Tensor, mlp: torch.Tensor, arch: ArchView, ratio: float
 
 
 def ul_um(scores: Scores, arch: ArchView, ratio: float, opts: StructureOptions) -> Selection:
+    if opts.attn_unit == "query":
+        sel = [ul_layer_query(a, m, arch, ratio, opts) for a, m in scores]
+        return Selection.from_heads([h for h, _ in sel], [c for _, c in sel], arch)
     sel = [ul_layer(a, m, arch, ratio, opts) for a, m in scores]
     return Selection([g for g, _ in sel], [c for _, c in sel])
+
+
+def ul_layer_query(attn: torch.Tensor, mlp: torch.Tensor, arch: ArchView, ratio: float,
+                   opts: StructureOptions) -> tuple[torch.Tensor, torch.Tensor]:
+    """UL-UM with query-head slots: floor(p * G) slots (as groups: the share p of the units, rounded down), then
+    MLP channels fill the layer's budget by the slots' exact cost ("fill"), or floor(p * I) ("floor")."""
+    slot_scores, order = qu.slots(qu.head_scores(attn, arch, "sum"), arch)
+    keep_s = enforce_minimum(keep_top(slot_scores, qu.ul_slots_removed(arch, ratio))[None], slot_scores[None],
+                             opts.min_groups)[0]
+    if opts.ul_rounding == "floor":
+        n_ch = math.floor(ratio * arch.intermediate_size)
+    else:
+        budget = ratio * arch.layer_params - qu.removed_attn_params(int((~keep_s).sum()), arch)
+        n_ch = max(0, min(arch.intermediate_size, math.floor(budget / arch.channel_params + 0.5)))
+    keep_c = enforce_minimum(keep_top(mlp, n_ch)[None], mlp[None], opts.min_channels)[0]
+    return qu.keep_heads_from_slots(keep_s, order, arch), keep_c
 
 
 def ul_mm(scores: Scores, arch: ArchView, ratio: float, opts: StructureOptions) -> Selection:
@@ -164,28 +190,49 @@ def al_mm_units(groups: torch.Tensor, channels: torch.Tensor, arch: ArchView, ra
 
 def al_am(scores: Scores, arch: ArchView, ratio: float, opts: StructureOptions) -> Selection:
     """FLAP: rank all groups and channels together, each weighted by its exact parameter cost."""
+    if opts.attn_unit == "query":
+        return al_am_query(scores, arch, ratio, opts)
     return al_am_units(*standardized_units(scores, arch), arch, ratio, opts)
+
+
+def al_am_query(scores: Scores, arch: ArchView, ratio: float, opts: StructureOptions) -> Selection:
+    """AL-AM over query-head slots (a slot scores the mean of its heads' standardized channels) and MLP channels,
+    each weighted by its exact cost in MLP-channel units (a layer's last slot carries its k/v heads)."""
+    attn = standardize(torch.stack([a for a, _ in scores]))
+    channels = standardize(torch.stack([m for _, m in scores]))
+    slot_scores, order = qu.slots(qu.head_scores(attn, arch, "mean"), arch)
+    cost = (qu.slot_params(arch) / arch.channel_params).expand_as(slot_scores)
+    keep_s, keep_c = _al_am_keep(slot_scores, cost, channels, ratio, opts)
+    return Selection.from_heads([qu.keep_heads_from_slots(keep_s[i], order[i], arch) for i in range(arch.num_layers)],
+                                list(keep_c), arch)
 
 
 def al_am_units(groups: torch.Tensor, channels: torch.Tensor, arch: ArchView, ratio: float,
                 opts: StructureOptions) -> Selection:
     """AL-AM from standardized units (groups [L, kv], channels [L, I]), as the standardize stage writes them."""
+    cost = torch.full(groups.shape, group_cost(arch, opts.head_cost), dtype=torch.float64)
+    keep_g, keep_c = _al_am_keep(groups, cost, channels, ratio, opts)
+    return Selection(list(keep_g), list(keep_c))
+
+
+def _al_am_keep(groups: torch.Tensor, group_costs: torch.Tensor, channels: torch.Tensor, ratio: float,
+                opts: StructureOptions) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kept attention units, kept channels) of one global ranking; attention units weigh `group_costs` each
+    (in MLP-channel units), a channel 1."""
     if ratio == 0:  # the official search would still drop the lowest unit (keep > tau)
-        return Selection(list(torch.ones_like(groups, dtype=torch.bool)),
-                         list(torch.ones_like(channels, dtype=torch.bool)))
+        return torch.ones_like(groups, dtype=torch.bool), torch.ones_like(channels, dtype=torch.bool)
     # Per-layer floors count toward the budget: the units a floor keeps rank first, so the threshold takes
     # the whole ratio from the other units and the selection still reaches it (with no floor, as official).
     floor_g = enforce_minimum(torch.zeros_like(groups, dtype=torch.bool), groups, opts.min_groups)
     floor_c = enforce_minimum(torch.zeros_like(channels, dtype=torch.bool), channels, opts.min_channels)
     groups, channels = groups.masked_fill(floor_g, math.inf), channels.masked_fill(floor_c, math.inf)
     units = torch.cat([groups.flatten(), channels.flatten()])
-    cost = torch.cat([torch.full((groups.numel(),), group_cost(arch, opts.head_cost), dtype=torch.float64),
-                      torch.ones(channels.numel(), dtype=torch.float64)])
+    cost = torch.cat([group_costs.flatten().to(torch.float64), torch.ones(channels.numel(), dtype=torch.float64)])
     order = units.argsort(descending=True, stable=True)
     cum = cost[order].cumsum(0)
     k = int((cum - (1 - ratio) * cum[-1]).abs().argmin())
     tau = units[order[k]]
-    return Selection(list((groups > tau) | floor_g), list((channels > tau) | floor_c))
+    return (groups > tau) | floor_g, (channels > tau) | floor_c
 
 
 StructureFn = Callable[[Scores, ArchView, float, StructureOptions], Selection]
@@ -195,6 +242,7 @@ def _finite_first(name: str, fn: StructureFn) -> StructureFn:
     """The registry's entry: a NaN/Inf score never reaches a selection (NaN sorts arbitrarily; one NaN
     poisons a whole z-scored row), so it is refused with the layer and module named."""
     def checked(scores: Scores, arch: ArchView, ratio: float, opts: StructureOptions) -> Selection:
+        check_attn_unit(name, opts)
         check_finite_scores(scores, f"structure {name}")
         return fn(scores, arch, ratio, opts)
     checked.__name__, checked.__doc__ = fn.__name__, fn.__doc__
@@ -214,6 +262,9 @@ ADAPTIVE_UNITS = {"al_mm": al_mm_units, "al_am": al_am_units}
 def select_from_units(name: str, groups: torch.Tensor, channels: torch.Tensor, arch: ArchView, ratio: float,
                       opts: StructureOptions) -> Selection:
     """An adaptive structure's selection from standardized units; refuses non-finite units and bad shapes."""
+    if opts.attn_unit == "query":
+        raise FlapError(f"attn_unit 'query' with {name} ranks query heads, which the standardized k/v-group units "
+                        "do not hold; run it with `flap-exp prune --attn-unit query` (or ul_um in the study)")
     if name not in ADAPTIVE_UNITS:
         raise FlapError(f"structure {name!r} does not rank standardized units; "
                         f"adaptive ones: {', '.join(ADAPTIVE_UNITS)}")
@@ -224,6 +275,12 @@ def select_from_units(name: str, groups: torch.Tensor, channels: torch.Tensor, a
         if not bool(torch.isfinite(t).all()):
             raise FlapError(f"standardized {what} hold NaN/Inf; refusing to select from them")
     return ADAPTIVE_UNITS[name](groups, channels, arch, check_ratio(ratio), opts)
+
+
+def check_attn_unit(structure: str, opts: StructureOptions) -> None:
+    if opts.attn_unit == "query" and structure not in QUERY_STRUCTURES:
+        raise FlapError(f"attn_unit 'query' (query-head units) works with structures {', '.join(QUERY_STRUCTURES)}; "
+                        f"not {structure!r}")
 
 
 def get_structure(name: str) -> StructureFn:

@@ -18,7 +18,8 @@ import torch.nn as nn
 
 from .arch import ArchView, decoder_layers
 from .compensation.base import LayerComp, from_biases
-from .modeling import EmptyAttention, FlapLlamaConfig, new_linear
+from .families import family_of
+from .modeling import PRUNED_CLASSES, EmptyAttention, new_linear
 from .selection import Selection
 
 if TYPE_CHECKING:
@@ -74,18 +75,27 @@ def slice_linear(linear: nn.Linear, rows: torch.Tensor | None = None, cols: torc
     return new
 
 
+def _q_keep(keep_groups: torch.Tensor, keep_heads: torch.Tensor | None, arch: ArchView) -> torch.Tensor:
+    """Keep-mask over q_proj's rows (= o_proj's columns): the kept query heads, or the kept groups' heads."""
+    heads = keep_groups.repeat_interleave(arch.group_size) if keep_heads is None else keep_heads
+    return heads.repeat_interleave(arch.head_dim)
+
+
 @torch.no_grad()
 def mask_layer(layer: DecoderLayer, keep_groups: torch.Tensor, keep_channels: torch.Tensor, comp: LayerComp | None,
-               arch: ArchView) -> None:
-    """Zero the removed units' q/k/v and gate/up rows of one decoder layer (dense shapes) and apply `comp`."""
+               arch: ArchView, keep_heads: torch.Tensor | None = None) -> None:
+    """Zero the removed units' q/k/v and gate/up rows of one decoder layer (dense shapes) and apply `comp`.
+    A removed query head of a kept group still attends (its q is zero, not its values): its o_proj columns
+    are zeroed too."""
     attn, mlp = layer.self_attn, layer.mlp
-    q_keep, kv_keep = keep_groups.repeat_interleave(arch.group_size * arch.head_dim), \
-        keep_groups.repeat_interleave(arch.head_dim)
+    q_keep, kv_keep = _q_keep(keep_groups, keep_heads, arch), keep_groups.repeat_interleave(arch.head_dim)
     for lin, keep in ((attn.q_proj, q_keep), (attn.k_proj, kv_keep), (attn.v_proj, kv_keep),
                       (mlp.gate_proj, keep_channels), (mlp.up_proj, keep_channels)):
         lin.weight.data[~keep.to(lin.weight.device)] = 0
         if lin.bias is not None:
             lin.bias.data[~keep.to(lin.bias.device)] = 0
+    if keep_heads is not None:
+        attn.o_proj.weight.data[:, ~q_keep.to(attn.o_proj.weight.device)] = 0
     if comp is not None:
         set_kept_columns(attn.o_proj, q_keep, comp.o_weight)
         set_kept_columns(mlp.down_proj, keep_channels, comp.down_weight)
@@ -95,11 +105,10 @@ def mask_layer(layer: DecoderLayer, keep_groups: torch.Tensor, keep_channels: to
 
 @torch.no_grad()
 def cut_layer(layer: DecoderLayer, keep_groups: torch.Tensor, keep_channels: torch.Tensor, comp: LayerComp | None,
-              arch: ArchView) -> None:
+              arch: ArchView, keep_heads: torch.Tensor | None = None) -> None:
     """Remove the unselected units of one decoder layer in place and apply `comp`."""
     attn, mlp = layer.self_attn, layer.mlp
-    q_keep, kv_keep = keep_groups.repeat_interleave(arch.group_size * arch.head_dim), \
-        keep_groups.repeat_interleave(arch.head_dim)
+    q_keep, kv_keep = _q_keep(keep_groups, keep_heads, arch), keep_groups.repeat_interleave(arch.head_dim)
     # A pruned layer always carries both biases (zero without compensation): one layout to reload.
     zero = torch.zeros(arch.hidden_size)
     o_proj = slice_linear(attn.o_proj, cols=q_keep)
@@ -113,6 +122,7 @@ def cut_layer(layer: DecoderLayer, keep_groups: torch.Tensor, keep_channels: tor
         attn.k_proj = slice_linear(attn.k_proj, rows=kv_keep)
         attn.v_proj = slice_linear(attn.v_proj, rows=kv_keep)
         attn.o_proj = o_proj
+        attn.num_key_value_groups = int(q_keep.sum()) // int(kv_keep.sum())  # G' (query heads per kept group)
     mlp.gate_proj = slice_linear(mlp.gate_proj, rows=keep_channels)
     mlp.up_proj = slice_linear(mlp.up_proj, rows=keep_channels)
     down = slice_linear(mlp.down_proj, cols=keep_channels)
@@ -123,24 +133,31 @@ def cut_layer(layer: DecoderLayer, keep_groups: torch.Tensor, keep_channels: tor
 def mask_model(model: nn.Module, sel: Selection, biases: Biases, arch: ArchView) -> None:
     comps = as_comps(biases)
     for i, layer in enumerate(decoder_layers(model)):
-        mask_layer(layer, sel.keep_groups[i], sel.keep_channels[i], comps[i] if comps else None, arch)
+        mask_layer(layer, sel.keep_groups[i], sel.keep_channels[i], comps[i] if comps else None, arch,
+                   sel.keep_heads[i] if sel.keep_heads else None)
 
 
 def prune_model(model: nn.Module, sel: Selection, biases: Biases, arch: ArchView) -> None:
-    """Remove the unselected units in place; the config becomes a FlapLlamaConfig with per-layer widths."""
+    """Remove the unselected units in place; the config becomes its family's pruned config (per-layer widths)."""
     comps = as_comps(biases)
     for i, layer in enumerate(decoder_layers(model)):
-        cut_layer(layer, sel.keep_groups[i], sel.keep_channels[i], comps[i] if comps else None, arch)
-    model.config = flap_config(model.config, sel)  # type: ignore[assignment]  # (typed Tensor | Module)
+        cut_layer(layer, sel.keep_groups[i], sel.keep_channels[i], comps[i] if comps else None, arch,
+                  sel.keep_heads[i] if sel.keep_heads else None)
+    model.config = flap_config(model.config, sel)
 
 
-def flap_config(config, sel: Selection) -> FlapLlamaConfig:
+def flap_config(config, sel: Selection):
+    """The pruned config of the model's family (families.py): the dense config plus per-layer widths."""
+    cfg_class, model_class = PRUNED_CLASSES[family_of(config.model_type).pruned_type]
     d = config.to_dict()
-    for k in ("model_type", "architectures", "transformers_version", "layer_kv_heads", "layer_intermediate_size"):
+    for k in ("model_type", "architectures", "transformers_version", "layer_kv_heads", "layer_q_heads",
+              "layer_intermediate_size"):
         d.pop(k, None)
-    cfg = FlapLlamaConfig(layer_kv_heads=[int(g.sum()) for g in sel.keep_groups],
-                          layer_intermediate_size=[int(c.sum()) for c in sel.keep_channels], **d)
-    cfg.architectures = ["FlapLlamaForCausalLM"]
+    arch = ArchView.from_config(config)
+    cfg = cfg_class(layer_kv_heads=[int(g.sum()) for g in sel.keep_groups],
+                    layer_q_heads=[int(sel.head_mask(i, arch).sum()) for i in range(len(sel.keep_groups))],
+                    layer_intermediate_size=[int(c.sum()) for c in sel.keep_channels], **d)
+    cfg.architectures = [model_class.__name__]
     return cfg
 
 
@@ -163,7 +180,8 @@ class PrunedView:
         with self.base.layer(i) as dense:
             layer = copy.deepcopy(dense)
         cut_layer(layer, self.sel.keep_groups[i], self.sel.keep_channels[i],
-                  self.comps[i] if self.comps else None, self.arch)
+                  self.comps[i] if self.comps else None, self.arch,
+                  self.sel.keep_heads[i] if self.sel.keep_heads else None)
         yield layer
 
     def embedding(self) -> contextlib.AbstractContextManager[nn.Module]:

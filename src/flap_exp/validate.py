@@ -172,7 +172,7 @@ def check_not_pruned(spec: str, what: str = "--model") -> None:
     if not flap and (folder / "config.json").is_file():
         from .jsonfile import parse_json_file
         with_type = parse_json_file(folder / "config.json", "fix or remove it").get("model_type")
-        flap = with_type == "flap_llama"
+        flap = str(with_type).startswith("flap_")  # every pruned type (flap_llama, flap_qwen2, ...)
     if flap:
         raise FlapError(f"{what} {spec} is already a pruned model; pruning it again is not supported (its ratio "
                         "would count against the dense widths): prune the base model with the total ratio instead")

@@ -1,37 +1,58 @@
-"""The one tiny-model builder of the tests: random LLaMAs (GQA or MHA), and a model directory with a word-level
-tokenizer as a user's local model looks."""
+"""The one tiny-model builder of the tests: random LLaMAs (GQA or MHA) and the other families' models, and a
+model directory with a word-level tokenizer as a user's local model looks."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 WIKITEXT2 = SHARED / "data" / "wikitext-2-raw"
 
 
+#: The families of flap_exp.families, each as a tiny random model. Gemma's small sliding window (8 tokens, below
+#: the tests' 16-token windows) and its alternating layer types make the per-layer masks and rotary bases differ.
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text")
+
+
+def _family_config(family: str, **kw):
+    import transformers
+    if family in ("llama", "mistral", "qwen2", "qwen3"):
+        cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
+               "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}[family]
+        return cls(**kw)
+    layers = kw["num_hidden_layers"]
+    kw = {"tie_word_embeddings": True, "sliding_window": 8, "query_pre_attn_scalar": kw["head_dim"],
+          "layer_types": [("sliding_attention", "full_attention")[i % 2] for i in range(layers)], **kw}
+    if family == "gemma2":
+        return transformers.Gemma2Config(**kw)
+    if family == "gemma3_text":
+        return transformers.Gemma3TextConfig(**kw)
+    raise ValueError(family)
+
+
 def tiny_config(heads: int = 4, kv: int = 2, layers: int = 3, hidden: int = 32, inter: int = 48,
-                head_dim: int = 8, vocab: int = 101, kind: str = "llama", **kw) -> LlamaConfig:
-    """`kind`: "llama", or "mistral" (a MistralConfig: pass sliding_window=W for its windowed attention)."""
-    kw = {"max_position_embeddings": 128, "tie_word_embeddings": False, **kw}
-    cls = {"llama": LlamaConfig, "mistral": MistralConfig}[kind]
-    return cls(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-               num_attention_heads=heads, num_key_value_heads=kv, head_dim=head_dim, **kw)
+                head_dim: int = 8, vocab: int = 101, family: str = "llama", **kw):
+    """A tiny config of `family` (one of FAMILIES; LLaMA by default)."""
+    if not family.startswith("gemma"):  # Gemma keeps its tied (scaled) embeddings
+        kw = {"tie_word_embeddings": False, **kw}
+    kw = {"max_position_embeddings": 128, **kw}
+    return _family_config(family, vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
+                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
+                          head_dim=head_dim, **kw)
 
 
-def tiny_model(seed: int = 0, std: float | None = 0.3, **kw) -> LlamaForCausalLM:
-    """A random tiny LLaMA (or Mistral: kind="mistral"); `std`: its matrices redrawn with that deviation (the
-    default init, 0.02, gives near-constant activations), None keeps transformers' init."""
+def tiny_model(seed: int = 0, std: float | None = 0.3, **kw):
+    """A random tiny model (a LLaMA unless `family=` names another); `std`: its matrices and biases redrawn with
+    that deviation (the default init, 0.02, gives near-constant activations), None keeps transformers' init."""
+    from transformers import AutoModelForCausalLM
     torch.manual_seed(seed)
-    config = tiny_config(**kw)
-    cls = MistralForCausalLM if config.model_type == "mistral" else LlamaForCausalLM
-    model = cls(config).eval()
+    model = AutoModelForCausalLM.from_config(tiny_config(**kw)).eval()
     if std is not None:
         with torch.no_grad():
-            for p in model.parameters():
-                if p.ndim == 2:
+            for name, p in model.named_parameters():
+                if p.ndim == 2 or name.endswith(".bias"):  # Qwen2's q/k/v biases too
                     p.normal_(0, std)
     return model
 

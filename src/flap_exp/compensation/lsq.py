@@ -25,6 +25,7 @@ o_proj/down_proj output: about one plain layer forward plus the d_in x |K| outer
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
@@ -32,10 +33,11 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ..arch import ArchView, decoder_layers
+from ..arch import ArchView, block_output, decoder_layers, mlp_input
 from ..calibrate import layer_inputs
 from ..catalogue import check_compensation_params
 from ..errors import FlapError
+from ..families import FAMILIES, Family
 from ..selection import Selection
 from ..store import ResidentStore, as_store
 from .base import CompensationConfig, CompensationInputs, LayerComp
@@ -86,9 +88,9 @@ def o_input(layer: DecoderLayer, h: torch.Tensor, kw: dict) -> torch.Tensor:
     return _input_of(layer.self_attn.o_proj, lambda: layer(h, **kw))
 
 
-def down_input(layer: DecoderLayer, h_mid: torch.Tensor) -> torch.Tensor:
-    """down_proj's input for the residual stream h_mid after the attention block."""
-    return _input_of(layer.mlp.down_proj, lambda: layer.mlp(layer.post_attention_layernorm(h_mid)))
+def down_input(layer: DecoderLayer, h_mid: torch.Tensor, fam: Family = FAMILIES["llama"]) -> torch.Tensor:
+    """down_proj's input for the residual stream h_mid after the attention block (through the family's MLP norm)."""
+    return _input_of(layer.mlp.down_proj, lambda: layer.mlp(mlp_input(layer, fam, h_mid)))
 
 
 def _apply(x: torch.Tensor, keep: torch.Tensor | slice, linear: nn.Linear, w_kept: torch.Tensor,
@@ -98,10 +100,11 @@ def _apply(x: torch.Tensor, keep: torch.Tensor | slice, linear: nn.Linear, w_kep
     return x[..., keep] @ w_kept.to(x.dtype).T + total.to(x.dtype)
 
 
-def _check_decomposition(layer: DecoderLayer, h: torch.Tensor, kw: dict) -> None:
-    """The pass splits a layer as h + o(attn) then + down(mlp(norm)); check that it is what the layer does."""
-    mid = h + layer.self_attn.o_proj(o_input(layer, h, kw))
-    out = mid + layer.mlp.down_proj(down_input(layer, mid))
+def _check_decomposition(layer: DecoderLayer, h: torch.Tensor, kw: dict, fam: Family) -> None:
+    """The pass splits a layer as h + post(o(attn)) then + post(down(mlp(norm))) (post: the family's output
+    norm or nothing); check that it is what the layer does."""
+    mid = h + block_output(layer, fam.attn_out_norm, layer.self_attn.o_proj(o_input(layer, h, kw)))
+    out = mid + block_output(layer, fam.mlp_out_norm, layer.mlp.down_proj(down_input(layer, mid, fam)))
     ref = layer(h, **kw)
     ref = ref[0] if isinstance(ref, tuple) else ref
     if not torch.allclose(out, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max().clamp_min(1))):
@@ -131,12 +134,12 @@ class LsqPass:
     """The lsq pass, one decoder layer per `step`, called by the engine on each dense layer as the store
     yields it (in memory, or loaded from its shard), before the layer is cut.
 
-    hs, kws: per batch of windows, the hidden states and kwargs entering decoder layer 0.
+    hs, kws: per batch of windows, the hidden states entering decoder layer 0 and the per-layer kwargs.
     store_budget: bytes of kept MLP inputs (N x T x |K|) the pass may hold to avoid recomputing gate/up.
     on_moments: optional observer of each projection's statistics (tests check them against a plain derivation).
     """
 
-    def __init__(self, hs: list[torch.Tensor], kws: list[dict], sel: Selection, arch: ArchView,
+    def __init__(self, hs: list[torch.Tensor], kws: list[list[dict]], sel: Selection, arch: ArchView,
                  cfg: CompensationConfig, store_budget: int = 2 * 2**30, on_moments: OnMoments | None = None):
         check_form(cfg)
         if len(sel.keep_groups) != arch.num_layers or len(sel.keep_channels) != arch.num_layers:
@@ -157,8 +160,11 @@ class LsqPass:
         self.next += 1
         cfg, arch, kws, sel = self.cfg, self.arch, self.kws, self.sel
         dense, pruned = self.dense, self.pruned
+        fam = arch.fam
+        # what each block adds to the residual stream for its projection's output (a post-norm in Gemma)
+        attn_out, mlp_out = (functools.partial(block_output, layer, n) for n in (fam.attn_out_norm, fam.mlp_out_norm))
         if i == 0:
-            _check_decomposition(layer, (dense or pruned)[0], kws[0])
+            _check_decomposition(layer, (dense or pruned)[0], kws[0][i], fam)
         device = layer.self_attn.o_proj.weight.device
         o, down = layer.self_attn.o_proj, layer.mlp.down_proj
         keep_a, keep_m = sel.channel_mask(i, arch).to(device), sel.keep_channels[i].to(device)
@@ -168,17 +174,18 @@ class LsqPass:
         # only the kept columns of the moments: all the solve reads (Σ[:, K]), at |K|/d of the cost
         acc = CovAccumulator(arch.attn_channels, device, arch.attn_channels if drift else None, cols=keep_a)
         kept_x, dense_mid = [], []
-        for b, kw in enumerate(kws):
+        for b, kw_b in enumerate(kws):
+            kw = kw_b[i]
             src = dense[b] if cfg.form == "dense" else pruned[b]
             x = o_input(layer, src, kw)
             if drift:
                 xd = o_input(layer, dense[b], kw)
                 acc.update(x, target=xd)
-                dense_mid.append(dense[b] + o(xd))
+                dense_mid.append(dense[b] + attn_out(o(xd)))
             else:
                 acc.update(x)
                 if cfg.form == "dense":
-                    dense_mid.append(dense[b] + o(x))
+                    dense_mid.append(dense[b] + attn_out(o(x)))
             if cfg.form != "dense":
                 kept_x.append(x[..., keep_a])
         if self.on_moments is not None:
@@ -189,7 +196,7 @@ class LsqPass:
         del cov, cross
         del acc
         if cfg.form != "dense":
-            pruned = [h + _apply(xk, slice(None), o, w_o, b_o) for h, xk in zip(pruned, kept_x, strict=True)]
+            pruned = [h + attn_out(_apply(xk, slice(None), o, w_o, b_o)) for h, xk in zip(pruned, kept_x, strict=True)]
         del kept_x
 
         # MLP: statistics of down_proj's input with the compensated attention, then the solve
@@ -202,17 +209,17 @@ class LsqPass:
         kept_x = []
         for b in range(len(kws)):
             src = dense_mid[b] if cfg.form == "dense" else pruned[b]
-            x = down_input(layer, src)
+            x = down_input(layer, src, fam)
             if store:
                 kept_x.append(x[..., keep_m])
             if drift:
-                xd = down_input(layer, dense_mid[b])
+                xd = down_input(layer, dense_mid[b], fam)
                 acc.update(x, target=xd)
-                dense_mid[b] = dense_mid[b] + down(xd)
+                dense_mid[b] = dense_mid[b] + mlp_out(down(xd))
             else:
                 acc.update(x)
                 if cfg.form == "dense":
-                    dense_mid[b] = dense_mid[b] + down(x)
+                    dense_mid[b] = dense_mid[b] + mlp_out(down(x))
         if self.on_moments is not None:
             self.on_moments(i, "down_proj", acc)
         cov, cross = acc.finish()
@@ -221,9 +228,10 @@ class LsqPass:
         del cov, cross
         del acc
         if store:  # the pruned stream's layer output, with the new down_proj
-            pruned = [h + _apply(xk, slice(None), down, w_d, b_d) for h, xk in zip(pruned, kept_x, strict=True)]
+            pruned = [h + mlp_out(_apply(xk, slice(None), down, w_d, b_d))
+                      for h, xk in zip(pruned, kept_x, strict=True)]
         elif cfg.form != "dense":
-            pruned = [h + _apply(down_input(layer, h), keep_m, down, w_d, b_d) for h in pruned]
+            pruned = [h + mlp_out(_apply(down_input(layer, h, fam), keep_m, down, w_d, b_d)) for h in pruned]
         del kept_x
         self.pruned = pruned
         if cfg.form != "sequential":

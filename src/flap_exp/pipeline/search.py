@@ -22,7 +22,7 @@ def options(opts: dict, arch=None):
         return 0 if arch is None else max(1, round(share * getattr(arch, units)))
     return StructureOptions(floor("min_groups", "num_kv_heads"), floor("min_channels", "intermediate_size"),
                             opts.get("remove_groups"), ul_rounding=opts.get("ul_rounding") or "fill",
-                            head_cost=opts.get("head_cost") or "exact")
+                            head_cost=opts.get("head_cost") or "exact", attn_unit=opts.get("attn_unit") or "group")
 
 
 def selection_record(sel, arch, cell: dict) -> dict:
