@@ -75,9 +75,10 @@ def gguf_forward(path: Path, ids: list[int]) -> np.ndarray:
     ([2, 1, 0], [40, 0, 20]),
     ([0, 2, 1], [10, 30, 48]),
 ], ids=["uniform", "adaptive", "empty-blocks", "empty-layer0"])
-@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
-def test_the_file_computes_the_pruned_model(tmp_path, capsys, groups, channels, tied):
-    src = save_pruned_dir(tmp_path / "pruned", groups, channels, tie_word_embeddings=tied)
+@pytest.mark.parametrize("kw", [{}, {"tie_word_embeddings": True}, {"attention_bias": True, "mlp_bias": True}],
+                         ids=["untied", "tied", "own-biases"])
+def test_the_file_computes_the_pruned_model(tmp_path, capsys, groups, channels, kw):
+    src = save_pruned_dir(tmp_path / "pruned", groups, channels, **kw)
     out = tmp_path / "model.gguf"
     assert cli.main(["export", str(src), "--to", "gguf", str(out)]) == 0, capsys.readouterr().err
     ids = list(range(2, 34))
