@@ -48,9 +48,10 @@ def stock_logits(out: Path, ids: list[int], tmp_path: Path) -> dict:
     return torch.load(dest)
 
 
-@pytest.mark.parametrize("bias", [True, False], ids=["compensated", "no-bias"])
-def test_uniform_model_exports_to_stock_llama(tmp_path, capsys, bias):
-    src = save_pruned_dir(tmp_path / "pruned", groups=[1, 1, 1], channels=[32, 32, 32], bias=bias)
+@pytest.mark.parametrize("bias, kw", [(True, {}), (False, {}), (True, {"attention_bias": True, "mlp_bias": True})],
+                         ids=["compensated", "no-bias", "own-biases"])
+def test_uniform_model_exports_to_stock_llama(tmp_path, capsys, bias, kw):
+    src = save_pruned_dir(tmp_path / "pruned", groups=[1, 1, 1], channels=[32, 32, 32], bias=bias, **kw)
     out = tmp_path / "stock"
     rc, err = run(["export", str(src), "--to", "hf", str(out)], capsys)
     assert rc == 0, err

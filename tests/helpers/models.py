@@ -81,7 +81,8 @@ def save_model_dir(path: Path, words: list[str], std: float | None = 0.3, identi
 def save_pruned_dir(path: Path, groups: list[int], channels: list[int], bias: bool = True, seed: int = 0,
                     words: list[str] | None = None, **kw) -> Path:
     """A tiny LLaMA pruned to `groups[i]` k/v groups and `channels[i]` MLP channels in layer i (which ones: drawn
-    with `seed`), with random compensation biases (`bias`) or zero ones, saved as `flap-exp prune` does."""
+    with `seed`), with random compensation biases (`bias`) or zero ones, saved as `flap-exp prune` does.
+    With `attention_bias=True` / `mlp_bias=True` (in `kw`) the dense model's own biases are random too."""
     from flap_exp.arch import ArchView
     from flap_exp.persist import save_pruned
     from flap_exp.selection import Selection
@@ -90,6 +91,10 @@ def save_pruned_dir(path: Path, groups: list[int], channels: list[int], bias: bo
     model = tiny_model(seed=seed, vocab=len(words) + 2, layers=len(groups), **kw)
     arch = ArchView.from_config(model.config)
     g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
 
     def mask(n: int, k: int) -> torch.Tensor:
         m = torch.zeros(n, dtype=torch.bool)
