@@ -147,3 +147,40 @@ def test_bad_input_is_one_line_and_writes_nothing(pruned, tmp_path, capsys, case
     assert rc == 2
     one_error(err, msg)
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before
+
+
+@pytest.mark.parametrize("family, kw, cls", [("mistral", {"sliding_window": 4}, "MistralForCausalLM"),
+                                             ("qwen2", {}, "Qwen2ForCausalLM")])
+def test_other_families_export_to_their_own_stock_type(tmp_path, capsys, family, kw, cls):
+    """A pruned Mistral keeps its sliding window (the probe is 7x the window) and a Qwen2 its q/k/v biases."""
+    src = save_pruned_dir(tmp_path / "pruned", groups=[1, 1, 1], channels=[32, 32, 32], bias=False, family=family,
+                          **kw)
+    out = tmp_path / "stock"
+    rc, err = run(["export", str(src), "--to", "hf", str(out)], capsys)
+    assert rc == 0, err
+    assert json.loads((out / "config.json").read_text())["model_type"] == family
+    ids = list(range(2, 30))
+    model, _, _ = load_pruned(src)
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0]
+    got = stock_logits(out, ids, tmp_path)
+    assert got["class"] == cls
+    assert torch.allclose(got["logits"], want, atol=1e-5, rtol=1e-5), (got["logits"] - want).abs().max()
+
+
+def test_a_compensation_bias_the_family_cannot_hold_is_refused(tmp_path, capsys):
+    src = save_pruned_dir(tmp_path / "pruned", groups=[1, 1, 1], channels=[32, 32, 32], bias=True, family="qwen2")
+    rc, err = run(["export", str(src), "--to", "hf", str(tmp_path / "stock")], capsys)
+    assert rc == 2
+    one_error(err, "do not map onto a stock Qwen2ForCausalLM")
+    assert not (tmp_path / "stock").exists()
+
+
+@pytest.mark.parametrize("family, kw, msg", [("qwen2", {}, "a qwen2 model is not one"),
+                                             ("mistral", {"sliding_window": 4}, "a sliding-window Mistral")])
+def test_gguf_refuses_layers_that_are_not_llamas(tmp_path, capsys, family, kw, msg):
+    src = save_pruned_dir(tmp_path / "pruned", groups=[1, 2, 1], channels=[32, 16, 8], family=family, **kw)
+    rc, err = run(["export", str(src), "--to", "gguf", str(tmp_path / "m.gguf")], capsys)
+    assert rc == 2
+    one_error(err, msg)
+    assert not (tmp_path / "m.gguf").exists()

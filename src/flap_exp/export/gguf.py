@@ -72,11 +72,26 @@ def write_metadata(writer, arch: str, config, w: Widths, layers: list[LayerOut],
     writer.add_vocab_size(config.vocab_size)
 
 
+def llama_layers_only(config, w: Widths) -> None:
+    """The layouts written here are llama.cpp's `llama`/`deci`: LLaMA's layers (a Mistral without a sliding
+    window computes the same), whole k/v groups. Anything else is refused before a byte is written."""
+    from ..families import family_of
+    family = family_of(config.model_type).model_type
+    if family not in ("llama", "mistral") or (family == "mistral" and getattr(config, "sliding_window", None)):
+        what = "a sliding-window Mistral" if family == "mistral" else f"a {family} model"
+        raise FlapError(f"--to gguf writes LLaMA layers (llama.cpp's llama/deci); {what} is not one: "
+                        "use --to hf where its layers keep the same widths; nothing written")
+    if not w.full_groups:
+        raise FlapError("--to gguf writes whole k/v groups; this model removed query heads inside groups "
+                        "(--attn-unit query): use --to hf where its layers keep the same widths; nothing written")
+
+
 def write_gguf(model, manifest: dict, out, gtype: str = "f32") -> dict:
     """Write `model` (pruned or dense, in memory) to the GGUF file `out` atomically; a summary of what was written.
     `manifest` names the base model (its tokenizer's source)."""
     from gguf import GGUFWriter
     config, w = model.config, Widths.of(model.config)
+    llama_layers_only(config, w)
     rope_theta(config)  # refused before anything is written
     sd = {k: v.detach() for k, v in model.state_dict().items()}
     layers = plan_layers(sd, config.num_hidden_layers, w.group_size, w.head_dim)

@@ -12,14 +12,20 @@ class Widths:
     channels: list[int]  # kept MLP channels per layer
     group_size: int  # query heads per k/v head (G), the dense model's
     head_dim: int
+    q_heads: tuple[int, ...] = ()  # kept query heads per layer (query-head units); empty: G per kept group
 
     @property
     def heads(self) -> list[int]:
-        return [k * self.group_size for k in self.kv_heads]
+        return list(self.q_heads) if self.q_heads else [k * self.group_size for k in self.kv_heads]
+
+    @property
+    def full_groups(self) -> bool:
+        """Every kept k/v group keeps all its G query heads (no query-head units removed)."""
+        return self.heads == [k * self.group_size for k in self.kv_heads]
 
     @property
     def uniform(self) -> bool:
-        return len(set(self.kv_heads)) == 1 and len(set(self.channels)) == 1
+        return len(set(self.kv_heads)) == 1 and len(set(self.channels)) == 1 and len(set(self.heads)) == 1
 
     @classmethod
     def of(cls, config) -> Widths:
@@ -27,7 +33,8 @@ class Widths:
         hd = getattr(config, "head_dim", None) or config.hidden_size // heads
         n = config.num_hidden_layers
         return cls(list(getattr(config, "layer_kv_heads", [kv] * n)),
-                   list(getattr(config, "layer_intermediate_size", [config.intermediate_size] * n)), heads // kv, hd)
+                   list(getattr(config, "layer_intermediate_size", [config.intermediate_size] * n)), heads // kv, hd,
+                   tuple(getattr(config, "layer_q_heads", None) or ()))
 
 
 def require_uniform(w: Widths) -> None:
