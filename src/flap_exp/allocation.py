@@ -105,7 +105,7 @@ def curve_counts(arch: ArchView, ratio: float, curves: list[tuple[Curve, Curve]]
         backs.append((choices, arg))
         best = new
     window = torch.arange(cap + 1)
-    ok = (window - target).abs() <= step
+    ok = (window - target).abs() <= step // 2
     if not bool(torch.isfinite(best[ok]).any()):
         raise FlapError(f"no allocation reaches the ratio {ratio} within the per-layer floors")
     cell = int(torch.where(ok, best, torch.full_like(best, inf)).argmin())
@@ -117,14 +117,14 @@ def curve_counts(arch: ArchView, ratio: float, curves: list[tuple[Curve, Curve]]
     counts = counts[::-1]
     # the grid leaves up to `step` channels (and the groups' rounded cost) off the budget: one channel at a
     # time, where it costs the least loss, until the removed share is the ratio to the nearest channel
-    c_max = [min(int(m[0][-1]), arch.intermediate_size - min_channels) for _, m in curves]
+    c_top = [min(int(m[0][-1]), arch.intermediate_size - min_channels) for _, m in curves]
     for _ in range(arch.num_layers * arch.intermediate_size):
         gap = round((ratio * arch.total_params - removed_ratio(arch, counts) * arch.total_params) / arch.channel_params)
         if gap == 0:
             break
         d = 1 if gap > 0 else -1
         options = [(_at(curves[i][1], c + d) - _at(curves[i][1], c), i) for i, (_, c) in enumerate(counts)
-                   if 0 <= c + d <= c_max[i]]
+                   if 0 <= c + d <= c_top[i]]
         if not options:
             break
         i = min(options)[1]

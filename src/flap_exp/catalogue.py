@@ -57,7 +57,8 @@ def structure_problem(metric: str, structure: str, sequential: bool) -> str | No
     base = structure_of(structure)
     if method_facts(metric).selector == "obs":
         if base not in OBS_ALLOCATIONS:
-            return f"metric {metric} takes an allocation structure ({', '.join(sorted(OBS_ALLOCATIONS))}), not {structure!r}"
+            allowed = ", ".join(sorted(OBS_ALLOCATIONS))
+            return f"metric {metric} takes an allocation structure ({allowed}), not {structure!r}"
         return None
     if base == "curve":
         return f"structure {structure!r} allocates from the OBS pass's error curves: metric obs only"
