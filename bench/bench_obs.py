@@ -6,7 +6,7 @@ Every cell's compensation is lsq (damping 0.01, sequential) except FLAP's own bi
 cell's selection + compensation time as a ratio to one plain forward over the calibration tokens (decoder +
 last-token logits), measured on the same (shared) CPU. Prints a table; writes --out (JSON).
 
-    python bench/bench_obs.py --n 128 --eval-windows 64 --ratios 0.2,0.5
+    python bench/bench_obs.py --n 128 --eval-windows 64 --ratios 0.5,0.2 --obs-batch 8
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ CELLS = {  # name: (metric, structure, compensation, options)
     "OBS uniform": ("obs", "ul_um", LSQ, {}),
     "OBS + log": ("obs", "ul_log", LSQ, {}),
     "OBS + curve": ("obs", "curve", LSQ, {}),
-    "OBS uniform b16": ("obs", "ul_um", LSQ, {"obs_batch": 16}),
+    "SlimGPT-style": ("obs", "ul_log", LSQ, {"obs_batch": 16}),  # conf/structure/ul_log_slimgpt.yaml
 }
 
 
@@ -56,7 +56,8 @@ def main() -> None:
     ap.add_argument("--eval-windows", type=int, default=64)
     ap.add_argument("--heldout", type=int, default=32)
     ap.add_argument("--ratios", default="0.2,0.5")
-    ap.add_argument("--cells", default=",".join(CELLS))
+    ap.add_argument("--cells", default="FLAP (bias),uniform + lsq,OBS uniform,OBS + log,OBS + curve")
+    ap.add_argument("--obs-batch", type=int, default=8, help="units per greedy step of the OBS cells that set none")
     ap.add_argument("--out", default="/tmp/bench_obs.json")
     a = ap.parse_args()
     os.environ.setdefault("FLAP_EXP_WIKITEXT2", str(ROOT.parent / "shared" / "data" / "wikitext-2-raw"))
@@ -78,7 +79,8 @@ def main() -> None:
         for b in windows.split(8):
             base(input_ids=b, use_cache=False, logits_to_keep=1)
         fwd = time.perf_counter() - t
-    res = {"N": a.n, "T": T, "eval_windows": a.eval_windows, "heldout_windows": a.heldout, "seed": 0,
+    res = {"N": a.n, "obs_batch": a.obs_batch, "T": T, "eval_windows": a.eval_windows, "heldout_windows": a.heldout,
+           "seed": 0,
            "threads": torch.get_num_threads(), "plain_forward_s": fwd, "rows": []}
     test, h = ppl(base)
     res["dense"] = {"test_ppl": test, "heldout_ppl": h}
@@ -86,6 +88,7 @@ def main() -> None:
     for r in [float(x) for x in a.ratios.split(",")]:
         for name in a.cells.split(","):
             metric, structure, comp, opts = CELLS[name]
+            opts = {"obs_batch": a.obs_batch, **opts}
             cfg = PruneConfig(metric, structure, r, compensation=comp, options=StructureOptions(**opts))
             m = copy.deepcopy(base)
             out = prune(m, windows, cfg, progress=False)

@@ -89,6 +89,9 @@ def _parser() -> argparse.ArgumentParser:
                         "or floor (official floor(p x units) per layer)")
     p.add_argument("--head-cost", choices=["exact", "official"], default="exact",
                    help="AL-AM group cost: exact, or official (the official code's truncated integer cost)")
+    p.add_argument("--obs-batch", type=int, default=1, help="metric obs: units removed per greedy step")
+    p.add_argument("--obs-damping", type=float, default=0.01,
+                   help="metric obs: λ of H = Σ + λI relative to the mean diagonal of Σ")
     _add_corpus(p, "calib", "wiki", "train")
     p.add_argument("--nsamples", type=int, default=1024, help="N calibration windows (the paper's 1024)")
     p.add_argument("--seqlen", type=int, default=128, help="T tokens per window (the paper's 128)")
@@ -152,7 +155,8 @@ def prune_config(a: argparse.Namespace):
     sq = {"default": None, "on": True, "off": False}[a.square_attn]
     return PruneConfig(a.metric, a.structure, a.ratio, compensation=compensation_config(a), square_attn=sq,
                        options=StructureOptions(a.min_groups, a.min_channels, a.remove_groups,
-                                                ul_rounding=a.ul_rounding, head_cost=a.head_cost),
+                                                ul_rounding=a.ul_rounding, head_cost=a.head_cost,
+                                                obs_batch=a.obs_batch, obs_damping=a.obs_damping),
                        batch_size=a.batch_size).validate()
 
 

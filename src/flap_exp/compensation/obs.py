@@ -59,11 +59,34 @@ def unit_errors(w: torch.Tensor, hinv: torch.Tensor, cols: torch.Tensor, name: s
     """E of removing each unit alone: tr(W_u (H^-1)_uu^-1 W_u^T) for cols [n, s] (column indices per unit)."""
     if cols.shape[1] == 1:  # one column per unit: ||W[:, j]||^2 / (H^-1)_jj
         j = cols[:, 0]
-        return (w[:, j] ** 2).sum(0) / hinv.diagonal()[j]
+        return torch.linalg.vector_norm(w, dim=0)[j] ** 2 / hinv.diagonal()[j]
     blocks = hinv[cols[:, :, None], cols[:, None, :]]  # [n, s, s]
     wt = w[:, cols].permute(1, 2, 0)  # [n, s, d_out]
     z = torch.cholesky_solve(wt, _chol(blocks, name, "a unit's block of H^-1"))
     return (wt * z).sum((1, 2))
+
+
+def _remove(W: torch.Tensor, hinv: torch.Tensor, q: torch.Tensor, name: str) -> float:
+    """Remove the columns q jointly, in place: W -= W_Q (H^-1)_QQ^-1 (H^-1)_Q: and the same downdate of H^-1;
+    returns the step's error tr(W_Q (H^-1)_QQ^-1 W_Q^T)."""
+    if len(q) == 1:  # one column: rank-1 updates in place, no d x d temporary
+        j = int(q[0])
+        piv = float(hinv[j, j])
+        if not piv > 0:
+            raise FlapError(f"{name}: H^-1 lost positive definiteness (pivot {piv:.3g}); increase the damping")
+        wq, hq = W[:, j].clone(), hinv[j].clone()
+        W.addr_(wq, hq, alpha=-1 / piv)
+        hinv.addr_(hq, hq, alpha=-1 / piv)
+        W[:, j], hinv[j], hinv[:, j] = 0, 0, 0
+        return float((wq * wq).sum()) / piv
+    lq = _chol(hinv[q][:, q], name, "the removed block of H^-1")
+    wq = W[:, q]
+    x = torch.cholesky_solve(wq.T.contiguous(), lq)  # (H^-1)_QQ^-1 W_Q^T  [|Q|, d_out]
+    step = float((wq.T * x).sum())
+    W -= x.T @ hinv[q]
+    hinv -= hinv[:, q] @ torch.cholesky_solve(hinv[q].contiguous(), lq)
+    W[:, q], hinv[q], hinv[:, q] = 0, 0, 0  # exact in theory; removes the rounding residue
+    return step
 
 
 def greedy_obs(w: torch.Tensor, h: torch.Tensor, unit_size: int, n_remove: int, batch: int = 1,
@@ -81,27 +104,28 @@ def greedy_obs(w: torch.Tensor, h: torch.Tensor, unit_size: int, n_remove: int, 
     if not (torch.isfinite(W).all() and torch.isfinite(H).all()):
         raise FlapError(f"{name}: the weights or the input second moment hold NaN/Inf")
     hinv = torch.cholesky_inverse(_chol(H, name, "H = Σ + λI"))
-    cols = torch.arange(d_in, device=W.device).view(n_units, unit_size)
+    units = torch.arange(n_units, device=W.device)  # the global unit of each unit still in the matrices
     alive = torch.ones(n_units, dtype=torch.bool, device=W.device)
     removed: list[torch.Tensor] = []
     counts, loss = [0], [0.0]
+    out = torch.zeros_like(W)
     while counts[-1] < n_remove:
         b = min(batch, n_remove - counts[-1])
+        cols = torch.arange(W.shape[1], device=W.device).view(-1, unit_size)
         live = alive.nonzero().squeeze(1)
         err = unit_errors(W, hinv, cols[live], name)
-        pick = live[err.topk(b, largest=False).indices.sort().values]  # ties: the lowest index first
+        pick = live[err.topk(b, largest=False).indices.sort().values]
         q = cols[pick].flatten()
-        lq = _chol(hinv[q][:, q], name, "the removed block of H^-1")
-        wq = W[:, q]
-        x = torch.cholesky_solve(wq.T.contiguous(), lq)  # (H^-1)_QQ^-1 W_Q^T  [|Q|, d_out]
-        step = float((wq.T * x).sum())
-        W -= x.T @ hinv[q]
-        hinv -= hinv[:, q] @ torch.cholesky_solve(hinv[q].contiguous(), lq)
-        W[:, q], hinv[q], hinv[:, q] = 0, 0, 0  # exact in theory; removes the rounding residue
+        loss.append(loss[-1] + _remove(W, hinv, q, name))
         alive[pick] = False
-        removed.append(pick)
+        removed.append(units[pick])
         counts.append(counts[-1] + b)
-        loss.append(loss[-1] + step)
+        if int((~alive).sum()) * 4 > len(alive):  # a quarter of the matrices is dead: drop it (cost ~ width^2)
+            keep_cols = cols[alive].flatten()
+            W, hinv = W[:, keep_cols].contiguous(), hinv[keep_cols][:, keep_cols].contiguous()
+            units, alive = units[alive], alive[alive]
+    out.view(-1, n_units, unit_size)[:, units] = W.view(-1, len(units), unit_size)
+    W = out
     if not torch.isfinite(W).all():
         raise FlapError(f"{name}: the OBS update gave NaN/Inf; increase the damping")
     rem = torch.cat(removed) if removed else torch.zeros(0, dtype=torch.long)
