@@ -126,3 +126,12 @@ def test_failed_factorisation_names_the_projection():
     with pytest.raises(FlapError, match="NaN"):
         greedy_obs(torch.from_numpy(w) * float("nan"), damped(s.abs(), 0.1), 1, 2)
 
+
+
+def test_removing_every_unit_leaves_zero_weights_and_the_whole_objective():
+    x, w = data(seed=6)
+    h, lam = h_of(x, 0.05)
+    res = greedy_obs(torch.from_numpy(w), h, 3, 4, batch=1)
+    assert res.weight.abs().max() == 0
+    # nothing left to compensate: the loss is ||W||_H^2
+    np.testing.assert_allclose(float(res.loss[-1]), float(np.trace(w @ h.numpy() @ w.T)), rtol=1e-9)

@@ -24,8 +24,10 @@ def cfg(structure="ul_um", ratio=0.4, **opts):
     return PruneConfig("obs", structure, ratio, compensation=LSQ, options=StructureOptions(**opts), batch_size=4)
 
 
-@pytest.mark.parametrize("structure", ["ul_um", "ul_log", "al_am", "curve"])
-def test_masked_equals_physical_equals_reloaded(model, windows, structure, tmp_path):
+@pytest.mark.parametrize(("structure", "kv"), [("ul_um", 2), ("ul_um", 4), ("ul_log", 2), ("al_am", 2), ("curve", 2)],
+                         ids=["ul_um-gqa", "ul_um-mha", "ul_log-gqa", "al_am-gqa", "curve-gqa"])
+def test_masked_equals_physical_equals_reloaded(windows, structure, kv, tmp_path):
+    model = tiny_model(kv=kv)
     c = cfg(structure)
     _, sel, _ = select(model, windows, c, progress=False)
     arch = ArchView.from_config(model.config)
@@ -39,7 +41,7 @@ def test_masked_equals_physical_equals_reloaded(model, windows, structure, tmp_p
     x = windows[:3]
     with torch.no_grad():
         want, got = masked(x).logits, model(x).logits
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)  # float32 sums in another order
     save_pruned(model, None, {"selection": sel.to_json()}, tmp_path / "p")
     again, _, _ = load_pruned(tmp_path / "p")
     with torch.no_grad():

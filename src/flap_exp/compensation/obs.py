@@ -124,7 +124,8 @@ def greedy_obs(w: torch.Tensor, h: torch.Tensor, unit_size: int, n_remove: int, 
             keep_cols = cols[alive].flatten()
             W, hinv = W[:, keep_cols].contiguous(), hinv[keep_cols][:, keep_cols].contiguous()
             units, alive = units[alive], alive[alive]
-    out.view(-1, n_units, unit_size)[:, units] = W.view(-1, len(units), unit_size)
+    if len(units):  # the survivors back in their global columns (the removed ones stay zero)
+        out.view(-1, n_units, unit_size)[:, units] = W.view(-1, len(units), unit_size)
     W = out
     if not torch.isfinite(W).all():
         raise FlapError(f"{name}: the OBS update gave NaN/Inf; increase the damping")
