@@ -88,3 +88,30 @@ def test_config_errors_are_one_line():
         StructureOptions(obs_batch=0)
     with pytest.raises(FlapError, match="obs_damping"):
         StructureOptions(obs_damping=float("nan"))
+
+
+def test_the_selection_table_composes_into_sequential_obs_cells():
+    from pathlib import Path
+
+    import yaml
+
+    from flap_exp.pipeline.compose import cells_text, compose
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    cells = yaml.safe_load(cells_text(compose(["experiment=selection"], conf)))["cells"]
+    seq = {k: v for k, v in cells["search_seq"].items() if v["metric"] == "obs"}
+    assert {v["structure"] for v in seq.values()} == {"ul_um", "ul_log", "curve", "al_am", "ul_um_ziplm",
+                                                      "ul_log_slimgpt"}
+    assert {v["ratio"] for v in seq.values()} == {0.2, 0.3, 0.5}
+    assert all(k in cells["compensate_lsq"] for k in (f"{key}-lsq" for key in seq))
+    with pytest.raises(FlapError, match="allocation structure"):
+        cells_text(compose(["experiment=selection", "tables.selection.blocks.obs.structures=[ul_mm]"], conf))
+
+
+def test_the_pipeline_search_stage_runs_a_recipe(windows):
+    """stages/search_seq.py's function on a recipe's conf options (batched SlimGPT-style): the selection record."""
+    from flap_exp.pipeline.search import search_sequential
+    m = tiny_model()
+    rec, stats = search_sequential(m, windows, {"metric": "obs", "structure": "ul_log_slimgpt", "ratio": 0.3},
+                                   {}, {"obs_batch": 16, "obs_damping": 0.01}, 4)
+    assert abs(rec["achieved_ratio"] - 0.3) < 0.005 and stats
+    assert rec["kept_channels_per_layer"][0] >= rec["kept_channels_per_layer"][-1]  # the log profile
