@@ -60,7 +60,8 @@ def test_library_facts_come_from_the_catalogue(params):
     assert set(catalogue.STRUCTURES) == set(STRUCTURES) and set(catalogue.PER_LAYER) == set(PER_LAYER)
     # The official defaults (flap-spec.md §4, §6): FLAP's metrics add the bias, the baselines nothing.
     assert {m: f.compensation for m, f in catalogue.METHODS.items()} == {
-        "ifv": "bias", "wifv": "bias", "wifn": "bias", "weight_magnitude": "none", "wanda_sp": "none"}
+        "ifv": "bias", "wifv": "bias", "wifn": "bias", "weight_magnitude": "none", "wanda_sp": "none",
+        "obs": "lsq"}  # the OBS selector's survivors end on lsq of the kept set: its natural compensation
     # conf/: the metric files defer to the catalogue; one file per compensation; lsq's values are the library's.
     assert all(params["metrics"][m]["compensation"] is None for m in catalogue.METHODS)
     assert {c["method"] for c in params["compensations"].values()} == set(catalogue.COMPENSATIONS)

@@ -22,6 +22,9 @@ class MethodFacts:
     square_attn: bool  # the official code squares the attention channel score (FLAP's metrics only)
     sequential: bool  # the official code prunes layer l before calibrating layer l+1 (Wanda-sp)
     compensation: str  # default compensation: a key of COMPENSATIONS
+    # "score": units ranked by the metric's channel score; "obs": chosen by greedy structured OBS in its own
+    # sequential pass (the structure is then only the allocation: how many units each layer removes)
+    selector: str = "score"
 
 
 METHODS: dict[str, MethodFacts] = {
@@ -31,9 +34,12 @@ METHODS: dict[str, MethodFacts] = {
     # Baselines as in the FLAP repository: no bias compensation (flap-spec.md §6.1, §6.2).
     "weight_magnitude": MethodFacts(needs_data=False, square_attn=False, sequential=False, compensation="none"),
     "wanda_sp": MethodFacts(needs_data=True, square_attn=False, sequential=True, compensation="none"),
+    # Reconstruction-aware selection (ZipLM / SlimGPT / Tyr-the-Pruner's local pruner): a unit's cost is the
+    # output error left after the other columns compensate; the survivors end on lsq, its natural compensation.
+    "obs": MethodFacts(needs_data=True, square_attn=False, sequential=True, compensation="lsq", selector="obs"),
 }
 
-STRUCTURES = ("ul_um", "ul_mm", "al_mm", "al_am")
+STRUCTURES = ("ul_um", "ul_mm", "al_mm", "al_am", "ul_log", "curve")
 #: Text sources of data.load_text (calibration and evaluation).
 CORPORA = ("wikitext2", "ptb", "wiki", "c4", "text")
 #: --device values (or cuda:N) and --dtype names (runtime.py maps them to torch).
@@ -41,6 +47,25 @@ DEVICES = ("auto", "cpu", "cuda")
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 PER_LAYER = frozenset({"ul_um", "ul_mm"})  # structures that decide layer by layer (sequential metrics need one)
 ADAPTIVE = frozenset({"al_mm", "al_am"})
+#: How many units each layer removes, for the obs selector: uniform (ul_um), SlimGPT's log profile (ul_log),
+#: FLAP's global threshold on its wifv scores (al_am), or the knapsack over the OBS error curves (curve).
+OBS_ALLOCATIONS = frozenset({"ul_um", "ul_log", "al_am", "curve"})
+
+
+def structure_problem(metric: str, structure: str, sequential: bool) -> str | None:
+    """Why `structure` cannot go with `metric` (None if it can); the prune config and the pipeline's grid ask."""
+    base = structure_of(structure)
+    if method_facts(metric).selector == "obs":
+        if base not in OBS_ALLOCATIONS:
+            allowed = ", ".join(sorted(OBS_ALLOCATIONS))
+            return f"metric {metric} takes an allocation structure ({allowed}), not {structure!r}"
+        return None
+    if base == "curve":
+        return f"structure {structure!r} allocates from the OBS pass's error curves: metric obs only"
+    if sequential and base not in PER_LAYER:
+        return (f"{metric} calibrates sequentially and needs a per-layer structure ({', '.join(sorted(PER_LAYER))}), "
+                f"not {structure!r}")
+    return None
 
 
 

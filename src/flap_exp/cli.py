@@ -92,6 +92,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--attn-unit", choices=["group", "query"], default="group",
                    help="attention units: whole k/v groups (default), or query heads inside a group (al_am, ul_um; "
                         "k/v go once all their query heads have)")
+    p.add_argument("--obs-batch", type=int, default=1, help="metric obs: units removed per greedy step")
+    p.add_argument("--obs-damping", type=float, default=0.01,
+                   help="metric obs: λ of H = Σ + λI relative to the mean diagonal of Σ")
     _add_corpus(p, "calib", "wiki", "train")
     p.add_argument("--nsamples", type=int, default=1024, help="N calibration windows (the paper's 1024)")
     p.add_argument("--seqlen", type=int, default=128, help="T tokens per window (the paper's 128)")
@@ -180,7 +183,8 @@ def prune_config(a: argparse.Namespace):
     return PruneConfig(a.metric, a.structure, a.ratio, compensation=compensation_config(a), square_attn=sq,
                        options=StructureOptions(a.min_groups, a.min_channels, a.remove_groups,
                                                 ul_rounding=a.ul_rounding, head_cost=a.head_cost,
-                                                attn_unit=a.attn_unit),
+                                                attn_unit=a.attn_unit, obs_batch=a.obs_batch,
+                                                obs_damping=a.obs_damping),
                        batch_size=a.batch_size).validate()
 
 

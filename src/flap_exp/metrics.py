@@ -50,12 +50,17 @@ def _need(s: ChannelStats | None) -> ChannelStats:
     return s
 
 
+def _no_score() -> torch.Tensor:
+    raise FlapError("metric obs has no channel score: it selects in its own pass (prune.select)")
+
+
 _SCORE_FNS: dict[str, ChannelScoreFn] = {
     "ifv": lambda w, s: _need(s).var,
     "wifv": lambda w, s: _need(s).var * _colsq(w),
     "wifn": lambda w, s: _need(s).meansq.sqrt() * w.abs().mean(0),
     "weight_magnitude": lambda w, s: _colsq(w).sqrt(),
     "wanda_sp": lambda w, s: _need(s).meansq.sqrt() * w.abs().mean(0),
+    "obs": lambda w, s: _no_score(),
 }
 # The facts (data, squared attention, sequential) come from the one catalogue (flap_exp.catalogue).
 METRICS: dict[str, Metric] = {name: Metric(name, _SCORE_FNS[name], f.needs_data, f.square_attn, f.sequential)

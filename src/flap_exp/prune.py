@@ -12,7 +12,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .calibrate import collect_stats
-from .catalogue import default_compensation
+from .catalogue import default_compensation, method_facts, structure_problem
 from .compensation import (
     CompensationConfig,
     CompensationInputs,
@@ -28,15 +28,7 @@ from .metrics import channel_scores, get_metric, layer_channel_scores
 from .selection import Selection
 from .stats import LayerStats
 from .store import LayerStore, ResidentStore, as_store
-from .structures import (
-    PER_LAYER,
-    StructureOptions,
-    check_attn_unit,
-    check_ratio,
-    get_structure,
-    groups_removed,
-    ul_layer,
-)
+from .structures import StructureOptions, check_attn_unit, check_ratio, get_structure, groups_removed, ul_layer
 from .surgery import cut_layer, flap_config, mask_layer
 
 if TYPE_CHECKING:
@@ -70,12 +62,12 @@ class PruneConfig:
         self.resolved_compensation()
         check_attn_unit(self.structure, self.options)
         sequential = self.sequential if self.sequential is not None else metric.sequential
-        if sequential and self.options.attn_unit == "query":
-            raise FlapError("query-head units (attn_unit 'query') are not available with sequential calibration "
-                            f"({self.metric}); use attn_unit 'group'")
-        if sequential and self.structure not in PER_LAYER:
-            raise FlapError(f"sequential calibration needs a per-layer structure ({', '.join(sorted(PER_LAYER))}), "
-                            f"not {self.structure!r}")
+        if self.options.attn_unit == "query" and (sequential or method_facts(self.metric).selector == "obs"):
+            raise FlapError(f"query-head units (attn_unit 'query') are not available with {self.metric} "
+                            "(sequential calibration or its own OBS pass); use attn_unit 'group'")
+        problem = structure_problem(self.metric, self.structure, sequential)
+        if problem:
+            raise FlapError(problem)
         return self
 
     def to_dict(self) -> dict:
@@ -132,7 +124,12 @@ def select(source: nn.Module | LayerStore, windows: torch.Tensor | None, cfg: Pr
     t0 = time.perf_counter()
     sequential = cfg.sequential if cfg.sequential is not None else metric.sequential
     stats: list[LayerStats] | None
-    if sequential:
+    if method_facts(cfg.metric).selector == "obs":
+        if windows is None:
+            raise FlapError(f"metric {cfg.metric!r} selects on calibration windows; none were given")
+        from .obs_select import obs_select
+        stats, sel = obs_select(store, windows, cfg, progress)
+    elif sequential:
         if windows is None:
             raise FlapError(f"metric {cfg.metric!r} calibrates sequentially and needs calibration windows")
         stats, sel = _sequential_selection(store, windows, cfg, store.arch, progress)
@@ -142,7 +139,7 @@ def select(source: nn.Module | LayerStore, windows: torch.Tensor | None, cfg: Pr
         stats = collect_stats(store, windows, cfg.batch_size, progress=progress) \
             if needs_stats and windows is not None else None  # (not None when needs_stats: checked above)
     t1 = time.perf_counter()
-    if not sequential:
+    if not sequential and method_facts(cfg.metric).selector != "obs":
         sel = get_structure(cfg.structure)(channel_scores(metric, store, stats, cfg.square_attn), store.arch,
                                            cfg.ratio, cfg.options)
     return stats, sel, {"calibrate": t1 - t0, "score_select": time.perf_counter() - t1}

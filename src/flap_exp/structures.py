@@ -55,6 +55,11 @@ class StructureOptions:
     # "group": k/v groups go whole (FLAP); "query": query heads inside a group go too, k/v once all its heads
     # have gone (query_units.py), so a model with one k/v head can still lose attention weights. Costs exact.
     attn_unit: str = "group"
+    # metric obs only: units removed per greedy step (1: one at a time, ZipLM; more: SlimGPT's batched removal)
+    obs_batch: int = 1
+    # metric obs only: λ = obs_damping x mean diag Σ in H = Σ + λI; lsq's default damping, so the selection's
+    # objective is the one its lsq compensation then minimises
+    obs_damping: float = 0.01
 
     def __post_init__(self) -> None:
         for name, valid in (("ul_rounding", UL_ROUNDING), ("head_cost", HEAD_COSTS), ("attn_unit", ATTN_UNITS)):
@@ -63,6 +68,11 @@ class StructureOptions:
         for name in ("min_groups", "min_channels"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise FlapError(f"{name} must be a non-negative integer; got {getattr(self, name)!r}")
+        if isinstance(self.obs_batch, bool) or not isinstance(self.obs_batch, int) or self.obs_batch < 1:
+            raise FlapError(f"obs_batch must be an integer >= 1; got {self.obs_batch!r}")
+        d = self.obs_damping
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not math.isfinite(d) or d < 0:
+            raise FlapError(f"obs_damping must be a finite number >= 0; got {d!r}")
 
 
 def group_cost(arch: ArchView, head_cost: str = "exact") -> float:
@@ -168,6 +178,17 @@ def ul_layer_query(attn: torch.Tensor, mlp: torch.Tensor, arch: ArchView, ratio:
     return qu.keep_heads_from_slots(keep_s, order, arch), keep_c
 
 
+def ul_log(scores: Scores, arch: ArchView, ratio: float, opts: StructureOptions) -> Selection:
+    """UL-UM with SlimGPT's log-increasing per-layer ratios (allocation.log_ratios), mean = the ratio."""
+    from .allocation import log_ratios
+    sel = [ul_layer(a, m, arch, r, opts) for (a, m), r in zip(scores, log_ratios(len(scores), ratio), strict=True)]
+    return Selection([g for g, _ in sel], [c for _, c in sel])
+
+
+def curve(scores: Scores, arch: ArchView, ratio: float, opts: StructureOptions) -> Selection:
+    raise FlapError("structure curve allocates from the OBS pass's error curves: use it with metric obs")
+
+
 def ul_mm(scores: Scores, arch: ArchView, ratio: float, opts: StructureOptions) -> Selection:
     per_layer = groups_removed(opts, arch, ratio) // arch.num_layers
     sel = [ul_layer(a, m, arch, ratio, opts, per_layer) for a, m in scores]
@@ -250,7 +271,8 @@ def _finite_first(name: str, fn: StructureFn) -> StructureFn:
 
 
 STRUCTURES: dict[str, StructureFn] = {k: _finite_first(k, f) for k, f in
-                                      {"ul_um": ul_um, "ul_mm": ul_mm, "al_mm": al_mm, "al_am": al_am}.items()}
+                                      {"ul_um": ul_um, "ul_mm": ul_mm, "al_mm": al_mm, "al_am": al_am,
+                                       "ul_log": ul_log, "curve": curve}.items()}
 #: Structures that decide each layer on its own, so they can run during a sequential calibration pass.
 PER_LAYER = {"ul_um", "ul_mm"}
 

@@ -25,12 +25,12 @@ from ..catalogue import (
     ADAPTIVE,
     COMPENSATIONS,
     METHODS,
-    PER_LAYER,
     STRUCTURES,
     check_compensation_params,
     default_compensation,
     is_sequential,
     structure_of,
+    structure_problem,
 )
 from ..errors import FlapError
 from . import paths
@@ -186,9 +186,9 @@ def expand_study(tables: dict, metrics: dict, compensations: dict, calib: dict,
                     ckey = c.calibration(corpus, n) if (metric not in DATA_FREE or reads) else None
                     for s in spec["structures"]:
                         _check(where, "structure", s, structures)
-                        if sequential and structure_of(s) not in PER_LAYER:
-                            raise FlapError(f"{where}: {metric} calibrates sequentially and needs a per-layer "
-                                            f"structure ({', '.join(sorted(PER_LAYER))}), not {s!r}")
+                        problem = structure_problem(metric, s, sequential)
+                        if problem:
+                            raise FlapError(f"{where}: {problem}")
                         for r in spec["ratios"]:
                             keys += _cell(c, metric, s, _ratio(where, r), ckey, sequential, comps, compensations,
                                           measure)

@@ -22,7 +22,8 @@ def options(opts: dict, arch=None):
         return 0 if arch is None else max(1, round(share * getattr(arch, units)))
     return StructureOptions(floor("min_groups", "num_kv_heads"), floor("min_channels", "intermediate_size"),
                             opts.get("remove_groups"), ul_rounding=opts.get("ul_rounding") or "fill",
-                            head_cost=opts.get("head_cost") or "exact", attn_unit=opts.get("attn_unit") or "group")
+                            head_cost=opts.get("head_cost") or "exact", attn_unit=opts.get("attn_unit") or "group",
+                            obs_batch=opts.get("obs_batch") or 1, obs_damping=opts.get("obs_damping", 0.01))
 
 
 def selection_record(sel, arch, cell: dict) -> dict:
