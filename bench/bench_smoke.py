@@ -41,7 +41,9 @@ def measure(protocol: str, workdir: Path) -> dict:
     wikitext2 = ROOT.parent / "shared" / "data" / "wikitext-2-raw"
     if wikitext2.is_dir():
         os.environ.setdefault("FLAP_EXP_WIKITEXT2", str(wikitext2))
-    run([sys.executable, "-m", "flap_exp.pipeline.compose", f"protocol={protocol}"], clone)
+    # the experiment `make run PROTOCOL=P` picks (Makefile: smoke -> the smoke experiment, else the study)
+    experiment = "smoke" if protocol == "smoke" else "study"
+    run([sys.executable, "-m", "flap_exp.pipeline.compose", f"protocol={protocol}", f"experiment={experiment}"], clone)
     # the clone starts without results/: every stage runs (the run-cache is the clone's own, empty)
     start = time.monotonic()
     p = run([str(VENV_BIN / "dvc"), "repro"], clone)
