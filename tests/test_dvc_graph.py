@@ -171,7 +171,8 @@ def test_every_experiment_protocol_model_composes(experiment, protocol, model):
     if experiment == "study":  # the default calibration is the protocol's N; the ablation adds its own
         assert f"{params['data']['calib']['corpus']}-{n}" in cells["calibrate"]
         assert {"wiki-64", "wiki-128", "wiki-256", "wiki-1024", f"c4-{n}"} <= set(cells["calibrate"])
-        assert set(cells["tables"]) == {"main", "ablation", "compensation", "calibration", "zeroshot", "speed"}
+        assert set(cells["tables"]) == {"main", "ablation", "compensation", "calibration", "selection", "zeroshot",
+                                        "speed"}
 
 
 @pytest.mark.parametrize("structure", ["al_am", "al_mm"])
