@@ -45,7 +45,7 @@ class ObsPass:
     full_curves: run each greedy to the last unit (the curve allocation's first pass), keeping only the counts'
     first units; store_budget: bytes of MLP inputs held to avoid recomputing gate/up (0 when streamed)."""
 
-    def __init__(self, hs: list[torch.Tensor], kws: list[dict], arch: ArchView, counts: Counts, damping: float,
+    def __init__(self, hs: list[torch.Tensor], kws: list[list[dict]], arch: ArchView, counts: Counts, damping: float,
                  batch: int = 1, full_curves: bool = False, store_budget: int = 2 * 2**30):
         self.hs, self.kws, self.arch, self.counts = list(hs), kws, arch, counts
         self.damping, self.batch, self.full, self.store_budget = damping, batch, full_curves, store_budget
@@ -77,7 +77,7 @@ class ObsPass:
         if i != self.next:
             raise ValueError(f"the OBS pass is at layer {self.next}, not {i}")
         self.next += 1
-        arch, kws = self.arch, self.kws
+        arch, kws = self.arch, [k[i] for k in self.kws]  # kws[batch][layer]: each layer's own mask and rotary
         if i == 0:
             _check_decomposition(layer, self.hs[0], kws[0], arch.fam)
         o, down = layer.self_attn.o_proj, layer.mlp.down_proj
