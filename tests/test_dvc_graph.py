@@ -46,7 +46,7 @@ def test_each_stage_depends_on_the_fingerprint_of_its_scripts_import_closure(tmp
 
 def test_fingerprints_change_exactly_for_the_scripts_that_run_an_edited_file(tmp_path):
     """Figures: the report and track scripts only (calibrate reaches the MLflow preflight, not the runs'
-    code); the lsq math: every per-method fingerprint of lsq and the scripts that import all methods, never
+    code); the lsq pass: every per-method fingerprint of lsq and the scripts that import all methods, never
     a bias or none one."""
     import shutil
     for d in ("src", "stages"):
@@ -60,7 +60,7 @@ def test_fingerprints_change_exactly_for_the_scripts_that_run_an_edited_file(tmp
         f.write_text(f.read_text() + "\n# an edit\n")
         return {Path(n).stem for n in deps.write_fingerprints(out, tmp_path)}
     assert {s.split("-")[0] for s in edit("src/flap_exp/pipeline/plots.py")} == {"report", "track"}
-    assert edit("src/flap_exp/compensation/lsq_solve.py") == {"evaluate-lsq", "compensate-lsq"}
+    assert edit("src/flap_exp/compensation/lsq.py") == {"evaluate-lsq", "compensate-lsq"}
     assert "calibrate" in edit("src/flap_exp/arch.py")
     (tmp_path / "stages" / "standardize.py").unlink()  # a removed stage script: its fingerprints go too
     deps.write_fingerprints(out, tmp_path)

@@ -57,7 +57,8 @@ def test_atomic_dir_leaves_nothing_on_failure(tmp_path):
     (["prune", "--ratio", "1.2", "--out", "x"], "pruning ratio must be in [0, 1)"),
     (["prune", "--metric", "foo", "--out", "x"], "known metrics: ifv, wifv"),
     (["prune", "--structure", "foo", "--out", "x"], "known structures: ul_um"),
-    (["prune", "--metric", "wanda_sp", "--structure", "al_am", "--out", "x"], "sequential calibration"),
+    (["prune", "--metric", "wanda_sp", "--structure", "al_am", "--out", "x"],
+     "calibrates sequentially and needs a per-layer structure"),
     (["ppl", "/nonexistent/model-dir"], "cannot load model"),
 ])
 def test_cli_one_line_errors(args, msg, tmp_path):

@@ -133,6 +133,9 @@ def test_nan_metric_refused_in_prune_dense_and_sequential(sequential, monkeypatc
     """A metric that yields NaN (finite weights and statistics) is stopped at its layer in both passes."""
     nan_metric = Metric("nan_metric", lambda w, s: s.var * float("nan"), True, False, sequential=sequential)
     monkeypatch.setitem(METRICS, "nan_metric", nan_metric)
+    from flap_exp.catalogue import METHODS, MethodFacts  # its facts, as a registered metric declares them
+    monkeypatch.setitem(METHODS, "nan_metric", MethodFacts(needs_data=True, square_attn=False, sequential=sequential,
+                                                           compensation="none"))
     model = tiny_model()
     with pytest.raises(FlapError) as err:
         prune(model, windows, PruneConfig("nan_metric", "ul_um", 0.5, compensation="none"), progress=False)

@@ -254,8 +254,8 @@ def _status(repo: Path) -> set[str]:
 
 def test_code_edits_rerun_only_the_stages_that_run_the_edited_file(repo: Path, first_run):
     """An edit under src/ reruns the code stage; its fingerprints then say which stages are stale (dvc status):
-    a figure's code only the report stages and track, the lsq math only the lsq cells."""
-    plots, lsq = repo / "src/flap_exp/pipeline/plots.py", repo / "src/flap_exp/compensation/lsq_solve.py"
+    a figure's code only the report stages and track, the lsq pass (compensation/lsq.py) only the lsq cells."""
+    plots, lsq = repo / "src/flap_exp/pipeline/plots.py", repo / "src/flap_exp/compensation/lsq.py"
     lsq_cells = {f"compensate_lsq@{c}" for c in CELLS if c.endswith("-lsq")} | {f"evaluate@{c}" for c in CELLS
                                                                                 if c.endswith("-lsq")}
     for edited, stale in ((plots, {"track"} | REPORTS), (lsq, lsq_cells)):

@@ -123,5 +123,5 @@ def test_sequential_wanda_sp_differs_from_dense_statistics():
                   progress=False)
     torch.testing.assert_close(seq.stats[0].mlp.mean, dense.stats[0].mlp.mean)
     assert not torch.allclose(seq.stats[2].mlp.mean, dense.stats[2].mlp.mean)
-    with pytest.raises(FlapError, match="sequential calibration needs a per-layer structure"):
+    with pytest.raises(FlapError, match="calibrates sequentially and needs a per-layer structure"):
         PruneConfig("wanda_sp", "al_am").validate()

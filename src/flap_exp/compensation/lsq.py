@@ -24,24 +24,23 @@ o_proj/down_proj output: about one plain layer forward plus the d_in x |K| outer
 """
 from __future__ import annotations
 
-import contextlib
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ..arch import ArchView, block_output, decoder_layers, mlp_input
+from ..arch import ArchView, block_output, decoder_layers
 from ..calibrate import layer_inputs
 from ..catalogue import check_compensation_params
 from ..errors import FlapError
-from ..families import FAMILIES, Family
 from ..selection import Selection
 from ..store import ResidentStore, as_store
 from .base import CompensationConfig, CompensationInputs, LayerComp
 from .covariance import CovAccumulator
+from .layer_io import apply_kept, check_decomposition, down_input, o_input
 from .lsq_solve import lsq_solve
 
 if TYPE_CHECKING:
@@ -50,66 +49,6 @@ if TYPE_CHECKING:
 
 #: Optional observer of the statistics, called as on_moments(layer, "o_proj" | "down_proj", accumulator).
 OnMoments = Callable[[int, str, CovAccumulator], None]
-
-
-class _Stop(Exception):
-    pass
-
-
-@contextlib.contextmanager
-def _stop_before(module: nn.Module) -> Iterator[dict]:
-    """Record `module`'s input and abort the forward there (what follows would be wasted work)."""
-    store: dict = {}
-
-    def pre(_m, args):
-        store["x"] = args[0]
-        raise _Stop
-
-    handle = module.register_forward_pre_hook(pre)
-    try:
-        yield store
-    finally:
-        handle.remove()
-
-
-def _input_of(module: nn.Module, run: Callable[[], object]) -> torch.Tensor:
-    with _stop_before(module) as store:
-        try:
-            run()
-        except _Stop:
-            pass
-    if "x" not in store:
-        raise FlapError(f"the forward pass never reached {type(module).__name__}; not a LLaMA-shaped decoder layer")
-    return store["x"]
-
-
-def o_input(layer: DecoderLayer, h: torch.Tensor, kw: dict) -> torch.Tensor:
-    """o_proj's input (the concatenated head contexts) for hidden states h entering `layer`."""
-    return _input_of(layer.self_attn.o_proj, lambda: layer(h, **kw))
-
-
-def down_input(layer: DecoderLayer, h_mid: torch.Tensor, fam: Family = FAMILIES["llama"]) -> torch.Tensor:
-    """down_proj's input for the residual stream h_mid after the attention block (through the family's MLP norm)."""
-    return _input_of(layer.mlp.down_proj, lambda: layer.mlp(mlp_input(layer, fam, h_mid)))
-
-
-def _apply(x: torch.Tensor, keep: torch.Tensor | slice, linear: nn.Linear, w_kept: torch.Tensor,
-           bias: torch.Tensor) -> torch.Tensor:
-    """The compensated projection: x[..., K] W'_K^T + (own bias + b)."""
-    total = bias if linear.bias is None else bias + linear.bias.to(torch.float64)
-    return x[..., keep] @ w_kept.to(x.dtype).T + total.to(x.dtype)
-
-
-def _check_decomposition(layer: DecoderLayer, h: torch.Tensor, kw: dict, fam: Family) -> None:
-    """The pass splits a layer as h + post(o(attn)) then + post(down(mlp(norm))) (post: the family's output
-    norm or nothing); check that it is what the layer does."""
-    mid = h + block_output(layer, fam.attn_out_norm, layer.self_attn.o_proj(o_input(layer, h, kw)))
-    out = mid + block_output(layer, fam.mlp_out_norm, layer.mlp.down_proj(down_input(layer, mid, fam)))
-    ref = layer(h, **kw)
-    ref = ref[0] if isinstance(ref, tuple) else ref
-    if not torch.allclose(out, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max().clamp_min(1))):
-        raise FlapError(f"{type(layer).__name__} is not a pre-norm residual attention + MLP layer; lsq cannot "
-                        "compensate it")
 
 
 def check_form(cfg: CompensationConfig) -> None:
@@ -164,7 +103,7 @@ class LsqPass:
         # what each block adds to the residual stream for its projection's output (a post-norm in Gemma)
         attn_out, mlp_out = (functools.partial(block_output, layer, n) for n in (fam.attn_out_norm, fam.mlp_out_norm))
         if i == 0:
-            _check_decomposition(layer, (dense or pruned)[0], kws[0][i], fam)
+            check_decomposition(layer, (dense or pruned)[0], kws[0][i], fam)
         device = layer.self_attn.o_proj.weight.device
         o, down = layer.self_attn.o_proj, layer.mlp.down_proj
         keep_a, keep_m = sel.channel_mask(i, arch).to(device), sel.keep_channels[i].to(device)
@@ -196,7 +135,8 @@ class LsqPass:
         del cov, cross
         del acc
         if cfg.form != "dense":
-            pruned = [h + attn_out(_apply(xk, slice(None), o, w_o, b_o)) for h, xk in zip(pruned, kept_x, strict=True)]
+            pruned = [h + attn_out(apply_kept(xk, slice(None), o, w_o, b_o))
+                      for h, xk in zip(pruned, kept_x, strict=True)]
         del kept_x
 
         # MLP: statistics of down_proj's input with the compensated attention, then the solve
@@ -228,10 +168,10 @@ class LsqPass:
         del cov, cross
         del acc
         if store:  # the pruned stream's layer output, with the new down_proj
-            pruned = [h + mlp_out(_apply(xk, slice(None), down, w_d, b_d))
+            pruned = [h + mlp_out(apply_kept(xk, slice(None), down, w_d, b_d))
                       for h, xk in zip(pruned, kept_x, strict=True)]
         elif cfg.form != "dense":
-            pruned = [h + mlp_out(_apply(down_input(layer, h, fam), keep_m, down, w_d, b_d)) for h in pruned]
+            pruned = [h + mlp_out(apply_kept(down_input(layer, h, fam), keep_m, down, w_d, b_d)) for h in pruned]
         del kept_x
         self.pruned = pruned
         if cfg.form != "sequential":

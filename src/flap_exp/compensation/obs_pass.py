@@ -23,7 +23,7 @@ import torch
 from ..arch import ArchView, block_output
 from ..stats import ChannelStats, LayerStats
 from .covariance import CovAccumulator
-from .lsq import _apply, _check_decomposition, down_input, o_input
+from .layer_io import apply_kept, check_decomposition, down_input, o_input
 from .lsq_solve import lsq_solve
 from .obs import damped, greedy_obs
 
@@ -79,7 +79,7 @@ class ObsPass:
         self.next += 1
         arch, kws = self.arch, [k[i] for k in self.kws]  # kws[batch][layer]: each layer's own mask and rotary
         if i == 0:
-            _check_decomposition(layer, self.hs[0], kws[0], arch.fam)
+            check_decomposition(layer, self.hs[0], kws[0], arch.fam)
         o, down = layer.self_attn.o_proj, layer.mlp.down_proj
         n_g, n_c = self.counts[i]
         xs = (o_input(layer, h, kw) for h, kw in zip(self.hs, kws, strict=True))
@@ -87,7 +87,7 @@ class ObsPass:
                                                               arch.group_size * arch.head_dim, n_g, arch.num_kv_heads,
                                                               True)
         # the family's output norms (Gemma's post-norms; none for LLaMA) as the lsq pass applies them
-        hs = [h + block_output(layer, arch.fam.attn_out_norm, _apply(x, cols, o, w_o, b_o))
+        hs = [h + block_output(layer, arch.fam.attn_out_norm, apply_kept(x, cols, o, w_o, b_o))
               for h, x in zip(self.hs, held, strict=True)]
         del held
         per = sum(h[..., :1].numel() for h in hs) * arch.intermediate_size * hs[0].element_size()
@@ -97,6 +97,6 @@ class ObsPass:
                                                               arch.intermediate_size, hold)
         if not hold:
             held = [down_input(layer, h, arch.fam) for h in hs]
-        self.hs = [h + block_output(layer, arch.fam.mlp_out_norm, _apply(x, cols, down, w_d, b_d))
+        self.hs = [h + block_output(layer, arch.fam.mlp_out_norm, apply_kept(x, cols, down, w_d, b_d))
                    for h, x in zip(hs, held, strict=True)]
         return ObsLayer(keep_g, keep_c, LayerStats(s_a, s_m), (c_a, c_m))
