@@ -531,7 +531,7 @@ def test_local_weights_edited_in_place_rerun_calibration(pipeline_repo):
     hash of weights it did not load (a stage run against a stale prepare.json is refused)."""
     repo = pipeline_repo
     calib = "calibrate@text-16"
-    assert ran(sh(repo, DVC, "repro", calib)) == {"prepare", calib}
+    assert ran(sh(repo, DVC, "repro", calib)) == {"code", "prepare", calib}  # code: the stages' fingerprints
     assert ran(sh(repo, DVC, "repro", calib)) == set()
     old = json.loads((repo / "results/prepare.json").read_text())["model"]["weights_sha256"]
     poison(repo / "models" / "tiny", "model.layers.0.mlp.up_proj.weight", 0.125)

@@ -201,8 +201,10 @@ def test_mlflow_one_run_per_cell(repo: Path, first_run):
         tables = _cells(repo)["tables"]
         assert r.data.tags["flap.tables"] == ",".join(t for t in TABLES if key in tables[t]["cells"])
         assert all(r.data.tags.get(f"flap.table.{t}") == "1" for t in r.data.tags["flap.tables"].split(","))
-        work = sum(v for k, v in r.data.metrics.items() if k.endswith("_seconds"))
-        assert (r.info.end_time - r.info.start_time) / 1000 == pytest.approx(work, abs=0.01)
+        stages = [v for k, v in r.data.metrics.items() if k.endswith("_seconds")]
+        # each stage's seconds is logged to 0.01 s (rounding.py), the run's span to the ms from the unrounded sum
+        assert (r.info.end_time - r.info.start_time) / 1000 == pytest.approx(sum(stages),
+                                                                             abs=0.005 * len(stages) + 0.002)
     assert runs[BIAS].info.run_name == f"FLAP al_am 0.5 bias {C} [quick]"
     zs = _metrics(repo, BIAS, "zeroshot")["zeroshot"]
     assert runs[BIAS].data.metrics["zeroshot_avg"] == round(zs["average"], 5)
