@@ -53,7 +53,7 @@ def heldout(tokens: torch.Tensor, n: int, m: int) -> torch.Tensor:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=128)
-    ap.add_argument("--eval-windows", type=int, default=64)
+    ap.add_argument("--eval-windows", type=int, default=64, help="WikiText-2 test windows; 0: the whole split (paper)")
     ap.add_argument("--heldout", type=int, default=32)
     ap.add_argument("--ratios", default="0.2,0.5")
     ap.add_argument("--cells", default="FLAP (bias),uniform + lsq,OBS uniform,OBS + log,OBS + curve")
@@ -69,7 +69,7 @@ def main() -> None:
     evals = tokenize(tok, load_text(Corpus("wikitext2", "test")).text)
 
     def ppl(m) -> tuple[float, float]:
-        return (perplexity(m, evals, T, 8, a.eval_windows, progress=False).ppl,
+        return (perplexity(m, evals, T, 8, a.eval_windows or None, progress=False).ppl,
                 perplexity(m, held, T, 8, None, progress=False).ppl)
 
     with torch.no_grad():
