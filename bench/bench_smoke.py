@@ -4,7 +4,8 @@ Runs `compose protocol=P` + `dvc repro` in a fresh `git clone` of this checkout 
 cells.yaml, results/ and reports/ are never touched), with the model and texts already in the flap-exp cache
 (warm), then reads every stage's own clock from results/usage/ (written by the stage around its work) and
 prints: stages run, wall time, the stages' own time, and the overhead per stage (process start, imports, DVC's
-bookkeeping) = (wall - own) / stages.
+bookkeeping) = (wall - own) / stages; the same in CPU seconds (dvc's process tree against the stages' own CPU
+time), which other work on a shared machine does not inflate the way it inflates wall time.
 
     .venv/bin/python bench/bench_smoke.py                      # the smoke protocol (minutes)
     .venv/bin/python bench/bench_smoke.py --protocols smoke,quick   # and the whole quick study (about an hour)
@@ -15,6 +16,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -44,14 +46,24 @@ def measure(protocol: str, workdir: Path) -> dict:
     # the experiment `make run PROTOCOL=P` picks (Makefile: smoke -> the smoke experiment, else the study)
     experiment = "smoke" if protocol == "smoke" else "study"
     run([sys.executable, "-m", "flap_exp.pipeline.compose", f"protocol={protocol}", f"experiment={experiment}"], clone)
+    load_before = round(os.getloadavg()[0], 2)  # other work on the machine inflates wall times, not CPU times
     # the clone starts without results/: every stage runs (the run-cache is the clone's own, empty)
-    start = time.monotonic()
+    start, cpu0 = time.monotonic(), children_cpu()
     p = run([str(VENV_BIN / "dvc"), "repro"], clone)
-    wall = time.monotonic() - start
+    wall, cpu = time.monotonic() - start, children_cpu() - cpu0
     ran = re.findall(r"Running stage '([^']+)'", p.stdout)
-    own = {f.stem: json.loads(f.read_text())["seconds"] for f in (clone / "results" / "usage").glob("*.json")}
-    return {"protocol": protocol, "stages": len(ran), "wall_s": round(wall, 1), "own_s": round(sum(own.values()), 1),
-            "overhead_per_stage_s": round((wall - sum(own.values())) / max(len(ran), 1), 2)}
+    usage = [json.loads(f.read_text()) for f in (clone / "results" / "usage").glob("*.json")]
+    own, own_cpu = sum(u["seconds"] for u in usage), sum(u["cpu_seconds"] for u in usage)
+    n = max(len(ran), 1)
+    return {"protocol": protocol, "stages": len(ran), "wall_s": round(wall, 1), "own_s": round(own, 1),
+            "overhead_per_stage_s": round((wall - own) / n, 2), "cpu_s": round(cpu, 1), "own_cpu_s": round(own_cpu, 1),
+            "overhead_cpu_per_stage_s": round((cpu - own_cpu) / n, 2), "load_before": load_before}
+
+
+def children_cpu() -> float:
+    """User + system CPU seconds of every finished child process (dvc and the stages it ran and waited for)."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def main() -> None:
@@ -65,7 +77,9 @@ def main() -> None:
             rows.append(measure(protocol.strip(), Path(tmp)))
             r = rows[-1]
             print(f"{r['protocol']:<6} {r['stages']:>4} stages  wall {r['wall_s']:>7.1f} s  own {r['own_s']:>7.1f} s  "
-                  f"overhead {r['overhead_per_stage_s']:.2f} s per stage", flush=True)
+                  f"overhead {r['overhead_per_stage_s']:.2f} s per stage (wall); CPU {r['cpu_s']:.1f} s, own "
+                  f"{r['own_cpu_s']:.1f} s, overhead {r['overhead_cpu_per_stage_s']:.2f} CPU s per stage; "
+                  f"load {r['load_before']}", flush=True)
             shutil.rmtree(Path(tmp) / r["protocol"], ignore_errors=True)
     if a.out:
         Path(a.out).write_text(json.dumps(rows, indent=1) + "\n")

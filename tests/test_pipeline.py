@@ -163,7 +163,8 @@ def test_repro_builds_every_stage(repo: Path, first_run):
     # No pruned model is stored per cell; timing side files are not DVC outputs (dvc.lock stays clean).
     assert not list((repo / "results").rglob("model.safetensors"))
     assert "results/usage" not in (repo / "dvc.lock").read_text()
-    assert (repo / f"results/usage/calibrate@{C}.json").exists()
+    usage = json.loads((repo / f"results/usage/calibrate@{C}.json").read_text())
+    assert usage["seconds"] > 0 and usage["cpu_seconds"] > 0 and usage["peak_rss_mib"] > 0
     # progress: calibration and evaluation say what they do
     assert f"calibrate@{C}: 16 windows of text" in first_run.stdout
 
