@@ -27,7 +27,8 @@ run: $(VENV_OK)
 test: $(VENV_OK)
 	# One pytest-xdist worker per core (at most 4); --dist loadfile keeps a file's module fixtures (the tiny
 	# pipeline repository, the real model) on one worker, built once.
-	$(PY) -m pytest -q -p no:cacheprovider -n auto --maxprocesses 4 --dist loadfile
+	# --durations: the slowest tests are printed at the end, so a run that creeps past ~15 min says where.
+	$(PY) -m pytest -q -p no:cacheprovider -n auto --maxprocesses 4 --dist loadfile --durations=20
 
 # The inner loop (a few minutes): units, resident == streamed and the CLI on tiny models; no DVC study
 # (marker `pipeline`) and nothing that loads the real model or a large random one (marker `slow`).
