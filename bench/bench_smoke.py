@@ -55,9 +55,11 @@ def measure(protocol: str, workdir: Path) -> dict:
     usage = [json.loads(f.read_text()) for f in (clone / "results" / "usage").glob("*.json")]
     own, own_cpu = sum(u["seconds"] for u in usage), sum(u["cpu_seconds"] for u in usage)
     n = max(len(ran), 1)
+    per_stage = {f.stem: json.loads(f.read_text()) for f in (clone / "results" / "usage").glob("*.json")}
     return {"protocol": protocol, "stages": len(ran), "wall_s": round(wall, 1), "own_s": round(own, 1),
             "overhead_per_stage_s": round((wall - own) / n, 2), "cpu_s": round(cpu, 1), "own_cpu_s": round(own_cpu, 1),
-            "overhead_cpu_per_stage_s": round((cpu - own_cpu) / n, 2), "load_before": load_before}
+            "overhead_cpu_per_stage_s": round((cpu - own_cpu) / n, 2), "load_before": load_before,
+            "per_stage": per_stage}
 
 
 def children_cpu() -> float:
