@@ -83,7 +83,7 @@ def test_compose_refuses_a_bad_device_or_dtype(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "model.device must be auto, cpu, cuda or cuda:N, got 'gpu'" in err and err.strip().count("\n") == 0
     assert main(["model.dtype=float64", *args]) == 2
-    assert "model.dtype must be float32, bfloat16 or float16" in capsys.readouterr().err
+    assert "model.dtype must be auto, float32, bfloat16 or float16, got 'float64'" in capsys.readouterr().err
     assert not out.exists() and not cells.exists()
     assert main(["model.device=auto", "model.dtype=bfloat16", *args]) == 0  # spelled right: composed
     assert "device: auto" in out.read_text()

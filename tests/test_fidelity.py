@@ -118,7 +118,7 @@ def test_exact_head_cost_keeps_official_heads_and_nearly_all_channels(official):
 @pytest.fixture(scope="module")
 def mha_model():
     from flap_exp.models import load_model
-    lm = load_model("smollm2-135m-mha")
+    lm = load_model("smollm2-135m-mha", dtype=torch.float32)  # the fidelity protocol: float32, whatever conf says
     assert ArchView.from_config(lm.model.config) == ARCH
     return lm.model
 

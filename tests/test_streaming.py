@@ -307,7 +307,7 @@ def test_cli_bad_runtime_input_one_line_and_nothing_written(tmp_path, capsys):
     cases = [(["--stream", "--memory-budget", "20KiB"], "memory budget 0.0 MiB is too small"),
              (["--stream", "--memory-budget", "lots"], "cannot read memory budget 'lots'"),
              (["--memory-budget", "1GiB"], "--memory-budget applies to --stream runs only"),
-             (["--dtype", "float8"], "unknown dtype 'float8'; valid: float32, bfloat16, float16"),
+             (["--dtype", "float8"], "unknown dtype 'float8'; valid: auto, float32, bfloat16, float16"),
              (["--device", "tpu"], "unknown device 'tpu'")]
     if not torch.cuda.is_available():
         cases.append((["--device", "cuda"], "--device cuda: no CUDA GPU is available here"))

@@ -45,6 +45,9 @@ CORPORA = ("wikitext2", "ptb", "wiki", "c4", "text")
 #: --device values (or cuda:N) and --dtype names (runtime.py maps them to torch).
 DEVICES = ("auto", "cpu", "cuda")
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
+#: What --dtype and model.dtype accept: a dtype name, or auto (bfloat16 where the device has native bf16 matmul,
+#: else float32; runtime.resolve_dtype).
+DTYPE_SPECS = ("auto", *DTYPE_NAMES)
 PER_LAYER = frozenset({"ul_um", "ul_mm"})  # structures that decide layer by layer (sequential metrics need one)
 ADAPTIVE = frozenset({"al_mm", "al_am"})
 #: How many units each layer removes, for the obs selector: uniform (ul_um), SlimGPT's log profile (ul_log),

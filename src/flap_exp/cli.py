@@ -48,10 +48,11 @@ def compensation_config(a: argparse.Namespace):
 
 
 def _add_runtime(p: argparse.ArgumentParser) -> None:
-    from .catalogue import DEVICES, DTYPE_NAMES
+    from .catalogue import DEVICES, DTYPE_SPECS
     p.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICES)} or cuda:N (auto: a GPU if any)")
-    p.add_argument("--dtype", default="float32", help=f"weights' dtype, one of {', '.join(DTYPE_NAMES)} "
-                   "(statistics are float64 whatever it is)")
+    p.add_argument("--dtype", default="float32", help=f"weights' dtype, one of {', '.join(DTYPE_SPECS)} (auto: "
+                   "bfloat16 where the device multiplies it natively, else float32; statistics are float64 "
+                   "whatever it is)")
     p.add_argument("--stream", action="store_true",
                    help="keep one decoder layer in memory at a time, read from the safetensors shards")
     p.add_argument("--memory-budget", default=None,
@@ -235,9 +236,10 @@ def _prune_locked(a: argparse.Namespace, cfg, device, dtype, arch) -> dict:
     manifest = {"base_model": identity, "settings": cfg.to_dict(),
                 "compensation": config_record(cfg.resolved_compensation()),
                 "calibration": {"data": calib.identity, "nsamples": a.nsamples, "seqlen": a.seqlen, "seed": a.seed},
+                "dtype": str(dtype).removeprefix("torch."),  # what ran: --dtype auto resolved
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if a.stream:
-        res = write_streamed(sm, windows, cfg, a.out, {**manifest, "dtype": str(dtype).removeprefix("torch.")}, tok)
+        res = write_streamed(sm, windows, cfg, a.out, manifest, tok)
     else:
         res = prune(lm.model, windows, cfg)
         check_out_dir(a.out, a.model, a.overwrite)  # again: the path may have changed during the long work

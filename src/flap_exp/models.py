@@ -81,6 +81,11 @@ class LoadedModel:
         return ArchView.from_config(self.model.config)
 
     @property
+    def dtype(self) -> torch.dtype:
+        """The weights' dtype (a PreTrainedModel's and a StreamedModel's alike)."""
+        return self.model.dtype
+
+    @property
     def streamed(self) -> bool:
         return not isinstance(self.model, nn.Module)
 

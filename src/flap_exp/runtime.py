@@ -1,7 +1,10 @@
 """Where and in what precision the model runs: one place that turns `--device`/`--dtype`/`--memory-budget`
 strings into torch objects, checked before any long work starts (no `.cuda()` anywhere else).
 
-Weights and activations run in the chosen dtype; statistics are always accumulated in float64 (stats.py).
+Weights and activations run in the chosen dtype; statistics are always accumulated in float64 (stats.py,
+compensation/covariance.py, the lsq and OBS solves), and perplexity's log-sum-exp is float32 (ppl.py).
+`--dtype auto` is bfloat16 where the device multiplies it natively, else float32; what it resolved to is
+what runs and what manifests record (docs/results.md, 2026-12-03: what bf16 changes and saves).
 """
 from __future__ import annotations
 
@@ -39,14 +42,49 @@ def resolve_device(spec: str | torch.device | None) -> torch.device:
     raise FlapError(f"unknown device {spec!r}; valid: {', '.join(DEVICES)} (or cuda:N)")
 
 
+def _cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (x86 "flags", aarch64 "Features"); empty where unreadable."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    return set(value.split())
+    except OSError:
+        pass
+    return set()
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` multiplies bfloat16 matrices in hardware (what `--dtype auto` asks).
+
+    CUDA: torch's own answer without emulation (Ampere and later). CPU: the instruction-set flags
+    (avx512_bf16 or amx_bf16 on x86, bf16 on aarch64) and oneDNN able to use them, which is the path torch's
+    bf16 matmul takes on a CPU. Not torch.backends.cpu.get_cpu_capability(): it says AVX512 on CPUs with and
+    without the bf16 instructions alike; not oneDNN's check alone: it accepts any AVX512 core CPU, where bf16
+    is emulated and slower than float32; and not a timed matmul: on a shared CPU the answer, and with it the
+    precision of a cached result, would depend on what else is running."""
+    if device.type == "cuda":
+        try:
+            return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+        except TypeError:  # torch without the keyword
+            return bool(torch.cuda.is_bf16_supported())
+    if device.type != "cpu" or not _cpu_flags() & {"avx512_bf16", "amx_bf16", "bf16"}:
+        return False
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def resolve_dtype(spec: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """A weight dtype the device can run: checked by running one small decoder-like op on it."""
+    """A weight dtype the device can run: checked by running one small decoder-like op on it. "auto" is
+    bfloat16 where `device` has native bf16 matmul (native_bf16), else float32."""
     if isinstance(spec, torch.dtype):
         dtype = spec
     else:
         spec = spec or "float32"
+        if spec == "auto":
+            return resolve_dtype(torch.bfloat16 if native_bf16(device) else torch.float32, device)
         if spec not in DTYPES:
-            raise FlapError(f"unknown dtype {spec!r}; valid: {', '.join(DTYPES)}")
+            raise FlapError(f"unknown dtype {spec!r}; valid: auto, {', '.join(DTYPES)}")
         dtype = DTYPES[spec]
     if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
         raise FlapError(f"--dtype bfloat16: {torch.cuda.get_device_name(device)} cannot run bfloat16; "

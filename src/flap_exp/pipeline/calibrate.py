@@ -20,6 +20,6 @@ def calibrate(model_params: dict, calib: dict, corpus: str, nsamples: int, recor
     # the hash of the weights actually loaded (load_prepared_model refuses any other than prepare's)
     manifest = {"model": record["model"]["identity"], "weights_sha256": lm.weights_sha256,
                 "data": data, "nsamples": int(windows.shape[0]), "seqlen": int(windows.shape[1]),
-                "seed": calib["seed"], "dtype": model_params.get("dtype", "float32"),
+                "seed": calib["seed"], "dtype": str(lm.dtype).removeprefix("torch."),
                 "windows_sha256": sha256_tensor(windows), "versions": versions()}
     return stats_to_tensors(stats), windows, manifest

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 
-from ..catalogue import floor_fraction
+from ..catalogue import DTYPE_SPECS, floor_fraction
 from ..errors import FlapError
 from ..units import parse_bytes
 from ..validate import check_int
@@ -56,8 +56,8 @@ def _device_and_dtype(params: dict) -> None:
     device, dtype = _get(params, "model.device") or "cpu", _get(params, "model.dtype") or "float32"
     if not (device in ("auto", "cpu") or re.fullmatch(r"cuda(:\d+)?", str(device))):
         raise FlapError(f"model.device must be auto, cpu, cuda or cuda:N, got {device!r}")
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise FlapError(f"model.dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    if dtype not in DTYPE_SPECS:
+        raise FlapError(f"model.dtype must be {', '.join(DTYPE_SPECS[:-1])} or {DTYPE_SPECS[-1]}, got {dtype!r}")
 
 
 def _streaming(params: dict) -> None:

@@ -18,13 +18,14 @@ def prepare(model_params: dict, data_params: dict, corpora: list[str]) -> dict:
     evaluation corpora are recorded apart (prepare_eval) so that adding one never invalidates calibration."""
     from ..integrity import check_finite_weights
     from ..validate import check_not_pruned
-    from .records import calib_corpus, open_model
+    from .records import calib_corpus, model_dtype, open_model
     check_not_pruned(model_params["name"], "model.name")  # its ratios would count against the dense widths
-    lm = open_model({**model_params, "device": "cpu"})
+    dtype = model_dtype(model_params)  # auto resolved for the device the stages run on; hashed on the CPU
+    lm = open_model({**model_params, "device": "cpu", "dtype": dtype})
     if not lm.streamed:  # (streamed: each layer is checked as it is read, by the hash below)
         check_finite_weights(lm.model, f"model {model_params['name']!r}")  # refused before any stage uses it
     model = {"spec": model_params["name"], "identity": lm.identity, "arch": asdict(lm.arch),
-             "weights_sha256": weights_sha256(lm.model), "dtype": model_params.get("dtype", "float32"),
+             "weights_sha256": weights_sha256(lm.model), "dtype": dtype,
              "params": sum(p.numel() for p in (lm.model.model if lm.streamed else lm.model).parameters())}
     return {"model": model,
             # the official calibration join

@@ -30,6 +30,14 @@ def eval_record() -> dict:
     return {**read_json(PREPARE), **read_json(PREPARE_EVAL)}
 
 
+def model_dtype(model_params: dict) -> str:
+    """The dtype conf/model's settings run in here: model.dtype, with auto resolved for model.device (what
+    prepare, the calibration manifests and MLflow record, so that a cached result says which one ran)."""
+    from ..runtime import resolve_device, resolve_dtype
+    device = resolve_device(model_params.get("device", "cpu"))
+    return str(resolve_dtype(model_params.get("dtype", "float32"), device)).removeprefix("torch.")
+
+
 def open_model(model_params: dict):
     """models.LoadedModel of conf/model's settings: in memory, or (`stream: true`) a StreamedModel within
     `memory_budget` (one decoder layer resident at a time)."""
@@ -45,7 +53,12 @@ def open_model(model_params: dict):
 
 
 def load_prepared_model(model_params: dict, record: dict):
-    """Open the model named in params and check it is the one `prepare` recorded."""
+    """Open the model named in params and check it is the one `prepare` recorded, in the dtype it recorded
+    (model.dtype auto may resolve otherwise on another machine: the weights' hash would differ too)."""
+    ran, want_dtype = model_dtype(model_params), record["model"].get("dtype", "float32")
+    if ran != want_dtype:
+        raise FlapError(f"model.dtype {model_params.get('dtype')} runs in {ran} here, but prepare recorded "
+                        f"{want_dtype}; rerun: dvc repro -f prepare (or set model.dtype={want_dtype})")
     lm = open_model(model_params)
     want = record["model"]["identity"]
     if lm.identity != want:
