@@ -23,7 +23,12 @@ def options(opts: dict, arch=None):
     return StructureOptions(floor("min_groups", "num_kv_heads"), floor("min_channels", "intermediate_size"),
                             opts.get("remove_groups"), ul_rounding=opts.get("ul_rounding") or "fill",
                             head_cost=opts.get("head_cost") or "exact", attn_unit=opts.get("attn_unit") or "group",
-                            obs_batch=opts.get("obs_batch") or 1, obs_damping=opts.get("obs_damping", 0.01))
+                            obs_batch=opts.get("obs_batch") or 1, obs_damping=opts.get("obs_damping", 0.01),
+                            **{k: opts[k] for k in SEARCH_OPTIONS if opts.get(k) is not None})
+
+
+#: kl_search's options (conf/structure/kl_search.yaml); absent ones take StructureOptions' defaults.
+SEARCH_OPTIONS = ("search_step", "search_candidates", "search_windows", "search_seed")
 
 
 def selection_record(sel, arch, cell: dict) -> dict:
