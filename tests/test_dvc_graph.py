@@ -163,7 +163,7 @@ def test_every_experiment_protocol_model_composes(experiment, protocol, model):
             assert set(table["cells"]) <= set(cells[m])
     for key, item in cells["evaluate"].items():
         assert item["out"] == paths.measurement(key) and item["selection"] == paths.selection(item["cell"])
-        assert item["cell"] in cells["search"] or item["cell"] in cells["search_seq"] or item["cell"] in cells["search_kl"]
+        assert any(item["cell"] in cells[t] for t in ("search", "search_seq", "search_kl"))
         if item["calib"] != "none":
             assert item["calib"] in cells["calibrate"]
     for key, c in cells["calibrate"].items():

@@ -87,9 +87,10 @@ def test_floors_and_cap_bound_the_levels(model):
         level_bounds(arch, 0.4, 0.05, min_groups=2, min_channels=47)
 
 
-@pytest.mark.parametrize(("opts", "msg"), [({"search_step": 0}, "search_step"), ({"search_candidates": 0}, "search_candidates"),
-                                          ({"search_windows": 1.5}, "search_windows"), ({"search_seed": -1}, "search_seed"),
-                                          ({"levels": (0.2, 1.2)}, "levels")])
+@pytest.mark.parametrize(("opts", "msg"), [({"search_step": 0}, "search_step"),
+                                          ({"search_candidates": 0}, "search_candidates"),
+                                          ({"search_windows": 1.5}, "search_windows"),
+                                          ({"search_seed": -1}, "search_seed"), ({"levels": (0.2, 1.2)}, "levels")])
 def test_bad_options_are_one_line_errors(opts, msg):
     with pytest.raises(FlapError, match=msg) as err:
         StructureOptions(**opts)
@@ -99,3 +100,36 @@ def test_bad_options_are_one_line_errors(opts, msg):
 def test_kl_search_needs_metric_obs():
     with pytest.raises(FlapError, match="metric obs only"):
         PruneConfig("wifv", "kl_search", 0.3).validate()
+
+
+def test_the_allocate_stage_feeds_the_obs_pass(model, windows, tmp_path):
+    """stages/allocate.py's function writes the levels; stages/search_seq.py's with --levels selects with them."""
+    from flap_exp.pipeline.plots import levels_per_layer
+    from flap_exp.pipeline.search import allocate, search_sequential
+    cell = {"metric": "obs", "structure": "kl_search", "ratio": 0.4}
+    opts = {"search_candidates": 5, "search_windows": 4, "obs_damping": 0.01}
+    rec = allocate(model, windows, cell, opts, 4)
+    assert rec["candidates"] == 5 and rec["search_windows"] == 4 and len(rec["levels"]) == LAYERS
+    assert rec["history"][0] == {"generation": 0, "candidates": 1, "best_kl": rec["uniform_kl"]}
+    levels_per_layer(rec, "cell", tmp_path / "levels.png")
+    assert (tmp_path / "levels.png").stat().st_size > 0
+    sel, _ = search_sequential(model, windows, cell, {}, opts, 4, rec["levels"])
+    arch = ArchView.from_config(model.config)
+    want = layer_counts(arch, rec["levels"])
+    assert [(2 - g, 48 - c) for g, c in zip(sel["kept_groups_per_layer"], sel["kept_channels_per_layer"],
+                                                       strict=True)] == want
+
+
+def test_kl_search_cells_get_their_own_allocate_stage():
+    from pathlib import Path
+
+    import yaml
+
+    from flap_exp.pipeline import paths
+    from flap_exp.pipeline.compose import cells_text, compose
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    cells = yaml.safe_load(cells_text(compose(["experiment=smoke", "protocol=smoke"], conf)))["cells"]
+    key = "obs-kl_search-0.5-wiki-8"
+    assert set(cells["allocate"]) == set(cells["search_kl"]) == {key}
+    assert cells["search_kl"][key]["levels"] == cells["allocate"][key]["levels"] == paths.allocation(key)
+    assert key not in cells["search_seq"] and f"{key}-lsq" in cells["compensate_lsq"]

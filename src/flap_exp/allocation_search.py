@@ -15,7 +15,8 @@
 Memory beyond the model (SmolLM2-135M, N windows of T tokens, M fitness windows): the covariances, float64,
 d_attn^2 + I^2 per layer (30 x 21.5 MB = 0.65 GB; LLaMA-7B's would be 35 GB: resident models of this size
 only); the variant cache (VARIANT_CACHE_BYTES); the dense log-probabilities (M x T x vocab float32: 0.2 GB
-for M=8) and the parent's layer inputs (L x M x T x hidden float32: 71 MB).
+for M=8), the parent's layer inputs (L x M x T x hidden float32: 71 MB) and, while the database is built, one
+layer's MLP inputs (N x T x I float32: 50 MB at N=64, 0.8 GB at N=1024).
 """
 from __future__ import annotations
 

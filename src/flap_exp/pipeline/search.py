@@ -103,6 +103,18 @@ def allocate(model, windows, cell: dict, opts: dict, batch_size: int) -> dict:
             "search_candidates": o.search_candidates, "search_windows": secs["windows"]}
 
 
+def searched_levels(path: str, cell: dict) -> list[float]:
+    """The levels of the allocate stage's file, refused unless they were searched for this cell."""
+    from ..errors import FlapError
+    from .io import read_json
+    rec = read_json(path)
+    keys = ("metric", "structure", "ratio")
+    if tuple(rec.get(k) for k in keys) != tuple(cell[k] for k in keys):
+        raise FlapError(f"{path} holds the levels of {rec.get('metric')}/{rec.get('structure')} at {rec.get('ratio')}, "
+                        f"not of this cell; rerun its allocate stage")
+    return rec["levels"]
+
+
 def search_sequential(model, windows, cell: dict, metric_opts: dict, opts: dict, batch_size: int,
                       levels: list[float] | None = None):
     """(selection record, stats tensors) of a sequentially calibrated cell; `model` (in memory or a layer
