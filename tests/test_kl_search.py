@@ -39,7 +39,8 @@ def test_deterministic_for_a_seed(model, windows):
     assert a.levels == b.levels and a.history == b.history and a.kl == b.kl
     assert a.candidates == 9 and a.kl <= a.uniform_kl
     c = cfg()
-    fit = KLFitness(store, windows[:8], 4, Variants(store, windows, c, 0.9, progress=False), 0.4, 0.05)
+    db = Variants(store, windows, c, [0.4 + 0.05 * d for d in range(-8, 11)], progress=False)
+    fit = KLFitness(store, windows[:8], 4, db, 0.4, 0.05)
     lo, hi = level_bounds(store.arch, 0.4, 0.05)
     walks = [evolve(fit, lo, hi, 5, s, progress=False)[4] for s in (2, 3, 4)]
     assert len({str(w) for w in walks}) > 1  # another seed walks elsewhere
@@ -65,15 +66,27 @@ def test_one_candidate_is_uniform(model, windows):
 def test_fitness_of_the_unpruned_model_is_zero(model, windows):
     store = ResidentStore(model)
     c = cfg(0.0)
-    fit = KLFitness(store, windows[:4], 4, Variants(store, windows, c, 0.0, progress=False), 0.0, 0.05)
+    fit = KLFitness(store, windows[:4], 4, Variants(store, windows, c, [0.0], progress=False), 0.0, 0.05)
     assert fit((0,) * LAYERS, None)[0] == 0.0
     c = cfg(0.4)
-    fit = KLFitness(store, windows[:4], 4, Variants(store, windows, c, 0.6, progress=False), 0.4, 0.05)
+    fit = KLFitness(store, windows[:4], 4, Variants(store, windows, c, [0.4, 0.5, 0.6], progress=False), 0.4, 0.05)
     kl, states = fit((0,) * LAYERS, None)
     assert kl > 0
     # a child reusing its parent's layer inputs scores as one computed from scratch
     child = (0, 0, 2, -2)
     assert fit(child, ((0,) * LAYERS, states))[0] == pytest.approx(fit(child, None)[0], rel=1e-6)
+
+
+def test_the_database_covers_every_level(model, windows):
+    """A whole group more at 0.5 than at 0.45 leaves fewer channels to remove: the greedy orders run to the most
+    units of any level, not to the highest level's."""
+    arch = ArchView.from_config(model.config)
+    (g45, c45), (g50, c50) = layer_counts(arch, [0.45, 0.5])
+    assert g50 > g45 and c45 > c50
+    store = ResidentStore(model)
+    db = Variants(store, windows, cfg(), [0.45, 0.5], progress=False)
+    w_o, _, w_d, _ = db.get(1, store.model.model.layers[1], 0.45)
+    assert int((w_d.abs().sum(0) == 0).sum()) == c45 and int((w_o.abs().sum(0) == 0).sum()) == 0
 
 
 def test_floors_and_cap_bound_the_levels(model):

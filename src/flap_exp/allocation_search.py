@@ -33,6 +33,7 @@ from .compensation.covariance import CovAccumulator
 from .compensation.layer_io import down_input, o_input
 from .compensation.lsq_solve import lsq_solve
 from .compensation.obs import damped, greedy_obs
+from .errors import FlapError
 from .kl_search import SearchResult, evolve, level_bounds, levels_of
 
 if TYPE_CHECKING:
@@ -58,11 +59,14 @@ class Variants:
     get(i, layer, level) -> (o weight, o bias, down weight, down bias) at dense shapes, or None at level 0."""
 
     @torch.no_grad()
-    def __init__(self, store: LayerStore, windows: torch.Tensor, cfg: PruneConfig, max_level: float,
+    def __init__(self, store: LayerStore, windows: torch.Tensor, cfg: PruneConfig, levels: list[float],
                  progress: bool = True):
         arch, o = store.arch, cfg.options
         self.arch, self.damping, self.floors = arch, o.obs_damping, (o.min_groups, o.min_channels)
-        (g_max, c_max), = layer_counts(arch, [max_level])
+        # the most units any allowed level removes (channels are not monotone in the level: a whole group more
+        # leaves fewer channels to remove)
+        counts = layer_counts(arch, levels, *self.floors)
+        g_max, c_max = max(g for g, _ in counts), max(c for _, c in counts)
         hs, kws = layer_inputs(store, windows, cfg.batch_size)
         self.moments, self.orders = [], []
         from tqdm.auto import tqdm
@@ -100,6 +104,8 @@ class Variants:
         for lin, cov, mean, order, n, unit in ((layer.self_attn.o_proj, cov_o, mean_o, self.orders[i][0], g,
                                                 self.arch.group_size * self.arch.head_dim),
                                                (layer.mlp.down_proj, cov_d, mean_d, self.orders[i][1], c, 1)):
+            if n > len(order):
+                raise FlapError(f"kl_search: level {level:g} of layer {i} is outside the database's levels")
             keep = torch.ones(lin.in_features // unit, dtype=torch.bool)
             keep[order[:n]] = False
             cols = keep.repeat_interleave(unit).to(lin.weight.device)
@@ -187,7 +193,8 @@ def search_allocation(store: LayerStore, windows: torch.Tensor, cfg: PruneConfig
     o = cfg.options
     lo, hi = level_bounds(store.arch, cfg.ratio, o.search_step, o.min_groups, o.min_channels)
     t0 = time.perf_counter()
-    variants = Variants(store, windows, cfg, cfg.ratio + max(hi) * o.search_step, progress)
+    variants = Variants(store, windows, cfg, levels_of(range(min(lo), max(hi) + 1), cfg.ratio, o.search_step),
+                        progress)
     fitness = KLFitness(store, windows[:o.search_windows], cfg.batch_size, variants, cfg.ratio, o.search_step)
     t1 = time.perf_counter()
     best, kl, uniform, used, history = evolve(fitness, lo, hi, o.search_candidates, o.search_seed, progress)
