@@ -146,3 +146,5 @@ def test_kl_search_cells_get_their_own_allocate_stage():
     assert set(cells["allocate"]) == set(cells["search_kl"]) == {key}
     assert cells["search_kl"][key]["levels"] == cells["allocate"][key]["levels"] == paths.allocation(key)
     assert key not in cells["search_seq"] and f"{key}-lsq" in cells["compensate_lsq"]
+    with pytest.raises(FlapError, match=r"^structures.kl_search: search_windows must be an integer >= 1; got 0$"):
+        compose(["experiment=smoke", "structures.kl_search.search_windows=0"], conf)
