@@ -64,6 +64,8 @@ def main() -> None:
     ap.add_argument("--obs-batch", type=int, default=8, help="units per greedy step of the OBS cells that set none")
     ap.add_argument("--search-candidates", type=int, default=32, help="kl_search: fitness evaluations")
     ap.add_argument("--search-windows", type=int, default=8, help="kl_search: calibration windows of the KL")
+    ap.add_argument("--kl-levels", default=None,
+                    help="kl_search: the levels (and the search's cost) of this earlier --out, not a new search")
     ap.add_argument("--out", default="/tmp/bench_obs.json")
     a = ap.parse_args()
     os.environ.setdefault("FLAP_EXP_WIKITEXT2", str(ROOT.parent / "shared" / "data" / "wikitext-2-raw"))
@@ -99,11 +101,17 @@ def main() -> None:
             if structure == "kl_search":  # the search apart, timed; the OBS pass then takes its levels
                 opts |= {"search_candidates": a.search_candidates, "search_windows": a.search_windows}
                 cfg = PruneConfig(metric, structure, r, compensation=comp, options=StructureOptions(**opts))
-                t = time.perf_counter()
-                found, secs = search_allocation(ResidentStore(base), windows, cfg, progress=True)
-                search = {"search_s": time.perf_counter() - t, "candidates": found.candidates, "kl": found.kl,
-                          "uniform_kl": found.uniform_kl, "levels": found.levels, **secs}
-                opts["levels"] = tuple(found.levels)
+                if a.kl_levels:
+                    old = [x for x in json.loads(Path(a.kl_levels).read_text())["rows"]
+                           if x["cell"] == name and x["target"] == r][0]
+                    search = {k: old[k] for k in ("search_s", "candidates", "kl", "uniform_kl", "levels", "database",
+                                                  "search", "windows")} | {"levels_from": a.kl_levels}
+                else:
+                    t = time.perf_counter()
+                    found, secs = search_allocation(ResidentStore(base), windows, cfg, progress=True)
+                    search = {"search_s": time.perf_counter() - t, "candidates": found.candidates, "kl": found.kl,
+                              "uniform_kl": found.uniform_kl, "levels": found.levels, **secs}
+                opts["levels"] = tuple(search["levels"])
             cfg = PruneConfig(metric, structure, r, compensation=comp, options=StructureOptions(**opts))
             m = copy.deepcopy(base)
             out = prune(m, windows, cfg, progress=False)
