@@ -1,4 +1,5 @@
-"""Reconstruction-aware selection on SmolLM2-135M: FLAP (bias), uniform + lsq, OBS uniform / log / curve.
+"""Reconstruction-aware selection on SmolLM2-135M: FLAP (bias), uniform + lsq, OBS uniform / log / curve /
+kl_search (the searched levels' cost is reported apart: search_s, candidates).
 
 Calibration on the Wikipedia text (exllamav2 wheel), N windows of T=128, seed 0; perplexity on the first
 `--eval-windows` WikiText-2 test windows and on held-out Wikipedia windows that overlap no calibration window.
@@ -20,11 +21,13 @@ from pathlib import Path
 
 import torch
 
+from flap_exp.allocation_search import search_allocation
 from flap_exp.compensation.base import CompensationConfig
 from flap_exp.data import Corpus, calibration_windows, load_text, tokenize
 from flap_exp.models import load_model
 from flap_exp.ppl import perplexity
 from flap_exp.prune import PruneConfig, prune
+from flap_exp.store import ResidentStore
 from flap_exp.structures import StructureOptions
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,6 +39,7 @@ CELLS = {  # name: (metric, structure, compensation, options)
     "OBS uniform": ("obs", "ul_um", LSQ, {}),
     "OBS + log": ("obs", "ul_log", LSQ, {}),
     "OBS + curve": ("obs", "curve", LSQ, {}),
+    "OBS + kl_search": ("obs", "kl_search", LSQ, {}),  # conf/structure/kl_search.yaml
     "SlimGPT-style": ("obs", "ul_log", LSQ, {"obs_batch": 16}),  # conf/structure/ul_log_slimgpt.yaml
 }
 
@@ -58,6 +62,10 @@ def main() -> None:
     ap.add_argument("--ratios", default="0.2,0.5")
     ap.add_argument("--cells", default="FLAP (bias),uniform + lsq,OBS uniform,OBS + log,OBS + curve")
     ap.add_argument("--obs-batch", type=int, default=8, help="units per greedy step of the OBS cells that set none")
+    ap.add_argument("--search-candidates", type=int, default=32, help="kl_search: fitness evaluations")
+    ap.add_argument("--search-windows", type=int, default=8, help="kl_search: calibration windows of the KL")
+    ap.add_argument("--kl-levels", default=None,
+                    help="kl_search: the levels (and the search's cost) of this earlier --out, not a new search")
     ap.add_argument("--out", default="/tmp/bench_obs.json")
     a = ap.parse_args()
     os.environ.setdefault("FLAP_EXP_WIKITEXT2", str(ROOT.parent / "shared" / "data" / "wikitext-2-raw"))
@@ -89,6 +97,21 @@ def main() -> None:
         for name in a.cells.split(","):
             metric, structure, comp, opts = CELLS[name]
             opts = {"obs_batch": a.obs_batch, **opts}
+            search = {}
+            if structure == "kl_search":  # the search apart, timed; the OBS pass then takes its levels
+                opts |= {"search_candidates": a.search_candidates, "search_windows": a.search_windows}
+                cfg = PruneConfig(metric, structure, r, compensation=comp, options=StructureOptions(**opts))
+                if a.kl_levels:
+                    old = [x for x in json.loads(Path(a.kl_levels).read_text())["rows"]
+                           if x["cell"] == name and x["target"] == r][0]
+                    search = {k: old[k] for k in ("search_s", "candidates", "kl", "uniform_kl", "levels", "database",
+                                                  "search", "windows")} | {"levels_from": a.kl_levels}
+                else:
+                    t = time.perf_counter()
+                    found, secs = search_allocation(ResidentStore(base), windows, cfg, progress=True)
+                    search = {"search_s": time.perf_counter() - t, "candidates": found.candidates, "kl": found.kl,
+                              "uniform_kl": found.uniform_kl, "levels": found.levels, **secs}
+                opts["levels"] = tuple(search["levels"])
             cfg = PruneConfig(metric, structure, r, compensation=comp, options=StructureOptions(**opts))
             m = copy.deepcopy(base)
             out = prune(m, windows, cfg, progress=False)
@@ -97,7 +120,7 @@ def main() -> None:
             test, h = ppl(m)
             row = {"cell": name, "target": r, "achieved": round(out.achieved_ratio, 4), "test_ppl": test,
                    "heldout_ppl": h, "select_s": t_sel, "select_x_fwd": t_sel / fwd,
-                   "prune_s": t_all, "prune_x_fwd": t_all / fwd}
+                   "prune_s": t_all, "prune_x_fwd": t_all / fwd, "loadavg": os.getloadavg(), **search}
             res["rows"].append(row)
             print(json.dumps(row), flush=True)
             Path(a.out).parent.mkdir(parents=True, exist_ok=True)

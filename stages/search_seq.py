@@ -1,20 +1,21 @@
-"""search_seq KEY METRIC STRUCTURE RATIO --calib CALIB: a sequentially calibrated cell (Wanda-sp) on the
-calibration's windows: selection + its own statistics."""
+"""search_seq KEY METRIC STRUCTURE RATIO --calib CALIB [--levels LEVELS]: a sequentially calibrated cell (Wanda-sp,
+OBS) on the calibration's windows: selection + its own statistics. LEVELS: kl_search's levels (allocate stage)."""
 from flap_exp.pipeline import paths
 from flap_exp.pipeline.io import read_json, save_tensors, write_json
 from flap_exp.pipeline.records import load_checked_windows, load_prepared_model
-from flap_exp.pipeline.search import search_sequential
+from flap_exp.pipeline.search import search_sequential, searched_levels
 from flap_exp.pipeline.stage import cell_args, load_params, stage, write_usage
 
 if __name__ == "__main__":
-    key, cell, a = cell_args("calib")
+    key, cell, a = cell_args("calib", optional=("levels",))
     with stage(f"search_seq@{key}") as usage:
         p = load_params()
         windows, manifest = load_checked_windows(a.calib)
         lm = load_prepared_model(p["model"], read_json(paths.PREPARE))
         print(f"search_seq@{key}: sequential calibration on {windows.shape[0]} windows", flush=True)
         rec, stats = search_sequential(lm.model, windows, cell, p["metrics"][cell["metric"]],
-                                       p["structures"][cell["structure"]], p["data"]["calib"].get("batch_size", 8))
+                                       p["structures"][cell["structure"]], p["data"]["calib"].get("batch_size", 8),
+                                       searched_levels(a.levels, cell) if a.levels else None)
         meta = {k: manifest[k] for k in ("model", "weights_sha256", "data", "nsamples", "seqlen", "seed", "dtype")}
         save_tensors(paths.seq_stats(key), stats, {**meta, "sequential": key})
         write_json(paths.selection(key), {**rec, "calib": a.calib})

@@ -59,7 +59,7 @@ def test_fingerprints_change_exactly_for_the_scripts_that_run_an_edited_file(tmp
         f = tmp_path / rel
         f.write_text(f.read_text() + "\n# an edit\n")
         return {Path(n).stem for n in deps.write_fingerprints(out, tmp_path)}
-    assert {s.split("-")[0] for s in edit("src/flap_exp/pipeline/plots.py")} == {"report", "track"}
+    assert {s.split("-")[0] for s in edit("src/flap_exp/pipeline/plots.py")} == {"allocate", "report", "track"}
     assert edit("src/flap_exp/compensation/lsq.py") == {"evaluate-lsq", "compensate-lsq"}
     assert "calibrate" in edit("src/flap_exp/arch.py")
     (tmp_path / "stages" / "standardize.py").unlink()  # a removed stage script: its fingerprints go too
@@ -163,7 +163,7 @@ def test_every_experiment_protocol_model_composes(experiment, protocol, model):
             assert set(table["cells"]) <= set(cells[m])
     for key, item in cells["evaluate"].items():
         assert item["out"] == paths.measurement(key) and item["selection"] == paths.selection(item["cell"])
-        assert item["cell"] in cells["search"] or item["cell"] in cells["search_seq"]
+        assert any(item["cell"] in cells[t] for t in ("search", "search_seq", "search_kl"))
         if item["calib"] != "none":
             assert item["calib"] in cells["calibrate"]
     for key, c in cells["calibrate"].items():

@@ -39,7 +39,7 @@ METHODS: dict[str, MethodFacts] = {
     "obs": MethodFacts(needs_data=True, square_attn=False, sequential=True, compensation="lsq", selector="obs"),
 }
 
-STRUCTURES = ("ul_um", "ul_mm", "al_mm", "al_am", "ul_log", "curve")
+STRUCTURES = ("ul_um", "ul_mm", "al_mm", "al_am", "ul_log", "curve", "kl_search")
 #: Text sources of data.load_text (calibration and evaluation).
 CORPORA = ("wikitext2", "ptb", "wiki", "c4", "text")
 #: --device values (or cuda:N) and --dtype names (runtime.py maps them to torch).
@@ -51,8 +51,9 @@ DTYPE_SPECS = ("auto", *DTYPE_NAMES)
 PER_LAYER = frozenset({"ul_um", "ul_mm"})  # structures that decide layer by layer (sequential metrics need one)
 ADAPTIVE = frozenset({"al_mm", "al_am"})
 #: How many units each layer removes, for the obs selector: uniform (ul_um), SlimGPT's log profile (ul_log),
-#: FLAP's global threshold on its wifv scores (al_am), or the knapsack over the OBS error curves (curve).
-OBS_ALLOCATIONS = frozenset({"ul_um", "ul_log", "al_am", "curve"})
+#: FLAP's global threshold on its wifv scores (al_am), the knapsack over the OBS error curves (curve), or the
+#: evolutionary search whose fitness is the KL to the dense model (kl_search).
+OBS_ALLOCATIONS = frozenset({"ul_um", "ul_log", "al_am", "curve", "kl_search"})
 
 
 def structure_problem(metric: str, structure: str, sequential: bool) -> str | None:
@@ -65,6 +66,8 @@ def structure_problem(metric: str, structure: str, sequential: bool) -> str | No
         return None
     if base == "curve":
         return f"structure {structure!r} allocates from the OBS pass's error curves: metric obs only"
+    if base == "kl_search":
+        return f"structure {structure!r} searches the OBS pass's allocation by KL: metric obs only"
     if sequential and base not in PER_LAYER:
         return (f"{metric} calibrates sequentially and needs a per-layer structure ({', '.join(sorted(PER_LAYER))}), "
                 f"not {structure!r}")

@@ -96,6 +96,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--obs-batch", type=int, default=1, help="metric obs: units removed per greedy step")
     p.add_argument("--obs-damping", type=float, default=0.01,
                    help="metric obs: λ of H = Σ + λI relative to the mean diagonal of Σ")
+    p.add_argument("--search-candidates", type=int, default=32,
+                   help="structure kl_search: fitness evaluations of the level search (1: uniform)")
+    p.add_argument("--search-windows", type=int, default=8, help="structure kl_search: calibration windows of the KL")
+    p.add_argument("--search-step", type=float, default=0.05, help="structure kl_search: the levels' grid step")
+    p.add_argument("--search-seed", type=int, default=0, help="structure kl_search: the search's seed")
     _add_corpus(p, "calib", "wiki", "train")
     p.add_argument("--nsamples", type=int, default=1024, help="N calibration windows (the paper's 1024)")
     p.add_argument("--seqlen", type=int, default=128, help="T tokens per window (the paper's 128)")
@@ -185,7 +190,9 @@ def prune_config(a: argparse.Namespace):
                        options=StructureOptions(a.min_groups, a.min_channels, a.remove_groups,
                                                 ul_rounding=a.ul_rounding, head_cost=a.head_cost,
                                                 attn_unit=a.attn_unit, obs_batch=a.obs_batch,
-                                                obs_damping=a.obs_damping),
+                                                obs_damping=a.obs_damping, search_step=a.search_step,
+                                                search_candidates=a.search_candidates,
+                                                search_windows=a.search_windows, search_seed=a.search_seed),
                        batch_size=a.batch_size).validate()
 
 

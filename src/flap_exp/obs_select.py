@@ -8,6 +8,8 @@ The structure is the allocation (how many groups and channels each layer removes
             dense model's statistics (one dense calibration pass first)
     curve   a uniform OBS pass run to the last unit of every projection gives each layer's error curves;
             the knapsack over them (allocation.curve_counts) sets the counts of a second OBS pass
+    kl_search  per-layer levels searched by evolution, fitness the KL to the dense model (allocation_search.py;
+            or the levels given in the options, the pipeline's allocate stage)
 
 Each OBS pass is compensation/obs_pass.py, layer by layer through the store (resident or streamed), with the
 pruned model's own stream. The model stays dense: the cell's compensation (lsq by default) refits the
@@ -23,6 +25,7 @@ from tqdm.auto import tqdm
 from .allocation import Counts, counts_of, curve_counts, layer_counts, log_ratios
 from .calibrate import check_windows, collect_stats, layer_inputs
 from .compensation.obs_pass import ObsLayer, ObsPass
+from .errors import FlapError
 from .metrics import channel_scores, get_metric
 from .selection import Selection
 from .stats import LayerStats
@@ -58,6 +61,14 @@ def allocation_counts(store: LayerStore, windows: torch.Tensor, cfg: PruneConfig
         stats = collect_stats(store, windows, cfg.batch_size, progress=progress)
         flap = get_structure("al_am")(channel_scores(get_metric("wifv"), store, stats, None), arch, cfg.ratio, o)
         return counts_of(flap)
+    if cfg.structure == "kl_search":
+        levels = o.levels
+        if levels is None:
+            from .allocation_search import search_allocation
+            levels = search_allocation(store, windows, cfg, progress)[0].levels
+        if len(levels) != arch.num_layers:
+            raise FlapError(f"kl_search: {len(levels)} levels for {arch.num_layers} layers")
+        return layer_counts(arch, list(levels), o.min_groups, o.min_channels)
     ratios = log_ratios(arch.num_layers, cfg.ratio) if cfg.structure == "ul_log" else [cfg.ratio] * arch.num_layers
     return layer_counts(arch, ratios, o.min_groups, o.min_channels)
 

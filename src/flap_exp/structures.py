@@ -60,6 +60,17 @@ class StructureOptions:
     # metric obs only: λ = obs_damping x mean diag Σ in H = Σ + λI; lsq's default damping, so the selection's
     # objective is the one its lsq compensation then minimises
     obs_damping: float = 0.01
+    # structure kl_search only (allocation_search.py): levels on a grid of this step around the ratio; 0.05 puts
+    # the study's ratios (0.2, 0.3, 0.5) on it and gives a layer 19 levels from 0 to the cap 0.9
+    search_step: float = 0.05
+    # fitness evaluations in all (the uniform start included); 1 is the uniform allocation. 32: what the quick
+    # protocol affords on a 2-core CPU (~5 s a candidate for SmolLM2-135M on 8 windows); protocols set theirs
+    search_candidates: int = 32
+    # calibration windows the fitness's KL reads (the first ones; never an evaluation text): 8 x 128 tokens
+    search_windows: int = 8
+    search_seed: int = 0
+    # the levels of an earlier search (the pipeline's allocate stage): the OBS pass uses them, nothing is searched
+    levels: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         for name, valid in (("ul_rounding", UL_ROUNDING), ("head_cost", HEAD_COSTS), ("attn_unit", ATTN_UNITS)):
@@ -73,6 +84,15 @@ class StructureOptions:
         d = self.obs_damping
         if isinstance(d, bool) or not isinstance(d, (int, float)) or not math.isfinite(d) or d < 0:
             raise FlapError(f"obs_damping must be a finite number >= 0; got {d!r}")
+        st = self.search_step
+        if isinstance(st, bool) or not isinstance(st, (int, float)) or not 0 < st < 1:
+            raise FlapError(f"search_step must be a number in (0, 1); got {st!r}")
+        for name, least in (("search_candidates", 1), ("search_windows", 1), ("search_seed", 0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < least:
+                raise FlapError(f"{name} must be an integer >= {least}; got {v!r}")
+        if self.levels is not None and not all(isinstance(x, (int, float)) and 0 <= x < 1 for x in self.levels):
+            raise FlapError(f"levels must be per-layer shares in [0, 1); got {self.levels!r}")
 
 
 def group_cost(arch: ArchView, head_cost: str = "exact") -> float:
@@ -189,6 +209,10 @@ def curve(scores: Scores, arch: ArchView, ratio: float, opts: StructureOptions) 
     raise FlapError("structure curve allocates from the OBS pass's error curves: use it with metric obs")
 
 
+def kl_search(scores: Scores, arch: ArchView, ratio: float, opts: StructureOptions) -> Selection:
+    raise FlapError("structure kl_search searches the OBS pass's allocation by KL: use it with metric obs")
+
+
 def ul_mm(scores: Scores, arch: ArchView, ratio: float, opts: StructureOptions) -> Selection:
     per_layer = groups_removed(opts, arch, ratio) // arch.num_layers
     sel = [ul_layer(a, m, arch, ratio, opts, per_layer) for a, m in scores]
@@ -272,7 +296,8 @@ def _finite_first(name: str, fn: StructureFn) -> StructureFn:
 
 STRUCTURES: dict[str, StructureFn] = {k: _finite_first(k, f) for k, f in
                                       {"ul_um": ul_um, "ul_mm": ul_mm, "al_mm": al_mm, "al_am": al_am,
-                                       "ul_log": ul_log, "curve": curve}.items()}
+                                       "ul_log": ul_log, "curve": curve,
+                                       "kl_search": kl_search}.items()}
 #: Structures that decide each layer on its own, so they can run during a sequential calibration pass.
 PER_LAYER = {"ul_um", "ul_mm"}
 

@@ -128,7 +128,8 @@ class _Cells:
 
     def __init__(self) -> None:
         self.t: dict[str, dict] = {k: {} for k in (
-            "calibrate", "score", "score_free", "standardize", "search", "search_seq", "compensate",
+            "calibrate", "score", "score_free", "standardize", "search", "search_seq", "allocate", "search_kl",
+            "compensate",
             "compensate_lsq", "evaluate", "zeroshot", "speed")}
 
     def calibration(self, corpus: str, n: int) -> str:
@@ -213,9 +214,15 @@ def _cell(c: _Cells, metric: str, structure: str, ratio: float, ckey: str | None
     cell = {"metric": metric, "structure": structure, "ratio": ratio}
     selection = paths.selection(key)
     if sequential:
-        c.t["search_seq"][key] = {**cell, "calib": ckey, "windows": paths.windows(calib),
-                                  "manifest": paths.manifest(calib), "selection": selection,
-                                  "stats": paths.seq_stats(key)}
+        seq = {**cell, "calib": ckey, "windows": paths.windows(calib), "manifest": paths.manifest(calib),
+               "selection": selection, "stats": paths.seq_stats(key)}
+        if structure_of(structure) == "kl_search":  # the searched levels: their own stage, cached apart
+            levels = {"levels": paths.allocation(key), "plot": paths.allocation_plot(key)}
+            c.t["allocate"][key] = {**cell, "calib": ckey, "windows": paths.windows(calib),
+                                    "manifest": paths.manifest(calib), **levels}
+            c.t["search_kl"][key] = {**seq, "levels": levels["levels"]}
+        else:
+            c.t["search_seq"][key] = seq
     else:
         scores = c.scores(metric, None if data_free else ckey)
         adaptive = structure_of(structure) in ADAPTIVE

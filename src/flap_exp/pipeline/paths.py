@@ -53,6 +53,15 @@ def seq_stats(cell: str) -> str:
     return f"{RESULTS}/search/{cell}/stats.safetensors"
 
 
+def allocation(cell: str) -> str:
+    """A searched allocation's levels and history (structure kl_search: the allocate stage)."""
+    return f"{RESULTS}/search/{cell}/levels.json"
+
+
+def allocation_plot(cell: str) -> str:
+    return f"{RESULTS}/search/{cell}/levels.png"
+
+
 def compensation(key: str) -> str:
     return f"{RESULTS}/compensate/{key}.safetensors"
 

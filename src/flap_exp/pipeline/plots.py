@@ -33,6 +33,24 @@ def kept_per_layer(sel: dict, title: str, out: str | Path) -> None:
     plt.close(fig)
 
 
+def levels_per_layer(rec: dict, title: str, out: str | Path) -> None:
+    """kl_search's chosen levels per layer against the cell's ratio (top) and the best KL by candidates (bottom)."""
+    plt = _plt()
+    levels, hist = rec["levels"], rec["history"]
+    fig, (a, b) = plt.subplots(2, 1, figsize=(8, 5))
+    a.bar(range(len(levels)), levels, color="tab:purple")
+    a.axhline(rec["ratio"], color="grey", lw=0.8, ls="--")
+    a.set_ylabel("removed share")
+    a.set_xlabel("layer")
+    b.plot([h["candidates"] for h in hist], [h["best_kl"] for h in hist], marker=".")
+    b.set_xlabel("candidates evaluated")
+    b.set_ylabel("best KL to dense")
+    fig.suptitle(f"{title}  (KL {rec['uniform_kl']:.4f} uniform -> {rec['kl']:.4f})")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100, format="png")
+    plt.close(fig)
+
+
 def ppl_vs_ratio(rows: list[dict], dense: float | None, out: str | Path) -> dict[str, list[float]]:
     """rows: {method, ratio, achieved_ratio, perplexity}; one line per method at the ACHIEVED ratio (what was
     removed), the nominal targets as dotted verticals; a cell that missed its target also gets a hollow

@@ -23,7 +23,12 @@ def options(opts: dict, arch=None):
     return StructureOptions(floor("min_groups", "num_kv_heads"), floor("min_channels", "intermediate_size"),
                             opts.get("remove_groups"), ul_rounding=opts.get("ul_rounding") or "fill",
                             head_cost=opts.get("head_cost") or "exact", attn_unit=opts.get("attn_unit") or "group",
-                            obs_batch=opts.get("obs_batch") or 1, obs_damping=opts.get("obs_damping", 0.01))
+                            obs_batch=opts.get("obs_batch") or 1, obs_damping=opts.get("obs_damping", 0.01),
+                            **{k: opts[k] for k in SEARCH_OPTIONS if opts.get(k) is not None})
+
+
+#: kl_search's options (conf/structure/kl_search.yaml); absent ones take StructureOptions' defaults.
+SEARCH_OPTIONS = ("search_step", "search_candidates", "search_windows", "search_seed")
 
 
 def selection_record(sel, arch, cell: dict) -> dict:
@@ -73,20 +78,56 @@ def search_file(path: str, arch, cell: dict, opts: dict) -> dict:
     return {**rec, "calib": meta.get("calib")}
 
 
-def search_sequential(model, windows, cell: dict, metric_opts: dict, opts: dict, batch_size: int):
-    """(selection record, stats tensors) of a sequentially calibrated cell; `model` (in memory or a layer
-    store) stays dense."""
-    from ..arch import ArchView
+def _prune_config(arch, cell: dict, metric_opts: dict, opts, batch_size: int):
     from ..catalogue import structure_of
     from ..compensation import CompensationConfig
-    from ..prune import PruneConfig, select
+    from ..prune import PruneConfig
+    # The selection only: the cell's compensation is its own stage (compensate@CELL-COMP).
+    return PruneConfig(cell["metric"], structure_of(cell["structure"]), float(cell["ratio"]),
+                       compensation=CompensationConfig("none"), square_attn=metric_opts.get("square_attn"),
+                       sequential=metric_opts.get("sequential"), options=opts, batch_size=batch_size)
+
+
+def allocate(model, windows, cell: dict, opts: dict, batch_size: int) -> dict:
+    """Structure kl_search's searched levels for a cell (the allocate stage): levels, history, seconds."""
+    from dataclasses import asdict
+
+    from ..allocation_search import search_allocation
+    from ..arch import ArchView
+    from ..store import as_store
+    arch = ArchView.from_config(model.config)
+    cfg = _prune_config(arch, cell, {}, options(opts, arch), batch_size).validate()
+    res, secs = search_allocation(as_store(model), windows, cfg, progress=True)
+    o = cfg.options
+    return {**cell, **asdict(res), "seconds": secs, "search_step": o.search_step, "search_seed": o.search_seed,
+            "search_candidates": o.search_candidates, "search_windows": secs["windows"]}
+
+
+def searched_levels(path: str, cell: dict) -> list[float]:
+    """The levels of the allocate stage's file, refused unless they were searched for this cell."""
+    from ..errors import FlapError
+    from .io import read_json
+    rec = read_json(path)
+    keys = ("metric", "structure", "ratio")
+    if tuple(rec.get(k) for k in keys) != tuple(cell[k] for k in keys):
+        raise FlapError(f"{path} holds the levels of {rec.get('metric')}/{rec.get('structure')} at {rec.get('ratio')}, "
+                        f"not of this cell; rerun its allocate stage")
+    return rec["levels"]
+
+
+def search_sequential(model, windows, cell: dict, metric_opts: dict, opts: dict, batch_size: int,
+                      levels: list[float] | None = None):
+    """(selection record, stats tensors) of a sequentially calibrated cell; `model` (in memory or a layer
+    store) stays dense. `levels`: kl_search's levels from the allocate stage."""
+    from dataclasses import replace
+
+    from ..arch import ArchView
+    from ..prune import select
     from ..stats import stats_to_tensors
     arch = ArchView.from_config(model.config)
-    # The selection only: the cell's compensation is its own stage (compensate@CELL-COMP).
-    cfg = PruneConfig(cell["metric"], structure_of(cell["structure"]), float(cell["ratio"]),
-                      compensation=CompensationConfig("none"),
-                      square_attn=metric_opts.get("square_attn"), sequential=metric_opts.get("sequential"),
-                      options=options(opts, arch), batch_size=batch_size)
+    o = options(opts, arch)
+    cfg = _prune_config(arch, cell, metric_opts, o if levels is None else replace(o, levels=tuple(levels)),
+                        batch_size)
     stats, sel, _ = select(model, windows, cfg, progress=True)
     assert stats is not None  # a sequential pass always records the statistics it pruned with
     return selection_record(sel, arch, cell), stats_to_tensors(stats)

@@ -81,9 +81,9 @@ def stage(name: str) -> Iterator[Usage]:
         sys.exit(2)
 
 
-def cell_args(*options: str):
+def cell_args(*options: str, optional: tuple[str, ...] = ()):
     """The command line of a search cell, `KEY METRIC STRUCTURE RATIO [--OPTION VALUE ...]`: (key,
-    {metric, structure, ratio}, the options' namespace)."""
+    {metric, structure, ratio}, the options' namespace; an `optional` one absent is None)."""
     import argparse
     ap = argparse.ArgumentParser()
     for name in ("key", "metric", "structure"):
@@ -91,5 +91,7 @@ def cell_args(*options: str):
     ap.add_argument("ratio", type=float)
     for o in options:
         ap.add_argument(f"--{o}", required=True)
+    for o in optional:
+        ap.add_argument(f"--{o}", default=None)
     a = ap.parse_args()
     return a.key, {"metric": a.metric, "structure": a.structure, "ratio": a.ratio}, a

@@ -7,6 +7,7 @@ re-logging an unchanged cell keeps its run, a changed one replaces it (never two
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -158,16 +159,20 @@ def comparison_figures(rows: list[dict], dense: dict, folder: Path) -> dict:
 
 
 def _upsert(client, exp_id: str, key: str, name: str, params: dict, metrics: dict, selection: dict | None,
-            tags: dict, times: tuple[int, int] | None, figures: tuple[list[dict], dict] | None = None) -> str:
+            tags: dict, times: tuple[int, int] | None, figures: tuple[list[dict], dict] | None = None,
+            files: list[Path] = ()) -> str:
     """The cell's run: kept if nothing changed, else the old one is deleted and a new one logged.
-    figures: (rows, dense) whose comparison figures the run carries (the dense run)."""
+    figures: (rows, dense) whose comparison figures the run carries (the dense run); files: the cell's own
+    artifacts logged as they are (kl_search's levels and their plot, under allocation/)."""
     from .plots import kept_per_layer
     drawn = None
     if figures is not None:
         with tempfile.TemporaryDirectory() as tmp:
             drawn = comparison_figures(*figures, Path(tmp))  # cheap; its data go into the fingerprint
     fp = sha256_text(json.dumps([params | {"git_commit": None, "dvc_exp_name": None}, metrics, selection, tags]
-                                + ([drawn] if drawn is not None else []), sort_keys=True, default=str))
+                                + ([drawn] if drawn is not None else [])
+                                + [hashlib.sha256(f.read_bytes()).hexdigest() for f in files], sort_keys=True,
+                                default=str))
     old = client.search_runs([exp_id], filter_string=f"tags.`flap.cell` = '{key}'")
     if len(old) == 1 and old[0].data.tags.get("flap.fingerprint") == fp:
         return old[0].info.run_id
@@ -191,8 +196,16 @@ def _upsert(client, exp_id: str, key: str, name: str, params: dict, metrics: dic
         with tempfile.TemporaryDirectory() as tmp:
             comparison_figures(*figures, Path(tmp))
             client.log_artifacts(rid, tmp, "figures")
+    for f in files:
+        client.log_artifact(rid, str(f), "allocation")
     client.set_terminated(rid, end_time=end)
     return rid
+
+
+def allocation_files(cell: str, root: str | Path = ".") -> list[Path]:
+    """A kl_search cell's searched levels (json) and their per-layer plot (png), where the cell has them."""
+    from . import paths
+    return [p for p in (Path(root) / paths.allocation(cell), Path(root) / paths.allocation_plot(cell)) if p.is_file()]
 
 
 def warning_tags(row: dict) -> dict:
@@ -259,7 +272,8 @@ def track(params: dict, record: dict, manifests: dict, rows: list[dict], dense: 
         runs[row["key"]] = _upsert(client, exp_id, f"{row['key']}@{protocol}", run_name(row, protocol),
                                    run_params(row, params, record, manifests), run_metrics(row, u),
                                    sels[row["cell"]], {**ratio_tags(row), **table_tags(row["tables"], protocol),
-                                                       **warning_tags(row)}, _times(u))
+                                                       **warning_tags(row)}, _times(u),
+                                   files=allocation_files(row["cell"]))
     return {"tracking_uri": uri, "experiment": name, "experiment_id": exp_id, "protocol": protocol, "runs": runs}
 
 
