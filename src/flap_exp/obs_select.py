@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .allocation import Counts, counts_of, curve_counts, layer_counts, log_ratios
+from .allocation_search import search_allocation
 from .calibrate import check_windows, collect_stats, layer_inputs
 from .compensation.obs_pass import ObsLayer, ObsPass
 from .errors import FlapError
@@ -62,10 +63,11 @@ def allocation_counts(store: LayerStore, windows: torch.Tensor, cfg: PruneConfig
         flap = get_structure("al_am")(channel_scores(get_metric("wifv"), store, stats, None), arch, cfg.ratio, o)
         return counts_of(flap)
     if cfg.structure == "kl_search":
-        levels = o.levels
-        if levels is None:
-            from .allocation_search import search_allocation
-            levels = search_allocation(store, windows, cfg, progress)[0].levels
+        levels: list[float]
+        if o.levels is None:
+            levels = list(search_allocation(store, windows, cfg, progress)[0].levels)
+        else:
+            levels = list(o.levels)
         if len(levels) != arch.num_layers:
             raise FlapError(f"kl_search: {len(levels)} levels for {arch.num_layers} layers")
         return layer_counts(arch, list(levels), o.min_groups, o.min_channels)

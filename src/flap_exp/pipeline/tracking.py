@@ -160,7 +160,7 @@ def comparison_figures(rows: list[dict], dense: dict, folder: Path) -> dict:
 
 def _upsert(client, exp_id: str, key: str, name: str, params: dict, metrics: dict, selection: dict | None,
             tags: dict, times: tuple[int, int] | None, figures: tuple[list[dict], dict] | None = None,
-            files: list[Path] = ()) -> str:
+            files: tuple[Path, ...] | list[Path] = ()) -> str:
     """The cell's run: kept if nothing changed, else the old one is deleted and a new one logged.
     figures: (rows, dense) whose comparison figures the run carries (the dense run); files: the cell's own
     artifacts logged as they are (kl_search's levels and their plot, under allocation/)."""
