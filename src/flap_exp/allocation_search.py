@@ -25,6 +25,7 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING
 
 import torch
+from tqdm.auto import tqdm
 
 from .allocation import layer_counts
 from .arch import block_output
@@ -69,7 +70,6 @@ class Variants:
         g_max, c_max = max(g for g, _ in counts), max(c for _, c in counts)
         hs, kws = layer_inputs(store, windows, cfg.batch_size)
         self.moments, self.orders = [], []
-        from tqdm.auto import tqdm
         for i in tqdm(range(store.num_layers), desc="kl_search database", unit="layer", disable=not progress):
             with store.layer(i) as layer:
                 kw = [k[i] for k in kws]
