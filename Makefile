@@ -19,10 +19,10 @@ $(VENV_OK): pyproject.toml
 	touch $@
 
 run: $(VENV_OK)
-	$(PY) -m flap_exp.pipeline.compose protocol=$(PROTOCOL) experiment=$(EXP) $(OVERRIDES)
-	$(VENV_PATH) $(PY) -m flap_exp.pipeline.tracking --check
+	$(PY) -m flap_exp.pipeline.study.compose protocol=$(PROTOCOL) experiment=$(EXP) $(OVERRIDES)
+	$(VENV_PATH) $(PY) -m flap_exp.pipeline.reporting.tracking --check
 	$(VENV_PATH) .venv/bin/dvc repro
-	$(PY) -m flap_exp.pipeline.summary
+	$(PY) -m flap_exp.pipeline.reporting.summary
 
 test: $(VENV_OK)
 	# One pytest-xdist worker per core (at most 4); --dist loadfile keeps a file's module fixtures (the tiny
@@ -57,16 +57,16 @@ VENV_PATH := PATH=$(CURDIR)/.venv/bin:$$PATH
 
 # params.yaml from conf/ (Hydra); `make run` always recomposes, so conf/ edits are never missed.
 compose: $(VENV_OK)
-	$(PY) -m flap_exp.pipeline.compose protocol=$(PROTOCOL) experiment=$(EXP) $(OVERRIDES)
+	$(PY) -m flap_exp.pipeline.study.compose protocol=$(PROTOCOL) experiment=$(EXP) $(OVERRIDES)
 
 # The grid's cells in parallel on DVC's experiment queue (JOBS workers); same results as `make run`.
 JOBS ?= 2
 .PHONY: run-parallel
 run-parallel: $(VENV_OK)
-	$(PY) -m flap_exp.pipeline.compose protocol=$(PROTOCOL) experiment=$(EXP) $(OVERRIDES)
-	$(VENV_PATH) $(PY) -m flap_exp.pipeline.tracking --check
-	$(VENV_PATH) $(PY) -m flap_exp.pipeline.parallel --jobs $(JOBS)
-	$(PY) -m flap_exp.pipeline.summary
+	$(PY) -m flap_exp.pipeline.study.compose protocol=$(PROTOCOL) experiment=$(EXP) $(OVERRIDES)
+	$(VENV_PATH) $(PY) -m flap_exp.pipeline.reporting.tracking --check
+	$(VENV_PATH) $(PY) -m flap_exp.pipeline.running.parallel --jobs $(JOBS)
+	$(PY) -m flap_exp.pipeline.reporting.summary
 
 # The grid on a cluster (conf/cluster/: local = DVC's queue here, slurm = one SLURM job array through submitit):
 # `make run-cluster CLUSTER=slurm CLUSTER_OVERRIDES="cluster.partition=gpu cluster.mem_gb=16"`. The tasks clone
@@ -75,9 +75,9 @@ CLUSTER ?= local
 CLUSTER_OVERRIDES ?=
 .PHONY: run-cluster
 run-cluster: $(VENV_OK)
-	$(PY) -m flap_exp.pipeline.compose protocol=$(PROTOCOL) experiment=$(EXP) $(OVERRIDES)
-	$(VENV_PATH) $(PY) -m flap_exp.pipeline.cluster cluster=$(CLUSTER) $(CLUSTER_OVERRIDES)
-	$(PY) -m flap_exp.pipeline.summary
+	$(PY) -m flap_exp.pipeline.study.compose protocol=$(PROTOCOL) experiment=$(EXP) $(OVERRIDES)
+	$(VENV_PATH) $(PY) -m flap_exp.pipeline.running.cluster cluster=$(CLUSTER) $(CLUSTER_OVERRIDES)
+	$(PY) -m flap_exp.pipeline.reporting.summary
 
 # DVC's experiment table narrowed to what reads side by side: each cell's perplexity (46 columns for the study,
 # of 588 that `dvc exp show` lists: every param, dependency and noise figure); `--md` for a markdown table.
@@ -87,11 +87,11 @@ exp-show: $(VENV_OK)
 # DVC's interactive plots offline: its page loads vega from a CDN and is blank without internet; this one inlines
 # vega, vega-lite and vega-embed (dvc-render's versions, fetched once from the npm registry into .venv/share/vega).
 plots: $(VENV_OK)
-	t=$$($(PY) -m flap_exp.pipeline.offline_plots .venv/share/vega) && \
+	t=$$($(PY) -m flap_exp.pipeline.reporting.offline_plots .venv/share/vega) && \
 		$(VENV_PATH) .venv/bin/dvc plots show --html-template "$$t" $(ARGS)
 
 MLFLOW_PORT ?= 5000
 mlflow-ui: $(VENV_OK)
-	@MLFLOW_PORT=$(MLFLOW_PORT) $(PY) -m flap_exp.pipeline.tracking --link
+	@MLFLOW_PORT=$(MLFLOW_PORT) $(PY) -m flap_exp.pipeline.reporting.tracking --link
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false .venv/bin/mlflow ui --workers 1 --host 127.0.0.1 \
 		--port $(MLFLOW_PORT) --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}

@@ -45,7 +45,8 @@ def measure(protocol: str, workdir: Path) -> dict:
         os.environ.setdefault("FLAP_EXP_WIKITEXT2", str(wikitext2))
     # the experiment `make run PROTOCOL=P` picks (Makefile: smoke -> the smoke experiment, else the study)
     experiment = "smoke" if protocol == "smoke" else "study"
-    run([sys.executable, "-m", "flap_exp.pipeline.compose", f"protocol={protocol}", f"experiment={experiment}"], clone)
+    run([sys.executable, "-m", "flap_exp.pipeline.study.compose", f"protocol={protocol}",
+         f"experiment={experiment}"], clone)
     load_before = round(os.getloadavg()[0], 2)  # other work on the machine inflates wall times, not CPU times
     # the clone starts without results/: every stage runs (the run-cache is the clone's own, empty)
     start, cpu0 = time.monotonic(), children_cpu()

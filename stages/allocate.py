@@ -1,11 +1,11 @@
 """allocate KEY METRIC STRUCTURE RATIO --calib CALIB: structure kl_search's evolutionary search over per-layer
 levels (fitness: the KL to the dense model on calibration windows) -> levels.json (levels, history) + levels.png."""
-from flap_exp.pipeline import paths
-from flap_exp.pipeline.io import read_json, write_json
-from flap_exp.pipeline.plots import levels_per_layer
-from flap_exp.pipeline.records import load_checked_windows, load_prepared_model
-from flap_exp.pipeline.search import allocate
-from flap_exp.pipeline.stage import cell_args, load_params, stage, write_usage
+from flap_exp.pipeline.artifacts import paths
+from flap_exp.pipeline.artifacts.io import read_json, write_json
+from flap_exp.pipeline.artifacts.records import load_checked_windows, load_prepared_model
+from flap_exp.pipeline.reporting.plots import levels_per_layer
+from flap_exp.pipeline.steps.search import allocate
+from flap_exp.pipeline.steps.stage import cell_args, load_params, stage, write_usage
 
 if __name__ == "__main__":
     key, cell, a = cell_args("calib")

@@ -2,11 +2,11 @@
 versions) -> results/calibrate/CALIB/."""
 import argparse
 
-from flap_exp.pipeline import paths
-from flap_exp.pipeline.calibrate import calibrate
-from flap_exp.pipeline.io import read_json, save_tensors, write_json
-from flap_exp.pipeline.mlflow_store import preflight
-from flap_exp.pipeline.stage import load_params, stage, write_usage
+from flap_exp.pipeline.artifacts import paths
+from flap_exp.pipeline.artifacts.io import read_json, save_tensors, write_json
+from flap_exp.pipeline.reporting.mlflow_store import preflight
+from flap_exp.pipeline.steps.calibrate import calibrate
+from flap_exp.pipeline.steps.stage import load_params, stage, write_usage
 from flap_exp.sources import sha256_file
 
 if __name__ == "__main__":

@@ -5,11 +5,11 @@ calibration's windows; none reads nothing but the selection."""
 import argparse
 
 from flap_exp.compensation import get_compensation
-from flap_exp.pipeline import paths
-from flap_exp.pipeline.compensate import compensate
-from flap_exp.pipeline.io import read_json, save_tensors
-from flap_exp.pipeline.records import arch_of, load_checked_stats, load_checked_windows, load_prepared_model
-from flap_exp.pipeline.stage import load_params, stage, write_usage
+from flap_exp.pipeline.artifacts import paths
+from flap_exp.pipeline.artifacts.io import read_json, save_tensors
+from flap_exp.pipeline.artifacts.records import arch_of, load_checked_stats, load_checked_windows, load_prepared_model
+from flap_exp.pipeline.steps.compensate import compensate
+from flap_exp.pipeline.steps.stage import load_params, stage, write_usage
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()

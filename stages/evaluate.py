@@ -3,13 +3,13 @@ memory (selection + the cell's compensation) and measure it -> results/evaluate/
 KEY "dense" evaluates the unpruned model."""
 import argparse
 
-from flap_exp.pipeline import paths
-from flap_exp.pipeline.compensate import load_compensation, sample_warning
-from flap_exp.pipeline.evaluate import evaluate
-from flap_exp.pipeline.io import read_json, write_json
-from flap_exp.pipeline.mlflow_store import preflight
-from flap_exp.pipeline.records import arch_of, eval_record, load_prepared_model
-from flap_exp.pipeline.stage import load_params, stage, write_usage
+from flap_exp.pipeline.artifacts import paths
+from flap_exp.pipeline.artifacts.io import read_json, write_json
+from flap_exp.pipeline.artifacts.records import arch_of, eval_record, load_prepared_model
+from flap_exp.pipeline.reporting.mlflow_store import preflight
+from flap_exp.pipeline.steps.compensate import load_compensation, sample_warning
+from flap_exp.pipeline.steps.evaluate import evaluate
+from flap_exp.pipeline.steps.stage import load_params, stage, write_usage
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()

@@ -2,10 +2,10 @@
 sha256 -> results/prepare.json."""
 import sys
 
-from flap_exp.pipeline.io import write_json
-from flap_exp.pipeline.paths import PREPARE
-from flap_exp.pipeline.prepare import prepare
-from flap_exp.pipeline.stage import load_params, stage
+from flap_exp.pipeline.artifacts.io import write_json
+from flap_exp.pipeline.artifacts.paths import PREPARE
+from flap_exp.pipeline.steps.prepare import prepare
+from flap_exp.pipeline.steps.stage import load_params, stage
 
 if __name__ == "__main__":
     with stage("prepare"):

@@ -1,8 +1,8 @@
 """prepare_eval: the perplexity corpora fetched; identities and sha256 -> results/prepare_eval.json."""
-from flap_exp.pipeline.io import write_json
-from flap_exp.pipeline.paths import PREPARE_EVAL
-from flap_exp.pipeline.prepare import prepare_eval
-from flap_exp.pipeline.stage import load_params, stage
+from flap_exp.pipeline.artifacts.io import write_json
+from flap_exp.pipeline.artifacts.paths import PREPARE_EVAL
+from flap_exp.pipeline.steps.prepare import prepare_eval
+from flap_exp.pipeline.steps.stage import load_params, stage
 
 if __name__ == "__main__":
     with stage("prepare_eval"):

@@ -4,10 +4,10 @@ REPORTS is cells.yaml's `reports`: reports/ for the default protocol, reports/PR
 import argparse
 
 from flap_exp.errors import FlapError
-from flap_exp.pipeline.cells import load_cells
-from flap_exp.pipeline.report import index_files, table_files
-from flap_exp.pipeline.results import collect
-from flap_exp.pipeline.stage import load_params, stage
+from flap_exp.pipeline.artifacts.results import collect
+from flap_exp.pipeline.reporting.report import index_files, table_files
+from flap_exp.pipeline.steps.stage import load_params, stage
+from flap_exp.pipeline.study.cells import load_cells
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__)

@@ -2,11 +2,11 @@
 Without --calib the metric must be data-free (weight magnitude): no statistics are read."""
 import argparse
 
-from flap_exp.pipeline import paths
-from flap_exp.pipeline.io import read_json, save_tensors
-from flap_exp.pipeline.records import load_checked_stats, load_prepared_model
-from flap_exp.pipeline.score import score
-from flap_exp.pipeline.stage import load_params, stage
+from flap_exp.pipeline.artifacts import paths
+from flap_exp.pipeline.artifacts.io import read_json, save_tensors
+from flap_exp.pipeline.artifacts.records import load_checked_stats, load_prepared_model
+from flap_exp.pipeline.steps.score import score
+from flap_exp.pipeline.steps.stage import load_params, stage
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()

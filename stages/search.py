@@ -1,10 +1,10 @@
 """search KEY METRIC STRUCTURE RATIO --input FILE: kept groups/channels per layer + achieved ratio ->
 selection.json. FILE: the standardize stage's units for al_mm/al_am, the score stage's scores otherwise."""
-from flap_exp.pipeline import paths
-from flap_exp.pipeline.io import read_json, write_json
-from flap_exp.pipeline.records import arch_of
-from flap_exp.pipeline.search import search_file
-from flap_exp.pipeline.stage import cell_args, load_params, stage, write_usage
+from flap_exp.pipeline.artifacts import paths
+from flap_exp.pipeline.artifacts.io import read_json, write_json
+from flap_exp.pipeline.artifacts.records import arch_of
+from flap_exp.pipeline.steps.search import search_file
+from flap_exp.pipeline.steps.stage import cell_args, load_params, stage, write_usage
 
 if __name__ == "__main__":
     key, cell, a = cell_args("input")

@@ -1,10 +1,10 @@
 """search_seq KEY METRIC STRUCTURE RATIO --calib CALIB [--levels LEVELS]: a sequentially calibrated cell (Wanda-sp,
 OBS) on the calibration's windows: selection + its own statistics. LEVELS: kl_search's levels (allocate stage)."""
-from flap_exp.pipeline import paths
-from flap_exp.pipeline.io import read_json, save_tensors, write_json
-from flap_exp.pipeline.records import load_checked_windows, load_prepared_model
-from flap_exp.pipeline.search import search_sequential, searched_levels
-from flap_exp.pipeline.stage import cell_args, load_params, stage, write_usage
+from flap_exp.pipeline.artifacts import paths
+from flap_exp.pipeline.artifacts.io import read_json, save_tensors, write_json
+from flap_exp.pipeline.artifacts.records import load_checked_windows, load_prepared_model
+from flap_exp.pipeline.steps.search import search_sequential, searched_levels
+from flap_exp.pipeline.steps.stage import cell_args, load_params, stage, write_usage
 
 if __name__ == "__main__":
     key, cell, a = cell_args("calib", optional=("levels",))

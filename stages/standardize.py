@@ -2,11 +2,11 @@
 z-scored per layer and module -> results/standardize/[CALIB/]METRIC; search reads them for al_mm/al_am."""
 import argparse
 
-from flap_exp.pipeline import paths
-from flap_exp.pipeline.io import load_tensors, read_json, save_tensors
-from flap_exp.pipeline.records import arch_of
-from flap_exp.pipeline.score import checked_scores, standardize
-from flap_exp.pipeline.stage import load_params, stage
+from flap_exp.pipeline.artifacts import paths
+from flap_exp.pipeline.artifacts.io import load_tensors, read_json, save_tensors
+from flap_exp.pipeline.artifacts.records import arch_of
+from flap_exp.pipeline.steps.score import checked_scores, standardize
+from flap_exp.pipeline.steps.stage import load_params, stage
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()

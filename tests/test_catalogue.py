@@ -22,11 +22,11 @@ from flap_exp.cli import _parser, prune_config
 from flap_exp.compensation import CompensationConfig, comps_to_tensors
 from flap_exp.errors import FlapError
 from flap_exp.metrics import METRICS
-from flap_exp.pipeline import cells
-from flap_exp.pipeline.compensate import compensate as pipeline_compensate
-from flap_exp.pipeline.compose import compose
-from flap_exp.pipeline.score import score
-from flap_exp.pipeline.search import search, search_sequential
+from flap_exp.pipeline.steps.compensate import compensate as pipeline_compensate
+from flap_exp.pipeline.steps.score import score
+from flap_exp.pipeline.steps.search import search, search_sequential
+from flap_exp.pipeline.study import cells
+from flap_exp.pipeline.study.compose import compose
 from flap_exp.prune import prune
 from flap_exp.stats import stats_from_tensors
 from flap_exp.structures import PER_LAYER, STRUCTURES
@@ -167,7 +167,7 @@ def test_compose_validates_compensation_options(override, msg):
     from flap_exp.errors import FlapError
     extra = ["+tables.main.blocks.flap.compensation=[ridge]"] if override.startswith("tables.") else [override]
     with pytest.raises(FlapError) as err:
-        from flap_exp.pipeline.compose import cells_text
+        from flap_exp.pipeline.study.compose import cells_text
         cells_text(compose(extra, ROOT / "conf"))
     assert msg in str(err.value) and "\n" not in str(err.value)
 

@@ -1,4 +1,4 @@
-"""The study on a real one-node SLURM cluster (flap_exp.pipeline.cluster, cluster=slurm).
+"""The study on a real one-node SLURM cluster (flap_exp.pipeline.running.cluster, cluster=slurm).
 
 A module-scoped cluster (tests/helpers/slurm.py: munge, slurmctld, slurmd under a temporary directory, stopped
 by their PIDs). Where SLURM cannot be started, the tests fail with the reason when CI=true and skip elsewhere.
@@ -41,7 +41,7 @@ from helpers.slurm import LocalSlurm, Unavailable
 
 pytestmark = pytest.mark.pipeline
 
-CLUSTER = [sys.executable, "-m", "flap_exp.pipeline.cluster", "cluster=slurm", "cluster.poll_s=0.5",
+CLUSTER = [sys.executable, "-m", "flap_exp.pipeline.running.cluster", "cluster=slurm", "cluster.poll_s=0.5",
            "cluster.array_parallelism=2", "cluster.mem_gb=1", "cluster.time_min=20"]
 
 
@@ -117,7 +117,7 @@ def _mlflow_server(tmp: Path, repo: Path) -> tuple[subprocess.Popen, str]:
 def test_tiny_study_on_slurm_equals_serial_each_cell_once(slurm: LocalSlurm, tmp_path: Path):
     base = tmp_path / "base" / "repo"
     tiny_project(base, STUDY)
-    subprocess.run([sys.executable, "-m", "flap_exp.pipeline.compose", *OVERRIDES], cwd=base, env=_env(base),
+    subprocess.run([sys.executable, "-m", "flap_exp.pipeline.study.compose", *OVERRIDES], cwd=base, env=_env(base),
                    check=True, capture_output=True)
     serial = tmp_path / "serial" / "repo"
     shutil.copytree(base, serial)

@@ -94,7 +94,7 @@ def test_cli_auto_records_the_dtype_that_ran(tmp_path, capsys, monkeypatch):
 
 
 def test_pipeline_records_auto_resolved(monkeypatch):
-    from flap_exp.pipeline.records import model_dtype
+    from flap_exp.pipeline.artifacts.records import model_dtype
     monkeypatch.setattr(runtime, "native_bf16", lambda device: True)
     assert model_dtype({"dtype": "auto", "device": "cpu"}) == "bfloat16"
     monkeypatch.setattr(runtime, "native_bf16", lambda device: False)
@@ -105,8 +105,8 @@ def test_pipeline_records_auto_resolved(monkeypatch):
 def test_prepare_records_auto_resolved_and_stages_refuse_another(tmp_path, monkeypatch):
     """prepare hashes and records the weights in the dtype auto resolved to; a stage where auto resolves
     otherwise (another machine) is refused with that reason, not with a weights-changed hash."""
-    from flap_exp.pipeline.prepare import prepare
-    from flap_exp.pipeline.records import load_prepared_model
+    from flap_exp.pipeline.artifacts.records import load_prepared_model
+    from flap_exp.pipeline.steps.prepare import prepare
     folder = save_model_dir(tmp_path / "m", WORDS, identity=True)
     (tmp_path / "text.txt").write_text(" ".join(WORDS * 20) + "\n")
     params = {"name": str(folder), "dtype": "auto", "device": "cpu"}

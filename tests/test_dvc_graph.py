@@ -1,6 +1,6 @@
 """The pipeline's graph tells the truth: dvc.yaml's code deps are the import closure of each stage script,
 every composed experiment x protocol x model yields consistent cells, and stage outputs are the paths
-flap_exp.pipeline.paths names."""
+flap_exp.pipeline.artifacts.paths names."""
 from __future__ import annotations
 
 import hashlib
@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flap_exp.pipeline import deps, paths
-from flap_exp.pipeline.cells import cells_from_params
-from flap_exp.pipeline.compose import compose
+from flap_exp.pipeline.artifacts import paths
+from flap_exp.pipeline.study import deps
+from flap_exp.pipeline.study.cells import cells_from_params
+from flap_exp.pipeline.study.compose import compose
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
@@ -22,9 +23,9 @@ MODELS = {"smollm2-135m": [], "smollm2-135m-mha": [], "local": ["model.name=/mod
 
 def test_each_stage_depends_on_the_fingerprint_of_its_scripts_import_closure(tmp_path):
     text = (ROOT / "dvc.yaml").read_text()
-    assert deps.regenerate(text, ROOT) == text, "run: python -m flap_exp.pipeline.deps --write dvc.yaml"
+    assert deps.regenerate(text, ROOT) == text, "run: python -m flap_exp.pipeline.study.deps --write dvc.yaml"
     stages = yaml.safe_load(text)["stages"]
-    assert stages["code"] == {"cmd": "python -m flap_exp.pipeline.deps --fingerprints results/code",
+    assert stages["code"] == {"cmd": "python -m flap_exp.pipeline.study.deps --fingerprints results/code",
                               "deps": ["src/flap_exp", "stages"], "outs": ["results/code"]}
     for name, st in stages.items():
         if name == "code":
@@ -59,7 +60,8 @@ def test_fingerprints_change_exactly_for_the_scripts_that_run_an_edited_file(tmp
         f = tmp_path / rel
         f.write_text(f.read_text() + "\n# an edit\n")
         return {Path(n).stem for n in deps.write_fingerprints(out, tmp_path)}
-    assert {s.split("-")[0] for s in edit("src/flap_exp/pipeline/plots.py")} == {"allocate", "report", "track"}
+    plots = edit("src/flap_exp/pipeline/reporting/plots.py")
+    assert {s.split("-")[0] for s in plots} == {"allocate", "report", "track"}
     assert edit("src/flap_exp/compensation/lsq.py") == {"evaluate-lsq", "compensate-lsq"}
     assert "calibrate" in edit("src/flap_exp/arch.py")
     (tmp_path / "stages" / "standardize.py").unlink()  # a removed stage script: its fingerprints go too
@@ -81,7 +83,7 @@ def test_dvc_yaml_carries_the_committed_cells_inline_so_dvc_lists_only_params_a_
 
 
 def test_compose_copies_the_cells_into_the_pipeline_beside_params(tmp_path, capsys):
-    from flap_exp.pipeline.compose import main
+    from flap_exp.pipeline.study.compose import main
     pipeline = "vars:\n  # the cells, written by compose: BEGIN\n  - old: 1\n  # END\nstages: {}\n"
     (tmp_path / "dvc.yaml").write_text(pipeline)
     args = ["--conf", str(ROOT / "conf"), "--out", str(tmp_path / "params.yaml"), "experiment=smoke"]
@@ -181,9 +183,9 @@ def test_search_from_the_standardize_stage_equals_search_from_scores(tmp_path, s
     import torch
 
     from flap_exp.arch import ArchView
-    from flap_exp.pipeline.io import save_tensors
-    from flap_exp.pipeline.score import scores_to_tensors, standardize
-    from flap_exp.pipeline.search import search, search_file
+    from flap_exp.pipeline.artifacts.io import save_tensors
+    from flap_exp.pipeline.steps.score import scores_to_tensors, standardize
+    from flap_exp.pipeline.steps.search import search, search_file
     arch = ArchView(num_layers=3, hidden_size=32, num_heads=4, num_kv_heads=2, head_dim=8, intermediate_size=48)
     g = torch.Generator().manual_seed(0)
     scores = scores_to_tensors([(torch.rand(32, generator=g, dtype=torch.float64),

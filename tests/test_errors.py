@@ -75,7 +75,7 @@ def test_compose_refuses_a_bad_device_or_dtype(tmp_path, capsys):
     """model.device/model.dtype are checked when params.yaml is composed, before any stage runs."""
     from pathlib import Path
 
-    from flap_exp.pipeline.compose import main
+    from flap_exp.pipeline.study.compose import main
     conf = Path(__file__).resolve().parents[1] / "conf"
     out, cells = tmp_path / "params.yaml", tmp_path / "cells.yaml"
     args = ["--conf", str(conf), "--out", str(out), "--cells", str(cells)]

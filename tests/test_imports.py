@@ -77,7 +77,7 @@ def test_the_cycle_finder_finds_a_cycle(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("module", ["flap_exp", "flap_exp.cli", "flap_exp.catalogue", "flap_exp.errors",
-                                    "flap_exp.manifest", "flap_exp.atomic", "flap_exp.pipeline.compose"])
+                                    "flap_exp.manifest", "flap_exp.atomic", "flap_exp.pipeline.study.compose"])
 def test_the_floor_imports_no_torch(module):
     code = f"import sys, {module}; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

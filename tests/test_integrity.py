@@ -146,9 +146,9 @@ def test_nan_metric_refused_in_prune_dense_and_sequential(sequential, monkeypatc
 
 def test_pipeline_score_and_search_refuse_non_finite(model, tmp_path):
     """score@weight_magnitude (data-free) of a NaN model, a NaN score file given to search, a NaN tensor to save."""
-    from flap_exp.pipeline.io import save_tensors
-    from flap_exp.pipeline.score import checked_scores, score, scores_to_tensors
-    from flap_exp.pipeline.search import search
+    from flap_exp.pipeline.artifacts.io import save_tensors
+    from flap_exp.pipeline.steps.score import checked_scores, score, scores_to_tensors
+    from flap_exp.pipeline.steps.search import search
     arch = ArchView.from_config(model.config)
     with torch.no_grad():
         model.model.layers[2].self_attn.o_proj.weight[0, 1] = float("inf")
@@ -204,7 +204,7 @@ def test_cli_ppl_of_nan_model_prints_no_json(model_dir):
 
 
 def test_write_json_refuses_nan_and_writes_nothing(tmp_path):
-    from flap_exp.pipeline.io import write_json
+    from flap_exp.pipeline.artifacts.io import write_json
     with pytest.raises(FlapError) as err:
         write_json(tmp_path / "m.json", {"perplexity": 3.0, "zeroshot": {"tasks": [1.0, float("nan")]}})
     assert one_line(err) == f"refusing to write {tmp_path / 'm.json'}: zeroshot.tasks.1 is NaN or infinite"
@@ -236,7 +236,7 @@ def test_selection_from_json_refuses_bad_indices(change, msg):
 
 
 def test_evaluate_refuses_out_of_range_selection_before_measuring(model):
-    from flap_exp.pipeline.evaluate import evaluate
+    from flap_exp.pipeline.steps.evaluate import evaluate
     arch = ArchView.from_config(model.config)
     record = {"model": {"arch": vars(arch)}, "eval": {}}
     sel = {"kept_groups": [[0]] * 3, "kept_channels": [[0, 48]] * 3}
@@ -256,10 +256,10 @@ def test_evaluate_refuses_out_of_range_selection_before_measuring(model):
 
 def test_bias_file_checked_against_selection_weights_and_model(model, windows, tmp_path):
     from flap_exp.calibrate import collect_stats
-    from flap_exp.pipeline.compensate import compensate, load_compensation
-    from flap_exp.pipeline.io import save_tensors
-    from flap_exp.pipeline.score import score
-    from flap_exp.pipeline.search import search
+    from flap_exp.pipeline.artifacts.io import save_tensors
+    from flap_exp.pipeline.steps.compensate import compensate, load_compensation
+    from flap_exp.pipeline.steps.score import score
+    from flap_exp.pipeline.steps.search import search
     arch = ArchView.from_config(model.config)
     stats = collect_stats(model, windows, progress=False)
     sel = search(score(model, stats, "wifv", None), arch, {"metric": "wifv", "structure": "al_am", "ratio": 0.4}, {})
@@ -307,7 +307,7 @@ def test_bias_file_checked_against_selection_weights_and_model(model, windows, t
     (b'', "is not valid JSON (Expecting value at line 1 column 1)"),
 ])
 def test_invalid_json_records_and_manifests(content, msg, tmp_path):
-    from flap_exp.pipeline.io import read_json
+    from flap_exp.pipeline.artifacts.io import read_json
     f = tmp_path / "prepare.json"
     f.write_bytes(content)
     with pytest.raises(FlapError) as err:
@@ -326,7 +326,7 @@ def test_invalid_json_records_and_manifests(content, msg, tmp_path):
 
 
 def test_damaged_safetensors_and_manifest_without_hashes(tmp_path):
-    from flap_exp.pipeline.io import load_tensors
+    from flap_exp.pipeline.artifacts.io import load_tensors
     f = tmp_path / "stats.safetensors"
     f.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
     with pytest.raises(FlapError) as err:
@@ -342,7 +342,7 @@ def test_damaged_safetensors_and_manifest_without_hashes(tmp_path):
 def test_nan_statistics_without_manifest_refused(tmp_path, model, windows):
     """A sequential cell's statistics file (no manifest hash) holding a NaN is refused on read."""
     from flap_exp.calibrate import collect_stats
-    from flap_exp.pipeline.records import load_checked_stats
+    from flap_exp.pipeline.artifacts.records import load_checked_stats
     from flap_exp.stats import stats_to_tensors
     arch = ArchView.from_config(model.config)
     t = stats_to_tensors(collect_stats(model, windows, progress=False))
@@ -494,9 +494,9 @@ def test_real_conversion_records_and_checks_the_hash(tmp_path, monkeypatch):
 # --- 9. provenance: the weights prepare recorded are the weights every stage uses ---------------------------
 
 def test_prepared_weights_edited_in_place_are_refused(model_dir):
-    from flap_exp.pipeline.cells import NO_LOCAL_WEIGHTS, weights_path
-    from flap_exp.pipeline.prepare import prepare
-    from flap_exp.pipeline.records import load_prepared_model
+    from flap_exp.pipeline.artifacts.records import load_prepared_model
+    from flap_exp.pipeline.steps.prepare import prepare
+    from flap_exp.pipeline.study.cells import NO_LOCAL_WEIGHTS, weights_path
     params = {"name": str(model_dir), "dtype": "float32"}
     data = {"calib": {"corpus": "text", "path": str(model_dir.parent / "corpus.txt")}}
     record = prepare(params, data, ["text"])

@@ -117,8 +117,8 @@ def test_kl_search_needs_metric_obs():
 
 def test_the_allocate_stage_feeds_the_obs_pass(model, windows, tmp_path):
     """stages/allocate.py's function writes the levels; stages/search_seq.py's with --levels selects with them."""
-    from flap_exp.pipeline.plots import levels_per_layer
-    from flap_exp.pipeline.search import allocate, search_sequential
+    from flap_exp.pipeline.reporting.plots import levels_per_layer
+    from flap_exp.pipeline.steps.search import allocate, search_sequential
     cell = {"metric": "obs", "structure": "kl_search", "ratio": 0.4}
     opts = {"search_candidates": 5, "search_windows": 4, "obs_damping": 0.01}
     rec = allocate(model, windows, cell, opts, 4)
@@ -138,8 +138,8 @@ def test_kl_search_cells_get_their_own_allocate_stage():
 
     import yaml
 
-    from flap_exp.pipeline import paths
-    from flap_exp.pipeline.compose import cells_text, compose
+    from flap_exp.pipeline.artifacts import paths
+    from flap_exp.pipeline.study.compose import cells_text, compose
     conf = Path(__file__).resolve().parents[1] / "conf"
     cells = yaml.safe_load(cells_text(compose(["experiment=smoke", "protocol=smoke"], conf)))["cells"]
     key = "obs-kl_search-0.5-wiki-8"

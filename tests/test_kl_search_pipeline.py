@@ -26,7 +26,8 @@ def test_allocate_stage_feeds_search_kl_and_mlflow(tmp_path):
     tiny_project(repo, STUDY)
     sh(repo, "git", "init", "-q")
     sh(repo, DVC, "init", "-q")
-    sh(repo, sys.executable, "-m", "flap_exp.pipeline.compose", *OVERRIDES, "structures.kl_search.search_candidates=5")
+    sh(repo, sys.executable, "-m", "flap_exp.pipeline.study.compose", *OVERRIDES,
+       "structures.kl_search.search_candidates=5")
     p = sh(repo, DVC, "repro")
     assert {f"allocate@{KEY}", f"search_kl@{KEY}", f"compensate_lsq@{KEY}-lsq", "track"} <= ran(p)
     rec = json.loads((repo / f"results/search/{KEY}/levels.json").read_text())

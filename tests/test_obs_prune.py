@@ -95,7 +95,7 @@ def test_the_selection_table_composes_into_sequential_obs_cells():
 
     import yaml
 
-    from flap_exp.pipeline.compose import cells_text, compose
+    from flap_exp.pipeline.study.compose import cells_text, compose
     conf = Path(__file__).resolve().parents[1] / "conf"
     cells = yaml.safe_load(cells_text(compose(["experiment=selection"], conf)))["cells"]
     seq = {k: v for k, v in cells["search_seq"].items() if v["metric"] == "obs"}
@@ -109,7 +109,7 @@ def test_the_selection_table_composes_into_sequential_obs_cells():
 
 def test_the_pipeline_search_stage_runs_a_recipe(windows):
     """stages/search_seq.py's function on a recipe's conf options (batched SlimGPT-style): the selection record."""
-    from flap_exp.pipeline.search import search_sequential
+    from flap_exp.pipeline.steps.search import search_sequential
     m = tiny_model()
     rec, stats = search_sequential(m, windows, {"metric": "obs", "structure": "ul_log_slimgpt", "ratio": 0.3},
                                    {}, {"obs_batch": 16, "obs_damping": 0.01}, 4)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from flap_exp.errors import FlapError
-from flap_exp.pipeline import offline_plots
+from flap_exp.pipeline.reporting import offline_plots
 
 
 def _tarball(path: Path, package: str, body: str) -> None:

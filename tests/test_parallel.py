@@ -1,7 +1,7 @@
-"""The grid in parallel on DVC's experiment queue (flap_exp.pipeline.parallel) against the serial `dvc repro`.
+"""The grid in parallel on DVC's experiment queue (flap_exp.pipeline.running.parallel) against the serial `dvc repro`.
 
 Two copies of one committed tiny-model repository (the pipeline of test_pipeline.py): one runs
-`dvc repro`, the other `python -m flap_exp.pipeline.parallel --jobs 2`. Every stage process is counted
+`dvc repro`, the other `python -m flap_exp.pipeline.running.parallel --jobs 2`. Every stage process is counted
 independently of DVC's logs by a sitecustomize.py on PYTHONPATH that appends each `python stages/*.py`
 command line to a file (celery workers and queued experiments inherit the environment).
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from flap_exp.errors import FlapError
-from flap_exp.pipeline.parallel import ParallelConfig, _check, split
+from flap_exp.pipeline.running.parallel import ParallelConfig, _check, split
 
 from helpers.pipeline import (
     CELLS,
@@ -53,7 +53,7 @@ def base(tmp_path_factory) -> Path:
     """A committed repository with the tiny model and params.yaml composed; nothing reproduced yet."""
     repo = tmp_path_factory.mktemp("parallel") / "repo"
     tiny_project(repo, STUDY)
-    compose = [sys.executable, "-m", "flap_exp.pipeline.compose", *OVERRIDES]
+    compose = [sys.executable, "-m", "flap_exp.pipeline.study.compose", *OVERRIDES]
     for cmd in (["git", "init", "-q"], [DVC, "init", "-q"], compose, ["git", "add", "-A"],
                 ["git", "commit", "-q", "-m", "pipeline"]):
         subprocess.run(cmd, cwd=repo, env=_env(repo), check=True, capture_output=True)
@@ -86,7 +86,7 @@ def test_parallel_grid_equals_serial_each_cell_once(base: Path, tmp_path: Path):
     run(serial, DVC, "repro")
     par = _copy(base, tmp_path / "parallel")
     run(par, DVC, "exp", "run", "-n", "mine", "prepare")  # the user's own experiment: must survive
-    p = run(par, sys.executable, "-m", "flap_exp.pipeline.parallel", "--jobs", "2")
+    p = run(par, sys.executable, "-m", "flap_exp.pipeline.running.parallel", "--jobs", "2")
 
     # Same numbers and selections as the serial run.
     assert _results(par) == _results(serial)
@@ -118,7 +118,7 @@ def test_parallel_grid_equals_serial_each_cell_once(base: Path, tmp_path: Path):
     assert (par / "reports" / "main.csv").read_bytes() == (serial / "reports" / "main.csv").read_bytes()
 
     # Nothing to do the second time: nothing queued, nothing run.
-    p = run(par, sys.executable, "-m", "flap_exp.pipeline.parallel", "--jobs", "2")
+    p = run(par, sys.executable, "-m", "flap_exp.pipeline.running.parallel", "--jobs", "2")
     assert "parallel: queued" not in p.stdout and ran(p) == set() and _stage_runs(par) == runs
 
 
@@ -152,7 +152,7 @@ def test_refusals_before_any_work(tmp_path: Path):
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
     with pytest.raises(FlapError, match="has none: commit once"):
         _check(ParallelConfig(root=str(repo)))
-    p = subprocess.run([sys.executable, "-m", "flap_exp.pipeline.parallel", "--jobs", "0"], cwd=repo,
+    p = subprocess.run([sys.executable, "-m", "flap_exp.pipeline.running.parallel", "--jobs", "0"], cwd=repo,
                        capture_output=True, text=True)
     assert p.returncode == 2 and p.stderr.strip() == "parallel: error: jobs must be a positive integer, got 0"
 
@@ -215,7 +215,7 @@ def test_failed_cell_is_reported_and_the_others_are_kept(tmp_path: Path):
     (repo / "params.yaml").write_text("fail: {a: false, b: true, c: false}\n")  # uncommitted: the queue sees it
     log = tmp_path / "cells.log"
     env = {**_env(repo), "FLAP_TEST_CELL_LOG": str(log), "PYTHONPATH": str(ROOT / "src")}
-    cmd = [sys.executable, "-m", "flap_exp.pipeline.parallel", "--jobs", "2"]
+    cmd = [sys.executable, "-m", "flap_exp.pipeline.running.parallel", "--jobs", "2"]
     p = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 2, p.stdout + p.stderr
     assert p.stderr.strip().splitlines()[-1] == ("parallel: error: 1 cell(s) failed: cell@b (logs above; finished "

@@ -67,7 +67,7 @@ def _mlflow_runs(repo: Path, protocol: str = "quick") -> dict:
 
 
 def _metrics(repo: Path, key: str, measure: str = "ppl") -> dict:
-    from flap_exp.pipeline.paths import measurement
+    from flap_exp.pipeline.artifacts.paths import measurement
     return json.loads((repo / measurement(key, measure)).read_text())
 
 
@@ -97,7 +97,7 @@ def test_compose_writes_params_and_derived_cells(repo: Path, tmp_path: Path):
 
 
 def test_compose_unknown_option_is_one_line(repo: Path, capsys):
-    from flap_exp.pipeline.compose import main
+    from flap_exp.pipeline.study.compose import main
     out, cells = repo / "x.yaml", repo / "x-cells.yaml"
     args = ["--conf", str(repo / "conf"), "--out", str(out), "--cells", str(cells)]
     assert main(["experiment=nope", *args]) == 2
@@ -258,7 +258,7 @@ def _status(repo: Path) -> set[str]:
 def test_code_edits_rerun_only_the_stages_that_run_the_edited_file(repo: Path, first_run):
     """An edit under src/ reruns the code stage; its fingerprints then say which stages are stale (dvc status):
     a figure's code only the report stages and track, the lsq pass (compensation/lsq.py) only the lsq cells."""
-    plots, lsq = repo / "src/flap_exp/pipeline/plots.py", repo / "src/flap_exp/compensation/lsq.py"
+    plots, lsq = repo / "src/flap_exp/pipeline/reporting/plots.py", repo / "src/flap_exp/compensation/lsq.py"
     lsq_cells = {f"compensate_lsq@{c}" for c in CELLS if c.endswith("-lsq")} | {f"evaluate@{c}" for c in CELLS
                                                                                 if c.endswith("-lsq")}
     for edited, stale in ((plots, {"track"} | REPORTS), (lsq, lsq_cells)):
@@ -282,7 +282,7 @@ def test_structure_and_lsq_options_rerun_only_their_cells(repo: Path, first_run)
     test_extra_corpora's)."""
     lsq = f"wifv-al_am-0.5-{C}-lsq"
     before, bias = _metrics(repo, lsq), _metrics(repo, BIAS)
-    sh(repo, sys.executable, "-m", "flap_exp.pipeline.compose", *OVERRIDES, "structures.ul_um.min_channels=30",
+    sh(repo, sys.executable, "-m", "flap_exp.pipeline.study.compose", *OVERRIDES, "structures.ul_um.min_channels=30",
        "compensations.lsq.damping=0.5")
     p = sh(repo, DVC, "repro")
     ul = {s for s in ran(first_run) if "ul_um" in s}
@@ -293,7 +293,7 @@ def test_structure_and_lsq_options_rerun_only_their_cells(repo: Path, first_run)
     assert after["compensation_options"]["damping"] == 0.5 and after["perplexity"] != before["perplexity"]
     assert _metrics(repo, BIAS) == bias
     assert _mlflow_runs(repo)[lsq].data.params["compensation.lsq.damping"] == "0.5"
-    sh(repo, sys.executable, "-m", "flap_exp.pipeline.compose", *OVERRIDES)
+    sh(repo, sys.executable, "-m", "flap_exp.pipeline.study.compose", *OVERRIDES)
     p = sh(repo, DVC, "repro")
     assert not ran(p) - ({"track"} | REPORTS)  # everything else restored from DVC's run-cache
     assert _metrics(repo, lsq)["perplexity"] == before["perplexity"]
@@ -302,7 +302,7 @@ def test_structure_and_lsq_options_rerun_only_their_cells(repo: Path, first_run)
 
 def test_protocol_switch_and_back_recomputes_nothing_cached(repo: Path, first_run):
     before = _metrics(repo, BIAS)
-    sh(repo, sys.executable, "-m", "flap_exp.pipeline.compose", "protocol=paper", *OVERRIDES)
+    sh(repo, sys.executable, "-m", "flap_exp.pipeline.study.compose", "protocol=paper", *OVERRIDES)
     p = sh(repo, DVC, "repro")  # the tiny overrides fix N, windows and documents: the repeats and lsq's damping differ
     lsq = f"wifv-al_am-0.5-{C}-lsq"
     assert ran(p) == {f"speed@{BIAS}", f"compensate_lsq@{lsq}", f"evaluate@{lsq}", "track"} | REPORTS
@@ -311,7 +311,7 @@ def test_protocol_switch_and_back_recomputes_nothing_cached(repo: Path, first_ru
     assert "Protocol **paper**" in (repo / "reports/paper/main.md").read_text()
     assert "Protocol **quick**" in (repo / "reports/main.md").read_text()
     assert sorted(_mlflow_runs(repo, "paper")) == sorted(CELLS + ["dense"])  # its own runs, beside quick's
-    sh(repo, sys.executable, "-m", "flap_exp.pipeline.compose", *OVERRIDES)
+    sh(repo, sys.executable, "-m", "flap_exp.pipeline.study.compose", *OVERRIDES)
     p = sh(repo, DVC, "repro")
     assert not ran(p) - ({"track"} | REPORTS) and _metrics(repo, BIAS) == before
     assert sorted(_mlflow_runs(repo)) == sorted(CELLS + ["dense"])
@@ -343,7 +343,7 @@ def test_evaluate_refuses_a_compensation_file_of_another_method_or_selection(rep
 
 
 def test_tampered_statistics_refused(repo: Path, first_run):
-    from flap_exp.pipeline.io import load_tensors, save_tensors
+    from flap_exp.pipeline.artifacts.io import load_tensors, save_tensors
     from flap_exp.sources import sha256_file
     stats, manifest = repo / f"results/calibrate/{C}/stats.safetensors", repo / f"results/calibrate/{C}/manifest.json"
     saved = stats.read_bytes(), manifest.read_text()
@@ -437,7 +437,7 @@ def test_metric_option_and_extra_corpus_rerun_only_what_reads_them(repo: Path, f
     before = _mlflow_runs(repo)
     calib = (repo / f"results/calibrate/{C}/stats.safetensors").read_bytes()
     scores = (repo / f"results/score/{C}/wifv.safetensors").read_bytes()
-    sh(repo, sys.executable, "-m", "flap_exp.pipeline.compose", *OVERRIDES, "metrics.wifv.square_attn=false",
+    sh(repo, sys.executable, "-m", "flap_exp.pipeline.study.compose", *OVERRIDES, "metrics.wifv.square_attn=false",
        "+data.eval_extra.again={corpus: text, path: data/corpus.txt}")
     p = sh(repo, DVC, "repro")
     wifv = {s for s in ran(first_run) if "wifv" in s}

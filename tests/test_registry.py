@@ -38,8 +38,8 @@ CHECKS = '''
 import contextlib, io, json, sys
 from flap_exp import cli
 from flap_exp.catalogue import COMPENSATIONS, check_compensation_params
-from flap_exp.pipeline import cells
-from flap_exp.pipeline.tracking import run_params
+from flap_exp.pipeline.study import cells
+from flap_exp.pipeline.reporting.tracking import run_params
 
 out = {"names": list(COMPENSATIONS)}
 with contextlib.redirect_stdout(io.StringIO()) as help_text, contextlib.suppress(SystemExit):

@@ -380,7 +380,7 @@ def test_pruning_a_pruned_model_refused_before_work(ws, capsys, no_loading):
     assert cli.main(prune_args("out", "--stream", model="pruned")) == 2
     one_error(capsys.readouterr().err, "--model pruned is already a pruned model")
     assert snapshot(ws) == before
-    from flap_exp.pipeline.prepare import prepare  # the pipeline's model=local too, before loading it
+    from flap_exp.pipeline.steps.prepare import prepare  # the pipeline's model=local too, before loading it
     with pytest.raises(FlapError) as err:
         prepare({"name": "pruned", "dtype": "float32"}, {}, [])
     assert one_line(err).startswith("model.name pruned is already a pruned model")
@@ -459,7 +459,7 @@ def test_mistral_pruned_save_reload_keeps_every_forward_field(ratio, tmp_path):
 # ---------------------------------------------------------------- 7. the pipeline's stores and inputs
 
 def test_tracking_preflight_opens_the_store_as_track_does(tmp_path, monkeypatch, capsys):
-    from flap_exp.pipeline.tracking import main
+    from flap_exp.pipeline.reporting.tracking import main
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file://{tmp_path}/store")
@@ -514,12 +514,12 @@ def test_every_stage_refuses_a_stale_cells_yaml(tmp_path):
 
     import yaml
 
-    from flap_exp.pipeline.stage import load_params
+    from flap_exp.pipeline.steps.stage import load_params
 
     from helpers.pipeline import OVERRIDES, TINY_STUDY, env_for, tiny_project
     repo = tmp_path / "repo"
     tiny_project(repo, TINY_STUDY)
-    subprocess.run([sys.executable, "-m", "flap_exp.pipeline.compose", *OVERRIDES], cwd=repo, env=env_for(repo),
+    subprocess.run([sys.executable, "-m", "flap_exp.pipeline.study.compose", *OVERRIDES], cwd=repo, env=env_for(repo),
                    check=True, capture_output=True)
     assert load_params(repo / "params.yaml")["tables"]  # fresh: accepted
     params = yaml.safe_load((repo / "params.yaml").read_text())

@@ -1,9 +1,9 @@
 """Report tables and figure from evaluate-stage records: the achieved ratio beside every number, methods
 compared at equal achieved ratio, zero-shot in the paper's layout; MLflow groups by achieved ratio."""
-from flap_exp.pipeline.plots import ppl_vs_ratio
-from flap_exp.pipeline.report import ablation_table, main_table, zeroshot_table
-from flap_exp.pipeline.results import achieved_group
-from flap_exp.pipeline.tracking import ratio_tags
+from flap_exp.pipeline.artifacts.results import achieved_group
+from flap_exp.pipeline.reporting.plots import ppl_vs_ratio
+from flap_exp.pipeline.reporting.report import ablation_table, main_table, zeroshot_table
+from flap_exp.pipeline.reporting.tracking import ratio_tags
 
 
 def _row(metric, structure, ratio, achieved, ppl, zs=None):
@@ -65,7 +65,7 @@ def test_mlflow_groups_by_achieved_ratio():
 def test_compensation_table_and_csv(tmp_path):
     import csv
 
-    from flap_exp.pipeline.report import table_files
+    from flap_exp.pipeline.reporting.report import table_files
     dense = {**_row("dense", "", 0, 0.0, 20.0), "eval_data": {"name": "wikitext2"}, "ppl_windows": 8, "seqlen": 128}
     rows = []
     for comp, ppl in (("none", 40.0), ("bias", 30.0), ("lsq", 24.0)):
@@ -91,8 +91,8 @@ def test_compensation_table_and_csv(tmp_path):
 
 def test_one_name_per_quantity_in_csv_metrics_json_and_mlflow():
     """The same quantity has the same name in the CSV, reports/metrics.json and the MLflow run."""
-    from flap_exp.pipeline.report import _extras, metrics_summary
-    from flap_exp.pipeline.tracking import run_metrics
+    from flap_exp.pipeline.reporting.report import _extras, metrics_summary
+    from flap_exp.pipeline.reporting.tracking import run_metrics
     r = {**_row("wifv", "al_am", 0.2, 0.2001, 25.0, {"piqa": 0.65}), "key": "k", "perplexity_extra": {"c4": 30.0},
          "speedup": {"prefill_b1_s128": 1.3}, "throughput_tokens_per_s": {"prefill_b1_s128": 900.0}}
     csv_names = set(_extras(r)) | {"perplexity", "achieved_ratio", "zeroshot_avg"}
@@ -140,7 +140,7 @@ def test_perplexity_cells_show_their_interval_and_compensation_ratios_are_paired
 
     import numpy as np
 
-    from flap_exp.pipeline.report import metrics_summary, table_files
+    from flap_exp.pipeline.reporting.report import metrics_summary, table_files
     rng = np.random.default_rng(0)
     hard = rng.gamma(4.0, 0.5, size=16)
     dense = {**_row("dense", "", 0, 0.0, 20.0), "eval_data": {"name": "wikitext2"}, "ppl_windows": 16, "seqlen": 128,
@@ -176,8 +176,8 @@ def test_perplexity_cells_show_their_interval_and_compensation_ratios_are_paired
 
 
 def test_mlflow_metrics_are_rounded_like_metrics_json_and_carry_the_noise():
-    from flap_exp.pipeline.report import metrics_summary
-    from flap_exp.pipeline.tracking import run_metrics
+    from flap_exp.pipeline.reporting.report import metrics_summary
+    from flap_exp.pipeline.reporting.tracking import run_metrics
     r = {**_row("wifv", "al_am", 0.2, 0.200123456, 25.123456789, {"piqa": 0.651234567}), "key": "k",
          "ppl_ci95": [24.0123456, 26.3456789], "ppl_windows": 64}
     r["zeroshot"]["tasks"]["piqa"] |= {"score_stderr": 0.0677777777, "n_docs": 50}
@@ -192,7 +192,7 @@ def test_mlflow_metrics_are_rounded_like_metrics_json_and_carry_the_noise():
 
 
 def test_figures_draw_error_bars(tmp_path):
-    from flap_exp.pipeline.plots import bars
+    from flap_exp.pipeline.reporting.plots import bars
     half = bars({"dense": 0.45, "wanda": 0.486, "none": None}, "acc", tmp_path / "b.png",
                 {"dense": 0.05, "wanda": None})
     assert half == [0.05, None] and (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
@@ -201,9 +201,9 @@ def test_figures_draw_error_bars(tmp_path):
 
 
 def test_warned_cells_are_listed_under_their_table_in_the_summary_and_in_mlflow():
-    from flap_exp.pipeline.report import table_report
-    from flap_exp.pipeline.summary import summary
-    from flap_exp.pipeline.tracking import warning_tags
+    from flap_exp.pipeline.reporting.report import table_report
+    from flap_exp.pipeline.reporting.summary import summary
+    from flap_exp.pipeline.reporting.tracking import warning_tags
     w = "lsq on N x T = 8 x 128 = 1,024 calibration tokens for 1,537 coefficients per output row (underdetermined)"
     r = {**_row("wifv", "al_am", 0.5, 0.5, 90.0), "compensation": "lsq", "calib": "wiki-8", "key": "k",
          "warnings": [w], "ppl_ci95": [80.0, 101.0]}
@@ -223,8 +223,8 @@ def test_the_summary_links_the_runs_table_of_the_study_sorted_by_perplexity(tmp_
     import json
     import urllib.parse
 
-    from flap_exp.pipeline.summary import summary
-    from flap_exp.pipeline.tracking import landing_url
+    from flap_exp.pipeline.reporting.summary import summary
+    from flap_exp.pipeline.reporting.tracking import landing_url
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_PORT", raising=False)
     table = {"title": "T", "layout": "calibration", "cells": []}
@@ -243,7 +243,7 @@ def test_the_summary_links_the_runs_table_of_the_study_sorted_by_perplexity(tmp_
 def test_the_shared_view_shows_perplexity_ratio_and_method_columns_sorted_by_perplexity():
     import json
 
-    from flap_exp.pipeline.tracking import experiment_tags
+    from flap_exp.pipeline.reporting.tracking import experiment_tags
     tags = experiment_tags()
     assert tags["mlflow.experimentKind"] == "custom_model_development"
     view = json.loads(tags["mlflow.sharedViewState.flap"])

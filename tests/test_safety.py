@@ -398,7 +398,7 @@ def test_read_utf8_matches_read_text(tmp_path):
     (["data=text", "data.calib.path=f.txt"], "data.eval.path is not set: corpus 'text' needs data.eval.path=FILE"),
 ])
 def test_compose_validates_params_before_writing(tmp_path, overrides, msg, capsys):
-    from flap_exp.pipeline.compose import main
+    from flap_exp.pipeline.study.compose import main
     (tmp_path / "params.yaml").write_text("keep: me\n")
     before = snapshot(tmp_path)
     assert main(["--conf", str(ROOT / "conf"), "--out", str(tmp_path / "params.yaml"), *overrides]) == 2
@@ -409,7 +409,7 @@ def test_compose_validates_params_before_writing(tmp_path, overrides, msg, capsy
 
 def test_stage_params_are_checked_too(tmp_path, monkeypatch):
     """`dvc exp run -S` composes with DVC's own code: the stages' load_params checks the same way."""
-    from flap_exp.pipeline.stage import load_params
+    from flap_exp.pipeline.steps.stage import load_params
     (tmp_path / "params.yaml").write_text("model: {name: '???'}\n")
     with pytest.raises(FlapError, match="model.name is not set"):
         load_params(tmp_path / "params.yaml")
@@ -441,7 +441,7 @@ class _NotMlflow(http.server.BaseHTTPRequestHandler):
     ("NOT_MLFLOW", "does not answer as an MLflow tracking server (HTTP 404 on /api/2.0/mlflow/experiments/search)"),
 ])
 def test_tracking_preflight_reaches_the_store(tmp_path, monkeypatch, capsys, uri, msg):
-    from flap_exp.pipeline.tracking import main
+    from flap_exp.pipeline.reporting.tracking import main
     monkeypatch.chdir(tmp_path)
     (tmp_path / "notadb.db").write_text("not a database")
     server = None

@@ -30,7 +30,7 @@ def test_smoke_protocol_runs_every_table_into_its_own_reports(tmp_path: Path):
         (repo / "reports" / name).write_text(text)
     sh(repo, "git", "init", "-q")
     sh(repo, DVC, "init", "-q")
-    sh(repo, sys.executable, "-m", "flap_exp.pipeline.compose", "protocol=smoke", "experiment=smoke", *TINY)
+    sh(repo, sys.executable, "-m", "flap_exp.pipeline.study.compose", "protocol=smoke", "experiment=smoke", *TINY)
     params = yaml.safe_load((repo / "params.yaml").read_text())
     assert params["protocol"] == "smoke" and params["data"]["calib"]["nsamples"] == 8
     assert params["eval"]["max_windows"] == 4 and params["eval"]["zeroshot"]["limit"] == 4

@@ -46,7 +46,7 @@ def runs(tmp_path_factory) -> dict:
     sh(repo, DVC, "init", "-q")
     out = {"repo": repo}
     for mode, extra in (("memory", []), ("stream", ["model.stream=true", f"model.memory_budget={BUDGET}"])):
-        sh(repo, sys.executable, "-m", "flap_exp.pipeline.compose", *OVERRIDES, *extra)
+        sh(repo, sys.executable, "-m", "flap_exp.pipeline.study.compose", *OVERRIDES, *extra)
         out[f"{mode}_ran"] = ran(sh(repo, DVC, "repro"))
         out[mode] = {c: json.loads((repo / "results" / "evaluate" / c / "ppl.json").read_text()) for c in CELLS}
         out[mode]["dense"] = json.loads((repo / "results" / "evaluate" / "dense" / "ppl.json").read_text())
@@ -72,7 +72,7 @@ def test_the_streamed_study_equals_the_in_memory_one(runs):
 
 @pytest.mark.slow
 def test_a_streamed_study_refuses_what_it_cannot_measure_at_compose(runs, capsys):
-    from flap_exp.pipeline.compose import main
+    from flap_exp.pipeline.study.compose import main
     repo: Path = runs["repo"]
     args = ["--conf", str(repo / "conf"), "--out", str(repo / "x.yaml"), "--cells", str(repo / "x-cells.yaml")]
     assert main([*OVERRIDES, "model.stream=true", "+tables.z={title: Z, measure: [zeroshot], blocks: {b: "

@@ -1,5 +1,5 @@
 """Loaded by Hydra's plugin scan when `dvc exp run` composes conf/ (.dvc/config: hydra.plugins_path = conf):
 registers the `flap_cells` resolver that conf/config.yaml uses to expand the grid."""
-from flap_exp.pipeline.cells import register_resolvers
+from flap_exp.pipeline.study.cells import register_resolvers
 
 register_resolvers()

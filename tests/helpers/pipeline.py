@@ -106,7 +106,7 @@ def tiny_repo(tmp_path_factory) -> Path:
     sh(repo, "git", "init", "-q")
     sh(repo, DVC, "init", "-q")
     sh(repo, DVC, "remote", "add", "-d", "local", str(base / "remote"))
-    sh(repo, sys.executable, "-m", "flap_exp.pipeline.compose", *OVERRIDES)
+    sh(repo, sys.executable, "-m", "flap_exp.pipeline.study.compose", *OVERRIDES)
     return repo
 
 

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 
-from ..errors import FlapError
+from ...errors import FlapError
 
 PACKAGES = ("flap-exp", "torch", "transformers", "tokenizers", "safetensors", "numpy", "dvc", "mlflow",
             "hydra-core", "lm-eval")
@@ -20,14 +20,15 @@ def load_params(path: str | Path = "params.yaml") -> dict:
     import yaml
     p = Path(path)
     if not p.exists():
-        raise FlapError(f"{p} not found: compose it first (`make compose`, or python -m flap_exp.pipeline.compose)")
-    from .params_check import check_params
+        raise FlapError(f"{p} not found: compose it first "
+                        "(`make compose`, or python -m flap_exp.pipeline.study.compose)")
+    from ..study.params_check import check_params
     params = yaml.safe_load(p.read_text(encoding="utf-8"))
     if not isinstance(params, dict):
         raise FlapError(f"{p} is not a mapping of parameters: compose it again")
     check_params(params)  # also covers `dvc exp run -S` (DVC composes) and hand edits
-    from .cells import load_cells
-    from .paths import CELLS
+    from ..artifacts.paths import CELLS
+    from ..study.cells import load_cells
     # cells.yaml (the stages DVC runs) must come from these params: a hand edit of params.yaml's tables
     # without recomposing is refused by every stage, not only by the summary
     load_cells(params, str(p.with_name(CELLS)))
@@ -62,8 +63,8 @@ def write_usage(name: str, usage: Usage) -> None:
     and would dirty dvc.lock); track reads it for the MLflow runs' real durations when it is there."""
     import time
 
-    from .io import write_json
-    from .paths import usage as usage_path
+    from ..artifacts.io import write_json
+    from ..artifacts.paths import usage as usage_path
     write_json(usage_path(name), {**usage.to_dict(), "finished": round(time.time(), 3)})
 
 
@@ -71,7 +72,7 @@ def write_usage(name: str, usage: Usage) -> None:
 def stage(name: str) -> Iterator[Usage]:
     """Run a stage body: FlapError becomes one line on stderr and exit status 2."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from ..tempfiles import signals_as_exit
+    from ...tempfiles import signals_as_exit
     usage = Usage()
     try:
         with signals_as_exit():  # SIGTERM/SIGINT (dvc's Ctrl-C) unwind through the temporaries' cleanups

@@ -1,14 +1,14 @@
 """The `conf/cluster/` group (`local`, `slurm`) composed on its own into a typed `ClusterConfig`.
 
 Where the cells run is not a study parameter (it changes no result), so the group is not in conf/config.yaml
-and never reaches params.yaml: `python -m flap_exp.pipeline.cluster cluster=slurm cluster.partition=gpu`.
+and never reaches params.yaml: `python -m flap_exp.pipeline.running.cluster cluster=slurm cluster.partition=gpu`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from ..errors import FlapError
+from ...errors import FlapError
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ def compose_cluster(overrides: list[str], conf_dir: str | Path = "conf", root: s
     from hydra import compose as hydra_compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from .compose import _one_line
+    from ..study.compose import _one_line
     conf = Path(conf_dir).resolve()
     if not (conf / "cluster").is_dir():
         raise FlapError(f"no cluster group in {conf} (conf/cluster/local.yaml, slurm.yaml)")

@@ -15,7 +15,7 @@
 The stages come from DVC's own index (`dvc.repo.Repo(...).index.graph`), never from params.yaml, so the
 layout of the cell tables does not matter. A "gathering" stage reads a directory other stages write
 into (track reads results/evaluate/); it and everything downstream of it run in step 4 only.
-`python -m flap_exp.pipeline.parallel --jobs 2` (or `make run-parallel JOBS=2`); `--plan` prints the plan
+`python -m flap_exp.pipeline.running.parallel --jobs 2` (or `make run-parallel JOBS=2`); `--plan` prints the plan
 as JSON and runs nothing (e.g. to submit the cells as cluster jobs).
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 
-from ..errors import FlapError
+from ...errors import FlapError
 
 RAN = re.compile(r"Running stage '([^']+)'")
 PENDING = ("Queued", "Running")
@@ -278,7 +278,8 @@ def run_parallel(cfg: ParallelConfig) -> dict[str, list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     from dvc.exceptions import DvcException
-    ap = argparse.ArgumentParser(prog="python -m flap_exp.pipeline.parallel", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m flap_exp.pipeline.running.parallel",
+                                 description=__doc__.splitlines()[0])
     ap.add_argument("--jobs", type=int, default=ParallelConfig.jobs, help="queue workers (default 2)")
     ap.add_argument("--keep", action="store_true", help="keep the queued experiments (dvc exp show)")
     ap.add_argument("--plan", action="store_true",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 
-from .io import sha256_text
+from ..artifacts.io import sha256_text
 
 
 def selection_sha256(selection: dict) -> str:
@@ -18,8 +18,8 @@ def selection_sha256(selection: dict) -> str:
 def compensate(model, selection: dict, arch, comp_params: dict, stats=None, windows=None,
                batch_size: int = 8) -> tuple[dict, dict]:
     """(tensors, metadata) of one cell; `model` is the dense base model (None for `none`)."""
-    from ..compensation import compensate as run, comps_to_tensors, config_from_params, config_record
-    from ..selection import Selection
+    from ...compensation import compensate as run, comps_to_tensors, config_from_params, config_record
+    from ...selection import Selection
     cfg = config_from_params(comp_params)
     comps = run(model, Selection.from_json(selection, arch), arch, cfg, stats, windows, batch_size, progress=True)
     meta = {"compensation": config_record(cfg), "selection_sha256": selection_sha256(selection)}
@@ -35,7 +35,7 @@ def _sample_warning(method: str, selection: dict, arch, windows) -> str | None:
     """flap_exp.adequacy's rule for lsq (calibration tokens per fitted coefficient); None for other methods."""
     if method != "lsq" or windows is None:
         return None
-    from ..adequacy import lsq_coefficients, lsq_sample_warning
+    from ...adequacy import lsq_coefficients, lsq_sample_warning
     p = lsq_coefficients(selection["kept_groups_per_layer"], selection["kept_channels_per_layer"],
                          arch.group_size * arch.head_dim)
     return lsq_sample_warning(int(windows.shape[0]), int(windows.shape[1]), p)
@@ -54,10 +54,10 @@ def load_compensation(path, selection: dict, arch, method: str, record: dict | N
     """(list[LayerComp] or None, the compensation record) of a compensate stage's file, checked against
     the selection it must belong to, the method the cell asks for and (given the prepare record) the
     weights it was computed from; shapes and finiteness are checked by comps_from_tensors."""
-    from ..compensation import comps_from_tensors
-    from ..errors import FlapError
-    from ..selection import Selection
-    from .io import load_tensors
+    from ...compensation import comps_from_tensors
+    from ...errors import FlapError
+    from ...selection import Selection
+    from ..artifacts.io import load_tensors
     tensors, meta = load_tensors(path)
     rec = meta.get("compensation") or {}
     if rec.get("method") != method:

@@ -1,17 +1,17 @@
 """Stage calibrate: dense per-channel statistics of the prepared model on N x T calibration windows."""
 from __future__ import annotations
 
-from .io import sha256_tensor
-from .records import calib_corpus, calib_record, checked_text, load_prepared_model
+from ..artifacts.io import sha256_tensor
+from ..artifacts.records import calib_corpus, calib_record, checked_text, load_prepared_model
 from .stage import versions
 
 
 def calibrate(model_params: dict, calib: dict, corpus: str, nsamples: int, record: dict, progress: bool = True):
     """(stats tensors, windows [N, T], manifest) of N windows of `corpus`; `calib` is data.calib (T, seed,
     batch size, and the default corpus's split/path). The manifest is also the stats file's metadata."""
-    from ..calibrate import collect_stats
-    from ..data import calibration_windows, tokenize
-    from ..stats import stats_to_tensors
+    from ...calibrate import collect_stats
+    from ...data import calibration_windows, tokenize
+    from ...stats import stats_to_tensors
     lm = load_prepared_model(model_params, record)
     data = calib_record(record, corpus)
     text = checked_text(calib_corpus(calib, corpus), data, join=" ")

@@ -9,7 +9,7 @@ Keys (stage names stay readable):
   selection    METRIC-STRUCTURE-RATIO[-CALIB]   search@wifv-al_am-0.2-wiki-128 (no CALIB: data-free metric)
   evaluation   SELECTION-COMP                   evaluate@wifv-al_am-0.2-wiki-128-bias
 
-Every artifact path is taken from flap_exp.pipeline.paths and written into the items, so dvc.yaml and the
+Every artifact path is taken from flap_exp.pipeline.artifacts.paths and written into the items, so dvc.yaml and the
 stage scripts never spell one. compose writes the result to cells.yaml (not params.yaml, so that
 `dvc params diff` and `dvc exp show` show what a person set) with the sha256 of the params it was derived
 from; stages refuse a stale cells.yaml.
@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-from ..catalogue import (
+from ...catalogue import (
     ADAPTIVE,
     COMPENSATIONS,
     METHODS,
@@ -32,8 +32,8 @@ from ..catalogue import (
     structure_of,
     structure_problem,
 )
-from ..errors import FlapError
-from . import paths
+from ...errors import FlapError
+from ..artifacts import paths
 
 METRICS = tuple(METHODS)
 DATA_FREE = {m for m, f in METHODS.items() if not f.needs_data}
@@ -288,7 +288,7 @@ def load_cells(params: dict, path: str = paths.CELLS) -> dict:
     import yaml
     p = Path(path)
     if not p.exists():
-        raise FlapError(f"{path} not found: compose it (make compose, or python -m flap_exp.pipeline.compose)")
+        raise FlapError(f"{path} not found: compose it (make compose, or python -m flap_exp.pipeline.study.compose)")
     data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     if data.get("params_sha256") != inputs_sha256(params):
         raise FlapError(f"{path} was derived from other tables/options than params.yaml's (stale after "

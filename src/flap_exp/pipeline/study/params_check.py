@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import re
 
-from ..catalogue import DTYPE_SPECS, floor_fraction
-from ..errors import FlapError
-from ..units import parse_bytes
-from ..validate import check_int
+from ...catalogue import DTYPE_SPECS, floor_fraction
+from ...errors import FlapError
+from ...units import parse_bytes
+from ...validate import check_int
 
 MISSING = "???"  # OmegaConf's mark of a mandatory value left unset
 PROTOCOLS = ("quick", "smoke", "paper")  # conf/protocol/

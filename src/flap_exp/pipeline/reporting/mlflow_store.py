@@ -12,7 +12,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from ..errors import FlapError
+from ...errors import FlapError
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 

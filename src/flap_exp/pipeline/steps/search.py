@@ -11,8 +11,8 @@ def options(opts: dict, arch=None):
     """StructureOptions from a conf/structure block. A floor given as a fraction in (0, 1) is a share of the
     layer's units (min_channels: 0.25 keeps a quarter of each MLP), so one conf fits every model; without
     `arch` (compose's check) only its range is checked."""
-    from ..catalogue import floor_fraction
-    from ..structures import StructureOptions
+    from ...catalogue import floor_fraction
+    from ...structures import StructureOptions
 
     def floor(name: str, units: str) -> int:
         v = opts.get(name) or 0
@@ -41,8 +41,8 @@ def selection_record(sel, arch, cell: dict) -> dict:
 
 
 def search(score_tensors: dict, arch, cell: dict, opts: dict) -> dict:
-    from ..catalogue import structure_of
-    from ..structures import check_ratio, get_structure
+    from ...catalogue import structure_of
+    from ...structures import check_ratio, get_structure
     from .score import scores_from_tensors
     structure = get_structure(structure_of(cell["structure"]))
     sel = structure(scores_from_tensors(score_tensors), arch, check_ratio(cell["ratio"]), options(opts, arch))
@@ -51,8 +51,8 @@ def search(score_tensors: dict, arch, cell: dict, opts: dict) -> dict:
 
 def search_units(units: dict, arch, cell: dict, opts: dict) -> dict:
     """An adaptive structure's selection from the standardize stage's units (groups, channels)."""
-    from ..catalogue import structure_of
-    from ..structures import select_from_units
+    from ...catalogue import structure_of
+    from ...structures import select_from_units
     from .score import units_from_tensors
     groups, channels = units_from_tensors(units, arch)
     sel = select_from_units(structure_of(cell["structure"]), groups, channels, arch, cell["ratio"], options(opts, arch))
@@ -61,10 +61,10 @@ def search_units(units: dict, arch, cell: dict, opts: dict) -> dict:
 
 def search_file(path: str, arch, cell: dict, opts: dict) -> dict:
     """The selection of a cell from its input file: standardized units (AL structures) or raw scores (UL)."""
-    from ..catalogue import structure_of
-    from ..errors import FlapError
-    from ..structures import ADAPTIVE_UNITS
-    from .io import load_tensors
+    from ...catalogue import structure_of
+    from ...errors import FlapError
+    from ...structures import ADAPTIVE_UNITS
+    from ..artifacts.io import load_tensors
     from .score import checked_scores
     tensors, meta = load_tensors(path)
     if meta.get("metric") != cell["metric"]:
@@ -79,9 +79,9 @@ def search_file(path: str, arch, cell: dict, opts: dict) -> dict:
 
 
 def _prune_config(arch, cell: dict, metric_opts: dict, opts, batch_size: int):
-    from ..catalogue import structure_of
-    from ..compensation import CompensationConfig
-    from ..prune import PruneConfig
+    from ...catalogue import structure_of
+    from ...compensation import CompensationConfig
+    from ...prune import PruneConfig
     # The selection only: the cell's compensation is its own stage (compensate@CELL-COMP).
     return PruneConfig(cell["metric"], structure_of(cell["structure"]), float(cell["ratio"]),
                        compensation=CompensationConfig("none"), square_attn=metric_opts.get("square_attn"),
@@ -92,9 +92,9 @@ def allocate(model, windows, cell: dict, opts: dict, batch_size: int) -> dict:
     """Structure kl_search's searched levels for a cell (the allocate stage): levels, history, seconds."""
     from dataclasses import asdict
 
-    from ..allocation_search import search_allocation
-    from ..arch import ArchView
-    from ..store import as_store
+    from ...allocation_search import search_allocation
+    from ...arch import ArchView
+    from ...store import as_store
     arch = ArchView.from_config(model.config)
     cfg = _prune_config(arch, cell, {}, options(opts, arch), batch_size).validate()
     res, secs = search_allocation(as_store(model), windows, cfg, progress=True)
@@ -105,8 +105,8 @@ def allocate(model, windows, cell: dict, opts: dict, batch_size: int) -> dict:
 
 def searched_levels(path: str, cell: dict) -> list[float]:
     """The levels of the allocate stage's file, refused unless they were searched for this cell."""
-    from ..errors import FlapError
-    from .io import read_json
+    from ...errors import FlapError
+    from ..artifacts.io import read_json
     rec = read_json(path)
     keys = ("metric", "structure", "ratio")
     if tuple(rec.get(k) for k in keys) != tuple(cell[k] for k in keys):
@@ -121,9 +121,9 @@ def search_sequential(model, windows, cell: dict, metric_opts: dict, opts: dict,
     store) stays dense. `levels`: kl_search's levels from the allocate stage."""
     from dataclasses import replace
 
-    from ..arch import ArchView
-    from ..prune import select
-    from ..stats import stats_to_tensors
+    from ...arch import ArchView
+    from ...prune import select
+    from ...stats import stats_to_tensors
     arch = ArchView.from_config(model.config)
     o = options(opts, arch)
     cfg = _prune_config(arch, cell, metric_opts, o if levels is None else replace(o, levels=tuple(levels)),

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..artifacts.results import achieved_group, method_name
 from .noise import noise_metrics, ppl_ci, ppl_ratio, task_stderr, zeroshot_gap, zeroshot_stderr
-from .results import achieved_group, method_name
 
 
 def _extras(r: dict) -> dict:
@@ -218,7 +218,7 @@ def caption(dense: dict, protocol: str, rows: list[dict]) -> str:
 def table_report(name: str, table: dict, rows: list[dict], dense: dict, protocol: str) -> str:
     layout = LAYOUTS.get(table["layout"])
     if layout is None:
-        from ..errors import FlapError
+        from ...errors import FlapError
         raise FlapError(f"table {name!r}: unknown layout {table['layout']!r}; known: {', '.join(LAYOUTS)}")
     return "\n".join([f"# {table['title']}", "", caption(dense, protocol, rows), ""]
                      + layout(rows, dense) + warnings(rows)).rstrip("\n") + "\n"
@@ -303,7 +303,7 @@ def _figure(layout: str, rows: list[dict], dense: dict, sels: dict, out: Path) -
 def table_files(name: str, table: dict, rows: list[dict], dense: dict, sels: dict, protocol: str,
                 out_dir: str | Path = "reports") -> None:
     """reports/NAME.md, reports/NAME.csv and reports/figures/NAME.png of one table."""
-    from ..atomic import atomic_file
+    from ...atomic import atomic_file
     out = Path(out_dir)
     by_key = {r["key"]: r for r in rows}
     trows = [by_key[k] for k in table["cells"]]
@@ -323,7 +323,7 @@ def index_files(cells: dict, rows: list[dict], dense: dict, protocol: str, out_d
     """reports/README.md (the index), reports/metrics.json and reports/plots/ppl_vs_ratio.csv."""
     import json
 
-    from ..atomic import atomic_file
+    from ...atomic import atomic_file
     out = Path(out_dir)
     with atomic_file(out / "README.md") as tmp:
         tmp.write_text(index(cells["tables"], dense, protocol, _git_commit()), encoding="utf-8")

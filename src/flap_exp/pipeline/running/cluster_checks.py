@@ -8,7 +8,7 @@ import subprocess
 import urllib.parse
 from pathlib import Path
 
-from ..errors import FlapError
+from ...errors import FlapError
 
 # Files the tasks never read from git: DVC rewrites dvc.lock after every repro (the tasks restore through
 # the run-cache, not through it), and its .gitignore files list outputs.
@@ -79,7 +79,7 @@ def remote_url(root: str, wanted: str | None) -> str:
 
 def tracking(uri: str | None) -> str:
     """The MLflow store the gathering stage logs to: required (setting or $MLFLOW_TRACKING_URI), reachable."""
-    from .mlflow_store import preflight
+    from ..reporting.mlflow_store import preflight
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
         raise FlapError("cluster=slurm needs an MLflow tracking server everyone reads: set "

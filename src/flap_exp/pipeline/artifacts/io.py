@@ -5,9 +5,9 @@ import hashlib
 import json
 from pathlib import Path
 
-from ..atomic import atomic_file
-from ..errors import FlapError
-from ..jsonfile import parse_json_file
+from ...atomic import atomic_file
+from ...errors import FlapError
+from ...jsonfile import parse_json_file
 
 
 def write_json(path: str | Path, obj) -> None:
@@ -42,7 +42,7 @@ def read_json(path: str | Path):
 def save_tensors(path: str | Path, tensors: dict, meta: dict | None = None) -> None:
     from safetensors.torch import save_file
 
-    from ..integrity import check_finite_tensors
+    from ...integrity import check_finite_tensors
     check_finite_tensors(tensors, f"refusing to write {path}")
     with atomic_file(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),

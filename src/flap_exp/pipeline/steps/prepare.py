@@ -3,12 +3,12 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from .io import sha256_bytes, weights_sha256
+from ..artifacts.io import sha256_bytes, weights_sha256
 from .stage import versions
 
 
 def _text_record(corpus: dict, join: str) -> dict:
-    from ..data import Corpus, load_text
+    from ...data import Corpus, load_text
     text = load_text(Corpus(corpus["corpus"], corpus.get("split", "test"), corpus.get("path")), join=join)
     return {**text.identity, "text_sha256": sha256_bytes(text.text.encode("utf-8")), "chars": len(text.text)}
 
@@ -16,9 +16,9 @@ def _text_record(corpus: dict, join: str) -> dict:
 def prepare(model_params: dict, data_params: dict, corpora: list[str]) -> dict:
     """The base model's record and the calibration corpora's (results/prepare.json), by corpus name;
     evaluation corpora are recorded apart (prepare_eval) so that adding one never invalidates calibration."""
-    from ..integrity import check_finite_weights
-    from ..validate import check_not_pruned
-    from .records import calib_corpus, model_dtype, open_model
+    from ...integrity import check_finite_weights
+    from ...validate import check_not_pruned
+    from ..artifacts.records import calib_corpus, model_dtype, open_model
     check_not_pruned(model_params["name"], "model.name")  # its ratios would count against the dense widths
     dtype = model_dtype(model_params)  # auto resolved for the device the stages run on; hashed on the CPU
     lm = open_model({**model_params, "device": "cpu", "dtype": dtype})

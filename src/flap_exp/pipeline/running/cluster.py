@@ -1,11 +1,12 @@
-"""The study on a cluster: `python -m flap_exp.pipeline.cluster cluster=slurm [cluster.KEY=VALUE ...]`
+"""The study on a cluster: `python -m flap_exp.pipeline.running.cluster cluster=slurm [cluster.KEY=VALUE ...]`
 (`make run-cluster CLUSTER=slurm`). Backends are the `conf/cluster/` group's names:
 
-- `local`: this machine, the cells on DVC's experiment queue (flap_exp.pipeline.parallel).
+- `local`: this machine, the cells on DVC's experiment queue (flap_exp.pipeline.running.parallel).
 - `slurm`: checked first (sbatch, partition via sinfo, DVC remote, MLflow store, a clean workspace), then
   (a) the stages upstream of two or more cells are reproduced once here and pushed with the run-cache;
   (b) one SLURM job array (submitit) over the cells that are not up to date, each task in its own clone
-      (flap_exp.pipeline.cluster_task: `dvc fetch --run-cache`, `dvc repro --pull CELL`, `dvc push --run-cache`);
+      (flap_exp.pipeline.running.cluster_task: `dvc fetch --run-cache`, `dvc repro --pull CELL`,
+      `dvc push --run-cache`);
   (c) when the array ends, `dvc fetch --run-cache && dvc repro --pull` here: every cell is restored from
       the run-cache and the gathering stages (track -> MLflow, reports) run once, here only.
   A failed task's log tail is shown with its cell; the others finish and are restored here, so a rerun
@@ -22,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..errors import FlapError
+from ...errors import FlapError
 from .cluster_conf import ClusterConfig, compose_cluster
 
 RAN = re.compile(r"Running stage '([^']+)'")
@@ -49,7 +50,7 @@ def _stream(root: str, env: dict, *args: str) -> tuple[list[str], list[str]]:
 def run_local(cfg: ClusterConfig) -> dict:
     from .parallel import ParallelConfig, run_parallel
     if cfg.mlflow_tracking_uri:
-        from .mlflow_store import preflight
+        from ..reporting.mlflow_store import preflight
         os.environ["MLFLOW_TRACKING_URI"] = preflight(cfg.mlflow_tracking_uri)  # the queue's workers inherit it
     return run_parallel(ParallelConfig(jobs=cfg.array_parallelism, root=cfg.root))
 
@@ -121,8 +122,8 @@ def wait(cfg: ClusterConfig, array, run_dir: Path) -> tuple[dict[str, dict], int
 
 def _copy_usage(root: str, run_dir: Path, cells: list[str]) -> None:
     """The usage side files of the stages the tasks computed, into results/usage/ here (track reads them)."""
+    from ..artifacts.paths import USAGE_DIR
     from .cluster_task import slug
-    from .paths import USAGE_DIR
     dest = Path(root) / USAGE_DIR
     for cell in cells:
         src = run_dir / "cells" / slug(cell) / "usage"

@@ -1,7 +1,7 @@
 """`dvc plots show` that draws offline (`make plots`). DVC's page loads vega, vega-lite and vega-embed from a CDN
 and stays blank without internet; this writes an HTML template for `dvc plots show --html-template` with those
 three libraries inlined, at the versions dvc-render asks for, fetched once from the npm registry (`npm pack`)
-into a cache folder. `python -m flap_exp.pipeline.offline_plots DIR` prints the template's path."""
+into a cache folder. `python -m flap_exp.pipeline.reporting.offline_plots DIR` prints the template's path."""
 from __future__ import annotations
 
 import re
@@ -11,8 +11,8 @@ import sys
 import tarfile
 from pathlib import Path
 
-from ..atomic import atomic_file
-from ..errors import FlapError
+from ...atomic import atomic_file
+from ...errors import FlapError
 
 TEMPLATE = "plots.html"
 
@@ -78,7 +78,7 @@ def write_template(cache: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m flap_exp.pipeline.offline_plots CACHE_DIR", file=sys.stderr)
+        print("usage: python -m flap_exp.pipeline.reporting.offline_plots CACHE_DIR", file=sys.stderr)
         return 2
     try:
         print(write_template(Path(args[0])))

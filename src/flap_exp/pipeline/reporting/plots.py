@@ -164,7 +164,7 @@ def bars(values: dict[str, float | None], label: str, out: str | Path,
 
 def zeroshot_bars(rows: dict[str, dict], out: str | Path) -> list[float | None]:
     """Zero-shot average per labelled record, with 95% error bars (1.96 standard errors of the average)."""
-    from ..uncertainty import Z95
+    from ...uncertainty import Z95
     from .noise import zeroshot_stderr
     se = {k: zeroshot_stderr(r) for k, r in rows.items()}
     return bars({k: r.get("zeroshot_avg") for k, r in rows.items()},

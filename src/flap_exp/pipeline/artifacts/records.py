@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import FlapError
+from ...errors import FlapError
 from .io import load_tensors, read_json, sha256_bytes
 from .paths import PREPARE, PREPARE_EVAL
 
@@ -33,7 +33,7 @@ def eval_record() -> dict:
 def model_dtype(model_params: dict) -> str:
     """The dtype conf/model's settings run in here: model.dtype, with auto resolved for model.device (what
     prepare, the calibration manifests and MLflow record, so that a cached result says which one ran)."""
-    from ..runtime import resolve_device, resolve_dtype
+    from ...runtime import resolve_device, resolve_dtype
     device = resolve_device(model_params.get("device", "cpu"))
     return str(resolve_dtype(model_params.get("dtype", "float32"), device)).removeprefix("torch.")
 
@@ -41,13 +41,13 @@ def model_dtype(model_params: dict) -> str:
 def open_model(model_params: dict):
     """models.LoadedModel of conf/model's settings: in memory, or (`stream: true`) a StreamedModel within
     `memory_budget` (one decoder layer resident at a time)."""
-    from ..models import load_model
-    from ..runtime import resolve_device, resolve_dtype
-    from ..units import parse_bytes
+    from ...models import load_model
+    from ...runtime import resolve_device, resolve_dtype
+    from ...units import parse_bytes
     device = resolve_device(model_params.get("device", "cpu"))  # "auto": the GPU when there is one
     dtype = resolve_dtype(model_params.get("dtype", "float32"), device)
     if model_params.get("stream"):
-        from ..streaming import open_streamed
+        from ...streaming import open_streamed
         return open_streamed(model_params["name"], dtype, device, parse_bytes(model_params.get("memory_budget")))
     return load_model(model_params["name"], dtype, str(device))
 
@@ -71,7 +71,7 @@ def verify_prepared_weights(lm, record: dict, name: str):
     """Refuse weights that are not finite or differ from the sha256 prepare recorded (a model directory
     edited in place): statistics and results are never labelled with another weights' hash. (A streamed
     model's weights are checked finite as each layer is read.)"""
-    from ..integrity import check_finite_weights
+    from ...integrity import check_finite_weights
     from .io import weights_sha256
     if not lm.streamed:
         check_finite_weights(lm.model, f"model {name!r}")
@@ -85,7 +85,7 @@ def verify_prepared_weights(lm, record: dict, name: str):
 
 def checked_text(corpus: dict, record: dict, join: str):
     """The corpus text, refused if it is not byte-identical to what prepare recorded."""
-    from ..data import Corpus, load_text
+    from ...data import Corpus, load_text
     text = load_text(Corpus(corpus["corpus"], corpus.get("split", "test"), corpus.get("path")), join=join)
     got = sha256_bytes(text.text.encode("utf-8"))
     if got != record["text_sha256"]:
@@ -109,8 +109,8 @@ def check_stats_origin(meta: dict, record: dict, where: str) -> None:
 
 def load_checked_stats(path: str | Path, record: dict, manifest: str | Path | None = None):
     """LayerStats from `path`, refused unless they match the prepared model/data (and their manifest)."""
-    from ..sources import sha256_file
-    from ..stats import stats_from_tensors
+    from ...sources import sha256_file
+    from ...stats import stats_from_tensors
     tensors, meta = load_tensors(path)
     if manifest is not None:
         mj = read_json(manifest)
@@ -123,7 +123,7 @@ def load_checked_stats(path: str | Path, record: dict, manifest: str | Path | No
             raise FlapError(f"{manifest} disagrees with the statistics it describes on {', '.join(bad)}; "
                             "refusing tampered statistics: rerun dvc repro -f calibrate@CALIB")
     check_stats_origin(meta, record, str(path))
-    from ..integrity import check_finite_tensors
+    from ...integrity import check_finite_tensors
     check_finite_tensors(tensors, str(path))  # a sequential cell's statistics have no manifest hash
     stats = stats_from_tensors(tensors)
     arch = record["model"]["arch"]
@@ -135,7 +135,7 @@ def load_checked_stats(path: str | Path, record: dict, manifest: str | Path | No
 
 
 def arch_of(record: dict):
-    from ..arch import ArchView
+    from ...arch import ArchView
     return ArchView(**record["model"]["arch"])
 
 

@@ -12,9 +12,9 @@ the code a method module imports to run (lazily, in its `begin`) counts only in 
 method module like an import: a cell that runs one compensation method reruns when that method's code
 changes, and no other stage does. A user's FLAP_EXP_PLUGINS modules live outside the repository, untracked.
 In dvc.yaml each stage's code dependency sits between `# imports of stages/X.py: BEGIN` (`... [method]: BEGIN`
-for the per-method one) and `# END`; `python -m flap_exp.pipeline.deps --write dvc.yaml` regenerates them,
+for the per-method one) and `# END`; `python -m flap_exp.pipeline.study.deps --write dvc.yaml` regenerates them,
 `--fingerprints results/code` is the code stage, and tests/test_dvc_graph.py fails when dvc.yaml disagrees.
-`python -m flap_exp.pipeline.deps stages/X.py` prints one closure.
+`python -m flap_exp.pipeline.study.deps stages/X.py` prints one closure.
 """
 from __future__ import annotations
 
@@ -134,7 +134,7 @@ def fingerprint(script: str | Path, root: str | Path = ".", method: str | None =
 def write_fingerprints(out: str | Path = CODE, root: str | Path = ".") -> list[str]:
     """The code stage: one fingerprint per stage script, plus one per method for a script whose closure holds
     the methods' registry; files whose content is unchanged are not rewritten. Returns the names written."""
-    from ..atomic import atomic_file
+    from ...atomic import atomic_file
     root, out = Path(root), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     wanted: dict[str, str] = {}

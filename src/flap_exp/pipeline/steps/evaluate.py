@@ -12,13 +12,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from ..errors import FlapError
-from .records import checked_text
+from ...errors import FlapError
+from ..artifacts.records import checked_text
 
 
 def layer_params(model) -> int:
     """Attention + MLP weights of the decoder layers (the pruning ratio's denominator when dense)."""
-    from ..arch import decoder_layers
+    from ...arch import decoder_layers
     n = 0
     for layer in decoder_layers(model):
         for mod in (layer.self_attn, layer.mlp):
@@ -40,7 +40,7 @@ def _streamed_params(store) -> tuple[int, int]:
 
 def _throughput(model, tp: dict, load_dense: Callable[[], Any] | None) -> dict:
     """Median tokens/s per workload, and (for a pruned model) the median paired speedup over dense."""
-    from ..evaluation import compare_throughput
+    from ...evaluation import compare_throughput
     models = {"model": model}
     if load_dense is not None:
         models = {"dense": load_dense(), "model": model}  # the first is the speedup's reference
@@ -56,8 +56,8 @@ def _throughput(model, tp: dict, load_dense: Callable[[], Any] | None) -> dict:
 
 
 def _perplexity(lm, corpus: dict, record: dict, eval_params: dict):
-    from ..data import tokenize
-    from ..ppl import perplexity
+    from ...data import tokenize
+    from ...ppl import perplexity
     text = checked_text(corpus, record, join="\n\n")
     return perplexity(lm.model, tokenize(lm.tokenizer, text.text), eval_params["seqlen"],
                       eval_params["batch_size"], eval_params.get("max_windows"), progress=True)
@@ -70,9 +70,9 @@ def evaluate(lm, selection: dict | None, comps: list | None, what: str, eval_par
 
     data: the main perplexity corpus (data.eval); extra: more corpora by name (data.eval_extra);
     load_dense: returns a fresh dense model, the throughput reference for a pruned one."""
-    from ..selection import Selection
-    from ..surgery import PrunedView, prune_model
-    from .records import arch_of
+    from ...selection import Selection
+    from ...surgery import PrunedView, prune_model
+    from ..artifacts.records import arch_of
     arch = arch_of(record)
     if lm.streamed:  # never built whole: each layer cut as it is read
         if what != "ppl":
@@ -102,7 +102,7 @@ def evaluate(lm, selection: dict | None, comps: list | None, what: str, eval_par
             out["perplexity_extra"] = {name: _perplexity(lm, c, known[name], eval_params).ppl
                                        for name, c in extra.items()}
     elif what == "zeroshot":
-        from ..evaluation import evaluate_zeroshot
+        from ...evaluation import evaluate_zeroshot
         zs = eval_params["zeroshot"]
         res = evaluate_zeroshot(lm.model, lm.tokenizer, list(zs["tasks"]), zs.get("limit"), zs.get("batch_size", 8),
                                 source=zs.get("source", "local"))

@@ -1,15 +1,15 @@
 """The end of `make run`: every cell's perplexity and achieved ratio, table by table, and where to look next.
-`python -m flap_exp.pipeline.summary` (reads params.yaml, cells.yaml and results/; computes nothing)."""
+`python -m flap_exp.pipeline.reporting.summary` (reads params.yaml, cells.yaml and results/; computes nothing)."""
 from __future__ import annotations
 
 import sys
 
-from ..errors import FlapError
+from ...errors import FlapError
 
 
 def summary(params: dict, cells: dict, rows: list[dict], dense: dict) -> str:
+    from ..artifacts.results import method_name
     from .mlflow_store import tracking_uri
-    from .results import method_name
     from .tracking import study_link
     by = {r["key"]: r for r in rows}
     lines = [f"flap-exp study, protocol {params.get('protocol')}: {len(rows)} cells, dense perplexity "
@@ -46,9 +46,9 @@ def _zs(r: dict) -> str:
 
 
 def main() -> int:
-    from .cells import load_cells
-    from .results import collect
-    from .stage import load_params
+    from ..artifacts.results import collect
+    from ..steps.stage import load_params
+    from ..study.cells import load_cells
     try:
         p = load_params()
         cells = load_cells(p)

@@ -14,7 +14,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import FlapError
+from ...errors import FlapError
 from .cluster_conf import ClusterConfig
 
 FINISHING = ("COMPLETING",)

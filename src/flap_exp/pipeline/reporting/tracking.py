@@ -3,7 +3,7 @@
 Tracking URI: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the project root; `preflight`
 (mlflow_store.py) fails fast, before any expensive stage, when it is unreachable. Runs are keyed by the tag `flap.cell`:
 re-logging an unchanged cell keeps its run, a changed one replaces it (never two active runs per cell).
-`python -m flap_exp.pipeline.tracking --check` runs the preflight alone.
+`python -m flap_exp.pipeline.reporting.tracking --check` runs the preflight alone.
 """
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from ..errors import FlapError
-from .io import sha256_text
+from ...errors import FlapError
+from ..artifacts.io import sha256_text
 from .mlflow_store import preflight
 
 
@@ -97,7 +97,7 @@ def run_metrics(m: dict, usage: dict) -> dict:
 def cell_usage(row: dict, root: str | Path = ".") -> dict:
     """The recorded usage of the stages behind one cell (results/usage/*.json side files), by stage.
     Missing when a stage's outputs were restored from DVC's cache rather than computed here."""
-    from . import paths
+    from ..artifacts import paths
     key = row.get("key", paths.DENSE)
     names = {"evaluate": f"evaluate@{key}"}
     if row.get("cell"):
@@ -117,7 +117,7 @@ def ratio_tags(row: dict | None) -> dict:
     """Group runs by what they removed, not by their target: the achieved ratio to 0.01 (`flap.achieved_ratio`,
     e.g. "0.20") beside the target (`flap.nominal_ratio`); the exact values are the param `ratio` (target)
     and the metric `achieved_ratio`."""
-    from .results import achieved_group
+    from ..artifacts.results import achieved_group
     if row is None:
         return {"flap.nominal_ratio": "0", "flap.achieved_ratio": achieved_group(0)}
     return {"flap.nominal_ratio": f"{float(row['ratio']):g}",
@@ -144,8 +144,8 @@ def comparison_figures(rows: list[dict], dense: dict, folder: Path) -> dict:
     figures/: every cell's perplexity vs achieved ratio on a log perplexity axis (one line per method and
     calibration, 95% bars over windows), and the zero-shot averages with 95% error bars. Returns the data
     drawn (the run's fingerprint: a changed cell redraws them)."""
+    from ..artifacts.results import method_name
     from .plots import ppl_vs_ratio, zeroshot_bars
-    from .results import method_name
     folder.mkdir(parents=True, exist_ok=True)
     pts = [{**r, "method": method_name(r) + (f" {r['calib']}" if r.get("calib") else "")} for r in rows]
     drawn = {"ppl": [[p["method"], p["achieved_ratio"], p["perplexity"], p.get("ppl_ci95")] for p in pts]}
@@ -204,7 +204,7 @@ def _upsert(client, exp_id: str, key: str, name: str, params: dict, metrics: dic
 
 def allocation_files(cell: str, root: str | Path = ".") -> list[Path]:
     """A kl_search cell's searched levels (json) and their per-layer plot (png), where the cell has them."""
-    from . import paths
+    from ..artifacts import paths
     return [p for p in (Path(root) / paths.allocation(cell), Path(root) / paths.allocation_plot(cell)) if p.is_file()]
 
 
@@ -244,7 +244,7 @@ def landing_url(experiment_id: str, ui: str | None = None) -> str:
 
 def study_link(record: str | Path = "results/mlflow.json") -> str:
     """The landing URL of the study's experiment (track's record), else the UI's root (nothing tracked yet)."""
-    from .io import read_json
+    from ..artifacts.io import read_json
     return landing_url(str(read_json(record)["experiment_id"])) if Path(record).is_file() else ui_root()
 
 
@@ -261,7 +261,7 @@ def track(params: dict, record: dict, manifests: dict, rows: list[dict], dense: 
     for k, v in experiment_tags().items():
         client.set_experiment_tag(exp_id, k, v)
     protocol = params.get("protocol", "quick")
-    from .results import run_name
+    from ..artifacts.results import run_name
     du = cell_usage(dense)
     runs = {"dense": _upsert(client, exp_id, f"dense@{protocol}", run_name(None, protocol),
                              run_params(None, params, record, manifests), run_metrics(dense, du), None,
@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mlflow: open {study_link()}")
         return 0
     if args != ["--check"]:
-        print("usage: python -m flap_exp.pipeline.tracking --check | --link", file=sys.stderr)
+        print("usage: python -m flap_exp.pipeline.reporting.tracking --check | --link", file=sys.stderr)
         return 2
     try:
         print(f"mlflow: {preflight()} reachable")

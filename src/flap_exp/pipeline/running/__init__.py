@@ -1,0 +1,1 @@
+"""Running the study elsewhere: several stages at once (parallel) and a SLURM job array (cluster)."""
