@@ -9,7 +9,7 @@ from flap_exp.pipeline.artifacts import paths
 from flap_exp.pipeline.artifacts.io import read_json, save_tensors
 from flap_exp.pipeline.artifacts.records import arch_of, load_checked_stats, load_checked_windows, load_prepared_model
 from flap_exp.pipeline.steps.compensate import compensate
-from flap_exp.pipeline.steps.stage import load_params, stage, write_usage
+from flap_exp.pipeline.steps.stage import load_settings, stage, write_usage
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
@@ -20,8 +20,8 @@ if __name__ == "__main__":
     ap.add_argument("--stats", help="bias: the calibration's statistics, or a sequential cell's own")
     a = ap.parse_args()
     with stage(f"compensate@{a.key}") as usage:
-        p = load_params()
-        params = p["compensations"][a.compensation]
+        p = load_settings()
+        params = p.compensations[a.compensation]
         needs = get_compensation(params["method"]).needs
         record = read_json(paths.PREPARE)
         sel = read_json(paths.selection(a.cell))
@@ -34,9 +34,9 @@ if __name__ == "__main__":
             print(f"compensate@{a.key}: {params['method']} ({params.get('form')}) on {windows.shape[0]} windows",
                   flush=True)
         if needs != "nothing":
-            model = load_prepared_model(p["model"], record).model
+            model = load_prepared_model(p.model, record).model
         tensors, meta = compensate(model, sel, arch_of(record), params, stats, windows,
-                                   p["data"]["calib"].get("batch_size", 8))
+                                   p.calib.batch_size)
         meta |= {"cell": a.cell, "compensation_name": a.compensation,
                  "weights_sha256": record["model"]["weights_sha256"]}
         save_tensors(paths.compensation(a.key), tensors, meta)

@@ -9,7 +9,7 @@ from flap_exp.pipeline.artifacts.records import arch_of, eval_record, load_prepa
 from flap_exp.pipeline.reporting.mlflow_store import preflight
 from flap_exp.pipeline.steps.compensate import load_compensation, sample_warning
 from flap_exp.pipeline.steps.evaluate import evaluate
-from flap_exp.pipeline.steps.stage import load_params, stage, write_usage
+from flap_exp.pipeline.steps.stage import load_settings, stage, write_usage
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
@@ -21,18 +21,17 @@ if __name__ == "__main__":
     name = f"{'evaluate' if a.measure == 'ppl' else a.measure}@{a.key}"
     with stage(name) as usage:
         preflight()
-        p = load_params()
+        p = load_settings()
         # only perplexity reads the evaluation corpora: a new one never reruns zero-shot or speed
         record = eval_record() if a.measure == "ppl" else read_json(paths.PREPARE)
         sel = read_json(paths.selection(a.cell)) if a.cell else None
-        method = p["compensations"][a.compensation]["method"] if sel else "none"
+        method = p.compensations[a.compensation]["method"] if sel else "none"
         comps, comp = (load_compensation(paths.compensation(a.key), sel, arch_of(record), method, record)
                        if sel else (None, {"method": "none"}))
-        lm = load_prepared_model(p["model"], record)
+        lm = load_prepared_model(p.model, record)
         print(f"{name}: {a.measure}", flush=True)
-        out = evaluate(lm, sel, comps, a.measure, p["eval"], p["data"]["eval"], record,
-                       load_dense=lambda: load_prepared_model(p["model"], record).model,
-                       extra=p["data"].get("eval_extra") if a.measure == "ppl" else None)
+        out = evaluate(lm, sel, comps, a.measure, p.eval, record,
+                       load_dense=lambda: load_prepared_model(p.model, record).model, extra=a.measure == "ppl")
         cell = {k: sel[k] for k in ("metric", "structure", "ratio")} if sel else {}
         options = {k: v for k, v in comp.items() if k != "method"}
         warning = sample_warning(paths.compensation(a.key)) if sel else None  # e.g. lsq on too few tokens

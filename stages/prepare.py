@@ -5,10 +5,10 @@ import sys
 from flap_exp.pipeline.artifacts.io import write_json
 from flap_exp.pipeline.artifacts.paths import PREPARE
 from flap_exp.pipeline.steps.prepare import prepare
-from flap_exp.pipeline.steps.stage import load_params, stage
+from flap_exp.pipeline.steps.stage import load_settings, stage
 
 if __name__ == "__main__":
     with stage("prepare"):
-        p = load_params()
+        p = load_settings()
         corpora = [c for c in sys.argv[1:] if c != "none"]
-        write_json(PREPARE, prepare(p["model"], p["data"], corpora))
+        write_json(PREPARE, prepare(p.model, p.calib, corpora))

@@ -22,7 +22,7 @@ if __name__ == "__main__":
         if a.table is not None and a.table not in cells["tables"]:
             raise FlapError(f"no table {a.table!r} in the study (tables: {', '.join(cells['tables'])})")
         rows, dense, sels = collect(cells)
-        protocol = p.get("protocol", "quick")
+        protocol = p["protocol"]
         if a.index:
             index_files(cells, rows, dense, protocol, cells["reports"])
         else:

@@ -4,17 +4,17 @@ from flap_exp.pipeline.artifacts import paths
 from flap_exp.pipeline.artifacts.io import read_json, save_tensors, write_json
 from flap_exp.pipeline.artifacts.records import load_checked_windows, load_prepared_model
 from flap_exp.pipeline.steps.search import search_sequential, searched_levels
-from flap_exp.pipeline.steps.stage import cell_args, load_params, stage, write_usage
+from flap_exp.pipeline.steps.stage import cell_args, load_settings, stage, write_usage
 
 if __name__ == "__main__":
     key, cell, a = cell_args("calib", optional=("levels",))
     with stage(f"search_seq@{key}") as usage:
-        p = load_params()
+        p = load_settings()
         windows, manifest = load_checked_windows(a.calib)
-        lm = load_prepared_model(p["model"], read_json(paths.PREPARE))
+        lm = load_prepared_model(p.model, read_json(paths.PREPARE))
         print(f"search_seq@{key}: sequential calibration on {windows.shape[0]} windows", flush=True)
-        rec, stats = search_sequential(lm.model, windows, cell, p["metrics"][cell["metric"]],
-                                       p["structures"][cell["structure"]], p["data"]["calib"].get("batch_size", 8),
+        rec, stats = search_sequential(lm.model, windows, cell, p.metrics[cell["metric"]],
+                                       p.structures[cell["structure"]], p.calib.batch_size,
                                        searched_levels(a.levels, cell) if a.levels else None)
         meta = {k: manifest[k] for k in ("model", "weights_sha256", "data", "nsamples", "seqlen", "seed", "dtype")}
         save_tensors(paths.seq_stats(key), stats, {**meta, "sequential": key})

@@ -6,8 +6,8 @@ import yaml
 
 from flap_exp.cli import _parser
 from flap_exp.errors import FlapError
-from flap_exp.pipeline.steps.search import options
 from flap_exp.pipeline.study.compose import check_structure_options
+from flap_exp.pipeline.study.settings import structure_options as options
 from flap_exp.structures import StructureOptions
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "structure"

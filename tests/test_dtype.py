@@ -95,11 +95,12 @@ def test_cli_auto_records_the_dtype_that_ran(tmp_path, capsys, monkeypatch):
 
 def test_pipeline_records_auto_resolved(monkeypatch):
     from flap_exp.pipeline.artifacts.records import model_dtype
+    from flap_exp.pipeline.study.settings import ModelSettings
     monkeypatch.setattr(runtime, "native_bf16", lambda device: True)
-    assert model_dtype({"dtype": "auto", "device": "cpu"}) == "bfloat16"
+    assert model_dtype(ModelSettings("m", "auto", "cpu")) == "bfloat16"
     monkeypatch.setattr(runtime, "native_bf16", lambda device: False)
-    assert model_dtype({"dtype": "auto", "device": "cpu"}) == "float32"
-    assert model_dtype({"dtype": "bfloat16", "device": "cpu"}) == "bfloat16"
+    assert model_dtype(ModelSettings("m", "auto", "cpu")) == "float32"
+    assert model_dtype(ModelSettings("m", "bfloat16", "cpu")) == "bfloat16"
 
 
 def test_prepare_records_auto_resolved_and_stages_refuse_another(tmp_path, monkeypatch):
@@ -107,10 +108,11 @@ def test_prepare_records_auto_resolved_and_stages_refuse_another(tmp_path, monke
     otherwise (another machine) is refused with that reason, not with a weights-changed hash."""
     from flap_exp.pipeline.artifacts.records import load_prepared_model
     from flap_exp.pipeline.steps.prepare import prepare
+    from flap_exp.pipeline.study.settings import CalibSettings, CorpusSettings, ModelSettings
     folder = save_model_dir(tmp_path / "m", WORDS, identity=True)
     (tmp_path / "text.txt").write_text(" ".join(WORDS * 20) + "\n")
-    params = {"name": str(folder), "dtype": "auto", "device": "cpu"}
-    data = {"calib": {"corpus": "text", "path": str(tmp_path / "text.txt")}}
+    params = ModelSettings(str(folder), "auto", "cpu")
+    data = CalibSettings(CorpusSettings("text", "train", str(tmp_path / "text.txt")), 8, 16, 0, 4)
     monkeypatch.setattr(runtime, "native_bf16", lambda device: True)
     record = prepare(params, data, ["text"])
     assert record["model"]["dtype"] == "bfloat16"

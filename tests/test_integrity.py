@@ -237,6 +237,7 @@ def test_selection_from_json_refuses_bad_indices(change, msg):
 
 def test_evaluate_refuses_out_of_range_selection_before_measuring(model):
     from flap_exp.pipeline.steps.evaluate import evaluate
+    from flap_exp.pipeline.study.settings import CorpusSettings, EvalSettings
     arch = ArchView.from_config(model.config)
     record = {"model": {"arch": vars(arch)}, "eval": {}}
     sel = {"kept_groups": [[0]] * 3, "kept_channels": [[0, 48]] * 3}
@@ -247,7 +248,8 @@ def test_evaluate_refuses_out_of_range_selection_before_measuring(model):
     lm = LM()
     lm.model = model
     with pytest.raises(FlapError) as err:
-        evaluate(lm, sel, None, "ppl", {}, {}, record)
+        ev = EvalSettings(CorpusSettings("wikitext2", "test", None), {}, 16, 4, 2, None, None)
+        evaluate(lm, sel, None, "ppl", ev, record)
     assert one_line(err) == "selection: kept_channels of layer 0 holds 48, not an index in [0, 48)"
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
@@ -497,8 +499,9 @@ def test_prepared_weights_edited_in_place_are_refused(model_dir):
     from flap_exp.pipeline.artifacts.records import load_prepared_model
     from flap_exp.pipeline.steps.prepare import prepare
     from flap_exp.pipeline.study.cells import NO_LOCAL_WEIGHTS, weights_path
-    params = {"name": str(model_dir), "dtype": "float32"}
-    data = {"calib": {"corpus": "text", "path": str(model_dir.parent / "corpus.txt")}}
+    from flap_exp.pipeline.study.settings import CalibSettings, CorpusSettings, ModelSettings
+    params = ModelSettings(str(model_dir), "float32")
+    data = CalibSettings(CorpusSettings("text", "train", str(model_dir.parent / "corpus.txt")), 8, 16, 0, 4)
     record = prepare(params, data, ["text"])
     lm = load_prepared_model(params, record)
     assert lm.weights_sha256 == record["model"]["weights_sha256"]

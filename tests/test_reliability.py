@@ -381,8 +381,10 @@ def test_pruning_a_pruned_model_refused_before_work(ws, capsys, no_loading):
     one_error(capsys.readouterr().err, "--model pruned is already a pruned model")
     assert snapshot(ws) == before
     from flap_exp.pipeline.steps.prepare import prepare  # the pipeline's model=local too, before loading it
+    from flap_exp.pipeline.study.settings import CalibSettings, CorpusSettings, ModelSettings
     with pytest.raises(FlapError) as err:
-        prepare({"name": "pruned", "dtype": "float32"}, {}, [])
+        calib = CalibSettings(CorpusSettings("wiki", "train", None), 8, 16, 0, 4)
+        prepare(ModelSettings("pruned", "float32"), calib, [])
     assert one_line(err).startswith("model.name pruned is already a pruned model")
 
 
@@ -528,11 +530,11 @@ def test_every_stage_refuses_a_stale_cells_yaml(tmp_path):
     with pytest.raises(FlapError) as err:
         load_params(repo / "params.yaml")
     assert "cells.yaml was derived from other tables/options than params.yaml's" in one_line(err)
-    for script in sorted((repo / "stages").glob("*.py")):  # each stage's body starts with load_params()
+    for script in sorted((repo / "stages").glob("*.py")):  # each body starts with load_params() or load_settings()
         tree = ast.parse(script.read_text())
         withs = [n for n in ast.walk(tree) if isinstance(n, ast.With)]
         first = [ast.unparse(s) for s in withs[0].body[:2]] if withs else []  # (after the MLflow preflight)
-        assert any("load_params()" in s for s in first), f"{script.name}: {first}"
+        assert any("load_params()" in s or "load_settings()" in s for s in first), f"{script.name}: {first}"
     before = snapshot(repo)
     r = subprocess.run([sys.executable, "stages/prepare.py"], cwd=repo, env=env_for(repo), capture_output=True,
                        text=True, timeout=300)

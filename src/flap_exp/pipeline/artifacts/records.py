@@ -9,13 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from ...errors import FlapError
+from ..study.settings import CorpusSettings, ModelSettings
 from .io import load_tensors, read_json, sha256_bytes
 from .paths import PREPARE, PREPARE_EVAL
-
-
-def calib_corpus(data_calib: dict, corpus: str) -> dict:
-    """The corpus spec of a calibration: data.calib's own (split, path) for its corpus, the defaults else."""
-    return dict(data_calib) if corpus == data_calib["corpus"] else {"corpus": corpus, "split": "train", "path": None}
 
 
 def calib_record(record: dict, corpus: str) -> dict:
@@ -30,41 +26,39 @@ def eval_record() -> dict:
     return {**read_json(PREPARE), **read_json(PREPARE_EVAL)}
 
 
-def model_dtype(model_params: dict) -> str:
+def model_dtype(model: ModelSettings) -> str:
     """The dtype conf/model's settings run in here: model.dtype, with auto resolved for model.device (what
     prepare, the calibration manifests and MLflow record, so that a cached result says which one ran)."""
     from ...runtime import resolve_device, resolve_dtype
-    device = resolve_device(model_params.get("device", "cpu"))
-    return str(resolve_dtype(model_params.get("dtype", "float32"), device)).removeprefix("torch.")
+    return str(resolve_dtype(model.dtype, resolve_device(model.device))).removeprefix("torch.")
 
 
-def open_model(model_params: dict):
+def open_model(model: ModelSettings):
     """models.LoadedModel of conf/model's settings: in memory, or (`stream: true`) a StreamedModel within
     `memory_budget` (one decoder layer resident at a time)."""
     from ...models import load_model
     from ...runtime import resolve_device, resolve_dtype
-    from ...units import parse_bytes
-    device = resolve_device(model_params.get("device", "cpu"))  # "auto": the GPU when there is one
-    dtype = resolve_dtype(model_params.get("dtype", "float32"), device)
-    if model_params.get("stream"):
-        from ...streaming import open_streamed
-        return open_streamed(model_params["name"], dtype, device, parse_bytes(model_params.get("memory_budget")))
-    return load_model(model_params["name"], dtype, str(device))
+    device = resolve_device(model.device)  # "auto": the GPU when there is one
+    dtype = resolve_dtype(model.dtype, device)
+    if model.stream:
+        from ...streaming import open_streamed  # the streamed store: only for model.stream
+        return open_streamed(model.name, dtype, device, model.memory_budget)
+    return load_model(model.name, dtype, str(device))
 
 
-def load_prepared_model(model_params: dict, record: dict):
+def load_prepared_model(model: ModelSettings, record: dict):
     """Open the model named in params and check it is the one `prepare` recorded, in the dtype it recorded
     (model.dtype auto may resolve otherwise on another machine: the weights' hash would differ too)."""
-    ran, want_dtype = model_dtype(model_params), record["model"].get("dtype", "float32")
+    ran, want_dtype = model_dtype(model), record["model"].get("dtype", "float32")
     if ran != want_dtype:
-        raise FlapError(f"model.dtype {model_params.get('dtype')} runs in {ran} here, but prepare recorded "
+        raise FlapError(f"model.dtype {model.dtype} runs in {ran} here, but prepare recorded "
                         f"{want_dtype}; rerun: dvc repro -f prepare (or set model.dtype={want_dtype})")
-    lm = open_model(model_params)
+    lm = open_model(model)
     want = record["model"]["identity"]
     if lm.identity != want:
-        raise FlapError(f"model {model_params['name']!r} is not the one prepare recorded ({want.get('name')}, "
+        raise FlapError(f"model {model.name!r} is not the one prepare recorded ({want.get('name')}, "
                         f"{want.get('source')}); rerun: dvc repro -f prepare")
-    return verify_prepared_weights(lm, record, model_params["name"])
+    return verify_prepared_weights(lm, record, model.name)
 
 
 def verify_prepared_weights(lm, record: dict, name: str):
@@ -83,13 +77,18 @@ def verify_prepared_weights(lm, record: dict, name: str):
     return lm
 
 
-def checked_text(corpus: dict, record: dict, join: str):
+def load_corpus(corpus: CorpusSettings, join: str):
+    """data.LoadedText of a conf/ corpus (`join`: how its documents are joined, per the official protocol)."""
+    from ...data import Corpus, load_text  # data imports torch; the reporting stages import this module
+    return load_text(Corpus(corpus.corpus, corpus.split, corpus.path), join=join)
+
+
+def checked_text(corpus: CorpusSettings, record: dict, join: str):
     """The corpus text, refused if it is not byte-identical to what prepare recorded."""
-    from ...data import Corpus, load_text
-    text = load_text(Corpus(corpus["corpus"], corpus.get("split", "test"), corpus.get("path")), join=join)
+    text = load_corpus(corpus, join)
     got = sha256_bytes(text.text.encode("utf-8"))
     if got != record["text_sha256"]:
-        raise FlapError(f"corpus {corpus['corpus']!r} changed since prepare recorded it (sha256 {got[:12]} != "
+        raise FlapError(f"corpus {corpus.corpus!r} changed since prepare recorded it (sha256 {got[:12]} != "
                         f"{record['text_sha256'][:12]}); rerun: dvc repro -f prepare")
     return text
 

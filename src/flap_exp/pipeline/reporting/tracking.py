@@ -255,12 +255,12 @@ def track(params: dict, record: dict, manifests: dict, rows: list[dict], dense: 
     uri = preflight()
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
-    name = params.get("mlflow", {}).get("experiment") or f"flap-{record['model']['identity'].get('name', 'model')}"
+    name = params["mlflow"]["experiment"] or f"flap-{record['model']['identity'].get('name', 'model')}"
     exp = client.get_experiment_by_name(name)
     exp_id = exp.experiment_id if exp else client.create_experiment(name, tags=experiment_tags())
     for k, v in experiment_tags().items():
         client.set_experiment_tag(exp_id, k, v)
-    protocol = params.get("protocol", "quick")
+    protocol = params["protocol"]
     from ..artifacts.results import run_name
     du = cell_usage(dense)
     runs = {"dense": _upsert(client, exp_id, f"dense@{protocol}", run_name(None, protocol),

@@ -14,6 +14,7 @@ from typing import Any
 
 from ...errors import FlapError
 from ..artifacts.records import checked_text
+from ..study.settings import CorpusSettings, EvalSettings, ThroughputSettings
 
 
 def layer_params(model) -> int:
@@ -38,16 +39,16 @@ def _streamed_params(store) -> tuple[int, int]:
     return weights, rest + sum(p.numel() for layer in skeleton for p in layer.parameters())
 
 
-def _throughput(model, tp: dict, load_dense: Callable[[], Any] | None) -> dict:
+def _throughput(model, tp: ThroughputSettings, load_dense: Callable[[], Any] | None) -> dict:
     """Median tokens/s per workload, and (for a pruned model) the median paired speedup over dense."""
     from ...evaluation import compare_throughput
     models = {"model": model}
     if load_dense is not None:
         models = {"dense": load_dense(), "model": model}  # the first is the speedup's reference
-    kwargs: dict[str, Any] = {k: tuple(tuple(x) if isinstance(x, list) else x for x in tp[k])
-              for k in ("prefill_shapes", "decode_batches") if tp.get(k)}
-    kwargs |= {k: int(tp[k]) for k in ("prompt_len", "new_tokens", "warmup") if tp.get(k) is not None}
-    res = compare_throughput(models, repeats=int(tp.get("repeats", 3)), **kwargs)
+    kwargs: dict[str, Any] = {k: v for k, v in (("prefill_shapes", tp.prefill_shapes),
+                                                 ("decode_batches", tp.decode_batches)) if v}
+    res = compare_throughput(models, repeats=tp.repeats, prompt_len=tp.prompt_len, new_tokens=tp.new_tokens,
+                             warmup=tp.warmup, **kwargs)
     out = {"throughput": res, "throughput_tokens_per_s": {
         name: w["tokens_per_s"]["median"] for name, w in res["models"]["model"]["workloads"].items()}}
     if load_dense is not None:
@@ -55,20 +56,20 @@ def _throughput(model, tp: dict, load_dense: Callable[[], Any] | None) -> dict:
     return out
 
 
-def _perplexity(lm, corpus: dict, record: dict, eval_params: dict):
+def _perplexity(lm, corpus: CorpusSettings, record: dict, ev: EvalSettings):
     from ...data import tokenize
     from ...ppl import perplexity
     text = checked_text(corpus, record, join="\n\n")
-    return perplexity(lm.model, tokenize(lm.tokenizer, text.text), eval_params["seqlen"],
-                      eval_params["batch_size"], eval_params.get("max_windows"), progress=True)
+    return perplexity(lm.model, tokenize(lm.tokenizer, text.text), ev.seqlen, ev.batch_size, ev.max_windows,
+                      progress=True)
 
 
-def evaluate(lm, selection: dict | None, comps: list | None, what: str, eval_params: dict, data: dict,
-             record: dict, load_dense: Callable[[], Any] | None = None, extra: dict | None = None) -> dict:
+def evaluate(lm, selection: dict | None, comps: list | None, what: str, ev: EvalSettings, record: dict,
+             load_dense: Callable[[], Any] | None = None, extra: bool = False) -> dict:
     """Prune `lm.model` in place when a selection is given (with `comps`, a list[LayerComp] or None),
     then measure `what` (ppl, zeroshot or speed, each its own stage and file); returns the record.
 
-    data: the main perplexity corpus (data.eval); extra: more corpora by name (data.eval_extra);
+    ev: the eval settings (ppl: ev.corpus, and with `extra` also ev.extra, data.eval_extra);
     load_dense: returns a fresh dense model, the throughput reference for a pruned one."""
     from ...selection import Selection
     from ...surgery import PrunedView, prune_model
@@ -87,28 +88,30 @@ def evaluate(lm, selection: dict | None, comps: list | None, what: str, eval_par
     out = {"params_kept": kept, "params_total": arch.total_params, "achieved_ratio": 1 - kept / arch.total_params,
            "model_params": model_params}
     if what == "ppl":
-        ppl = _perplexity(lm, data, record["eval"], eval_params)
+        ppl = _perplexity(lm, ev.corpus, record["eval"], ev)
         out |= {"perplexity": ppl.ppl, "ppl_windows": ppl.windows, "ppl_tokens": ppl.tokens, "seqlen": ppl.seqlen,
                 "eval_data": record["eval"], "ppl_nll_mean": ppl.nll_mean, "ppl_nll_std": ppl.nll_std,
                 "ppl_ci95": None if ppl.interval95 is None else list(ppl.interval95),
                 # per window, in order: two cells scored on the same windows can be compared pairwise
                 "ppl_window_nll": ppl.window_nll}
-        if extra:
+        if extra and ev.extra:
             known = record.get("eval_extra") or {}
-            missing = sorted(set(extra) - set(known))
+            missing = sorted(set(ev.extra) - set(known))
             if missing:
                 raise FlapError(f"corpora {', '.join(missing)} are not in results/prepare_eval.json; "
                                 "rerun: dvc repro prepare_eval")
-            out["perplexity_extra"] = {name: _perplexity(lm, c, known[name], eval_params).ppl
-                                       for name, c in extra.items()}
+            out["perplexity_extra"] = {name: _perplexity(lm, c, known[name], ev).ppl for name, c in ev.extra.items()}
     elif what == "zeroshot":
         from ...evaluation import evaluate_zeroshot
-        zs = eval_params["zeroshot"]
-        res = evaluate_zeroshot(lm.model, lm.tokenizer, list(zs["tasks"]), zs.get("limit"), zs.get("batch_size", 8),
-                                source=zs.get("source", "local"))
+        zs = ev.zeroshot
+        if zs is None:
+            raise FlapError("eval.zeroshot is not set in params.yaml: this study measures no zero-shot accuracy")
+        res = evaluate_zeroshot(lm.model, lm.tokenizer, list(zs.tasks), zs.limit, zs.batch_size, source=zs.source)
         out |= {"zeroshot": res, "zeroshot_avg": res["average"]}
     elif what == "speed":
-        out |= _throughput(lm.model, eval_params["throughput"], load_dense if selection is not None else None)
+        if ev.throughput is None:
+            raise FlapError("eval.throughput is not set in params.yaml: this study measures no throughput")
+        out |= _throughput(lm.model, ev.throughput, load_dense if selection is not None else None)
     else:
         raise FlapError(f"unknown measurement {what!r}; known: ppl, zeroshot, speed")
     return out

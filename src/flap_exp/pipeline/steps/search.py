@@ -6,29 +6,7 @@ throwaway copy of the model gives both the selection and those statistics.
 """
 from __future__ import annotations
 
-
-def options(opts: dict, arch=None):
-    """StructureOptions from a conf/structure block. A floor given as a fraction in (0, 1) is a share of the
-    layer's units (min_channels: 0.25 keeps a quarter of each MLP), so one conf fits every model; without
-    `arch` (compose's check) only its range is checked."""
-    from ...catalogue import floor_fraction
-    from ...structures import StructureOptions
-
-    def floor(name: str, units: str) -> int:
-        v = opts.get(name) or 0
-        share = floor_fraction(name, v)
-        if share is None:
-            return int(v)
-        return 0 if arch is None else max(1, round(share * getattr(arch, units)))
-    return StructureOptions(floor("min_groups", "num_kv_heads"), floor("min_channels", "intermediate_size"),
-                            opts.get("remove_groups"), ul_rounding=opts.get("ul_rounding") or "fill",
-                            head_cost=opts.get("head_cost") or "exact", attn_unit=opts.get("attn_unit") or "group",
-                            obs_batch=opts.get("obs_batch") or 1, obs_damping=opts.get("obs_damping", 0.01),
-                            **{k: opts[k] for k in SEARCH_OPTIONS if opts.get(k) is not None})
-
-
-#: kl_search's options (conf/structure/kl_search.yaml); absent ones take StructureOptions' defaults.
-SEARCH_OPTIONS = ("search_step", "search_candidates", "search_windows", "search_seed")
+from ..study.settings import structure_options
 
 
 def selection_record(sel, arch, cell: dict) -> dict:
@@ -45,7 +23,7 @@ def search(score_tensors: dict, arch, cell: dict, opts: dict) -> dict:
     from ...structures import check_ratio, get_structure
     from .score import scores_from_tensors
     structure = get_structure(structure_of(cell["structure"]))
-    sel = structure(scores_from_tensors(score_tensors), arch, check_ratio(cell["ratio"]), options(opts, arch))
+    sel = structure(scores_from_tensors(score_tensors), arch, check_ratio(cell["ratio"]), structure_options(opts, arch))
     return selection_record(sel, arch, cell)
 
 
@@ -55,7 +33,8 @@ def search_units(units: dict, arch, cell: dict, opts: dict) -> dict:
     from ...structures import select_from_units
     from .score import units_from_tensors
     groups, channels = units_from_tensors(units, arch)
-    sel = select_from_units(structure_of(cell["structure"]), groups, channels, arch, cell["ratio"], options(opts, arch))
+    sel = select_from_units(structure_of(cell["structure"]), groups, channels, arch, cell["ratio"],
+                            structure_options(opts, arch))
     return selection_record(sel, arch, cell)
 
 
@@ -96,7 +75,7 @@ def allocate(model, windows, cell: dict, opts: dict, batch_size: int) -> dict:
     from ...arch import ArchView
     from ...store import as_store
     arch = ArchView.from_config(model.config)
-    cfg = _prune_config(arch, cell, {}, options(opts, arch), batch_size).validate()
+    cfg = _prune_config(arch, cell, {}, structure_options(opts, arch), batch_size).validate()
     res, secs = search_allocation(as_store(model), windows, cfg, progress=True)
     o = cfg.options
     return {**cell, **asdict(res), "seconds": secs, "search_step": o.search_step, "search_seed": o.search_seed,
@@ -125,7 +104,7 @@ def search_sequential(model, windows, cell: dict, metric_opts: dict, opts: dict,
     from ...prune import select
     from ...stats import stats_to_tensors
     arch = ArchView.from_config(model.config)
-    o = options(opts, arch)
+    o = structure_options(opts, arch)
     cfg = _prune_config(arch, cell, metric_opts, o if levels is None else replace(o, levels=tuple(levels)),
                         batch_size)
     stats, sel, _ = select(model, windows, cfg, progress=True)

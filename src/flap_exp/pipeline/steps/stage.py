@@ -11,6 +11,7 @@ from importlib import metadata
 from pathlib import Path
 
 from ...errors import FlapError
+from ..study.settings import StudySettings
 
 PACKAGES = ("flap-exp", "torch", "transformers", "tokenizers", "safetensors", "numpy", "dvc", "mlflow",
             "hydra-core", "lm-eval")
@@ -33,6 +34,11 @@ def load_params(path: str | Path = "params.yaml") -> dict:
     # without recomposing is refused by every stage, not only by the summary
     load_cells(params, str(p.with_name(CELLS)))
     return params
+
+
+def load_settings(path: str | Path = "params.yaml") -> StudySettings:
+    """load_params() as typed frozen settings, validated once (study/settings.py)."""
+    return StudySettings.of(load_params(path))
 
 
 def versions() -> dict:

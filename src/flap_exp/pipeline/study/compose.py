@@ -99,10 +99,10 @@ def _write(path: Path, text: str) -> None:
 
 def check_structure_options(structures: dict) -> None:
     """Refuse a bad structure option (e.g. structures.ul_um.ul_rounding=round) before any stage runs."""
-    from ..steps.search import options
+    from .settings import structure_options
     for name, opts in structures.items():
         try:
-            options(opts or {})
+            structure_options(opts or {})
         except FlapError as err:
             raise FlapError(f"structures.{name}: {err}") from None
 
