@@ -16,9 +16,9 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from flap_exp import models
 from flap_exp.arch import ArchView
+from flap_exp.catalogue import METHODS
 from flap_exp.errors import FlapError
 from flap_exp.manifest import files_sha256
-from flap_exp.metrics import METRICS, Metric
 from flap_exp.persist import MANIFEST, load_pruned, read_manifest, save_pruned
 from flap_exp.ppl import perplexity
 from flap_exp.prune import PruneConfig, prune
@@ -76,16 +76,16 @@ def poison(folder: Path, name: str, value: float) -> None:
 
 # --- 1. a model with a non-finite weight is refused before pruning -------------------------------------
 
-@pytest.mark.parametrize("metric", list(METRICS))
+@pytest.mark.parametrize("metric", list(METHODS))
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_non_finite_weight_refused_before_pruning(metric, value, windows):
     model = tiny_model()
     with torch.no_grad():
         model.model.layers[1].mlp.down_proj.weight[2, 5] = value
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    structure = "ul_um" if METRICS[metric].sequential else "al_am"
+    structure = "ul_um" if METHODS[metric].sequential else "al_am"
     with pytest.raises(FlapError) as err:
-        comp = "bias" if METRICS[metric].needs_data else "none"
+        comp = "bias" if METHODS[metric].needs_data else "none"
         prune(model, windows, PruneConfig(metric, structure, 0.5, compensation=comp))
     msg = one_line(err)
     kind = "1 NaN, 0 Inf" if math.isnan(value) else "0 NaN, 1 Inf"
@@ -131,11 +131,11 @@ def test_nan_score_never_reaches_a_selection(structure, module, name, model):
 @pytest.mark.parametrize("sequential", [True, False])
 def test_nan_metric_refused_in_prune_dense_and_sequential(sequential, monkeypatch, windows):
     """A metric that yields NaN (finite weights and statistics) is stopped at its layer in both passes."""
-    nan_metric = Metric("nan_metric", lambda w, s: s.var * float("nan"), True, False, sequential=sequential)
-    monkeypatch.setitem(METRICS, "nan_metric", nan_metric)
-    from flap_exp.catalogue import METHODS, MethodFacts  # its facts, as a registered metric declares them
-    monkeypatch.setitem(METHODS, "nan_metric", MethodFacts(needs_data=True, square_attn=False, sequential=sequential,
-                                                           compensation="none"))
+    from flap_exp.catalogue import METRICS  # registered with its facts, as a metric's module declares them
+    from flap_exp.registry import Entry
+    facts = {**METRICS.defaults, "needs_data": True, "sequential": sequential, "compensation": "none"}
+    METRICS.names()  # the package's own metrics first
+    monkeypatch.setitem(METRICS._entries, "nan_metric", Entry("nan_metric", lambda w, s: s.var * float("nan"), facts))
     model = tiny_model()
     with pytest.raises(FlapError) as err:
         prune(model, windows, PruneConfig("nan_metric", "ul_um", 0.5, compensation="none"), progress=False)

@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 
 from flap_exp.calibrate import collect_stats
-from flap_exp.catalogue import METHODS
+from flap_exp.catalogue import METHODS, METRICS
 from flap_exp.errors import FlapError
-from flap_exp.metrics import METRICS, channel_scores, get_metric
+from flap_exp.metrics import channel_scores, get_metric
 
 from reference import capture_inputs, metric_np
 

@@ -1,7 +1,8 @@
 """One catalogue of method facts and defaults, read by the library, the CLI, the pipeline and conf/.
 
-For every channel metric: whether it needs calibration data, whether the official code squares its
-attention score, whether its official code calibrates sequentially, and its default compensation.
+For every channel metric (registered with its facts in its own module of flap_exp.methods.metric): whether it
+needs calibration data, whether the official code squares its attention score, whether its official code
+calibrates sequentially, and its default compensation.
 The default compensation follows the official code (flap-spec.md §4 and §6): FLAP's metrics add the
 baseline bias; the Wanda-sp and magnitude baselines compensate nothing. Changing a default here changes
 it for `flap-exp prune`, for `prune()` and for the pipeline's grid at once (tests/test_catalogue.py).
@@ -10,6 +11,7 @@ Pure Python (no torch): the pipeline's grid expansion reads it inside Hydra comp
 """
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 from .errors import FlapError
@@ -27,17 +29,30 @@ class MethodFacts:
     selector: str = "score"
 
 
-METHODS: dict[str, MethodFacts] = {
-    "ifv": MethodFacts(needs_data=True, square_attn=True, sequential=False, compensation="bias"),
-    "wifv": MethodFacts(needs_data=True, square_attn=True, sequential=False, compensation="bias"),
-    "wifn": MethodFacts(needs_data=True, square_attn=True, sequential=False, compensation="bias"),
-    # Baselines as in the FLAP repository: no bias compensation (flap-spec.md §6.1, §6.2).
-    "weight_magnitude": MethodFacts(needs_data=False, square_attn=False, sequential=False, compensation="none"),
-    "wanda_sp": MethodFacts(needs_data=True, square_attn=False, sequential=True, compensation="none"),
-    # Reconstruction-aware selection (ZipLM / SlimGPT / Tyr-the-Pruner's local pruner): a unit's cost is the
-    # output error left after the other columns compensate; the survivors end on lsq, its natural compensation.
-    "obs": MethodFacts(needs_data=True, square_attn=False, sequential=True, compensation="lsq", selector="obs"),
-}
+#: Channel metrics (= conf/metric/*.yaml), each registered in its own module of flap_exp.methods.metric with
+#: its facts (MethodFacts' fields) on its score function; a fact left out takes the default here.
+METRICS = Registry("metric", "flap_exp.methods.metric",
+                   defaults={"needs_data": True, "square_attn": False, "sequential": False, "compensation": "none",
+                             "selector": "score"})
+
+
+class _Facts(Mapping[str, MethodFacts]):
+    """The registered metrics' facts by name, in the registry's order (a read-only view)."""
+
+    def __getitem__(self, name: str) -> MethodFacts:
+        if name not in METRICS:
+            raise KeyError(name)
+        f = METRICS.get(name).facts
+        return MethodFacts(f["needs_data"], f["square_attn"], f["sequential"], f["compensation"], f["selector"])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(METRICS.names())
+
+    def __len__(self) -> int:
+        return len(METRICS.names())
+
+
+METHODS: Mapping[str, MethodFacts] = _Facts()
 
 STRUCTURES = ("ul_um", "ul_mm", "al_mm", "al_am", "ul_log", "curve", "kl_search")
 #: Text sources of data.load_text (calibration and evaluation).

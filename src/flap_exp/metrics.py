@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .catalogue import METHODS
+from .catalogue import METHODS, METRICS
 from .errors import FlapError
 from .stats import ChannelStats, LayerStats
 from .store import LayerStore, as_store
@@ -40,37 +40,10 @@ class Metric:
     sequential: bool = False  # official Wanda-sp prunes layer l before calibrating layer l+1
 
 
-def _colsq(w: torch.Tensor) -> torch.Tensor:
-    return (w * w).sum(0)
-
-
-def _need(s: ChannelStats | None) -> ChannelStats:
-    if s is None:  # the callers check needs_data first; this is a bug, not a user mistake
-        raise ValueError("this metric needs calibration statistics")
-    return s
-
-
-def _no_score() -> torch.Tensor:
-    raise FlapError("metric obs has no channel score: it selects in its own pass (prune.select)")
-
-
-_SCORE_FNS: dict[str, ChannelScoreFn] = {
-    "ifv": lambda w, s: _need(s).var,
-    "wifv": lambda w, s: _need(s).var * _colsq(w),
-    "wifn": lambda w, s: _need(s).meansq.sqrt() * w.abs().mean(0),
-    "weight_magnitude": lambda w, s: _colsq(w).sqrt(),
-    "wanda_sp": lambda w, s: _need(s).meansq.sqrt() * w.abs().mean(0),
-    "obs": lambda w, s: _no_score(),
-}
-# The facts (data, squared attention, sequential) come from the one catalogue (flap_exp.catalogue).
-METRICS: dict[str, Metric] = {name: Metric(name, _SCORE_FNS[name], f.needs_data, f.square_attn, f.sequential)
-                              for name, f in METHODS.items()}
-
-
 def get_metric(name: str) -> Metric:
-    if name not in METRICS:
-        raise FlapError(f"unknown metric {name!r}; known metrics: {', '.join(METRICS)}")
-    return METRICS[name]
+    """The registered metric (flap_exp.methods.metric) with its facts from the one catalogue."""
+    entry, f = METRICS.get(name), METHODS[name]
+    return Metric(name, entry.obj, f.needs_data, f.square_attn, f.sequential)
 
 
 def layer_channel_scores(metric: Metric, w_o: torch.Tensor, w_down: torch.Tensor, stats: LayerStats | None,
