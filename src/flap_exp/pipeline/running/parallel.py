@@ -173,7 +173,7 @@ def _copy_paths(root: str, needed: set[str]) -> list[str]:
 def _needed(root: str, skip: tuple[str, ...]) -> set[str]:
     """dvc.yaml, dvc.lock, the files its `vars` name and the dependencies (params files included) of every
     stage but those in `skip` (the gathering stages, which never run in a queued experiment)."""
-    from dvc.repo import Repo
+    from dvc.repo import Repo  # dvc: heavy, only when running
     needed = {"dvc.yaml", "dvc.lock"}
     doc = yaml.safe_load((Path(root) / "dvc.yaml").read_text(encoding="utf-8")) or {}
     needed |= {v.split(":")[0] for v in doc.get("vars") or [] if isinstance(v, str)}
@@ -240,7 +240,7 @@ def run_parallel(cfg: ParallelConfig) -> dict[str, list[str]]:
     print(f"parallel: {len(p.cells)} cells; shared upstream: {', '.join(p.shared) or 'none'}; "
           f"final: {', '.join(p.gather) or 'none'}", flush=True)
     shared_ran = _stream(cfg.root, "repro", *p.shared) if p.shared else []
-    from dvc.repo import Repo
+    from dvc.repo import Repo  # dvc: heavy, only when running
     with Repo(cfg.root) as repo:
         changed = set(repo.status(targets=list(p.cells), with_deps=True))
     todo = [c for c in p.cells if changed & set(p.cells[c])]
