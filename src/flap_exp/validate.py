@@ -6,10 +6,16 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from .errors import FlapError
-from .manifest import MANIFEST
+from .jsonfile import parse_json_file
+from .manifest import MANIFEST, unrecorded_files
+from .sources import cache_root
+from .tempfiles import HOST, temp_prefix
+from .units import mib
 
 
 def check_int(name: str, value, minimum: int, why: str = "", allow_none: bool = False) -> None:
@@ -24,7 +30,7 @@ def check_int(name: str, value, minimum: int, why: str = "", allow_none: bool = 
 
 def check_device(device: str) -> None:
     """cpu, cuda[:N] (with such a GPU present) or mps (where available)."""
-    import torch
+    import torch  # torch: the CLI and compose import this module and must not load torch
     try:
         d = torch.device(device)
     except (RuntimeError, ValueError):
@@ -43,8 +49,7 @@ def check_device(device: str) -> None:
 
 def model_dir(spec: str) -> Path | None:
     """The directory a model spec loads from, where it is one (embedded cache or local dir); else None."""
-    from .models import EMBEDDED
-    from .sources import cache_root
+    from .models import EMBEDDED  # models imports torch and transformers: only when a spec is resolved
     if spec in EMBEDDED:
         return cache_root() / "models" / spec
     return Path(spec) if os.path.isdir(spec) else None
@@ -56,7 +61,7 @@ def peek_arch(spec: str):
     folder = model_dir(spec)
     if folder is None or not (folder / "config.json").is_file():
         return None
-    from .arch import ArchView
+    from .arch import ArchView  # arch imports torch: only when a config is at hand
     try:
         config = read_config(folder)
     except (OSError, ValueError):
@@ -68,7 +73,7 @@ def config_errors() -> tuple[type[BaseException], ...]:
     """What transformers raises for an inconsistent config: newer versions validate it in a strict dataclass
     (e.g. a hidden size that heads do not divide without an explicit head_dim)."""
     try:
-        from huggingface_hub.errors import StrictDataclassError
+        from huggingface_hub.errors import StrictDataclassError  # huggingface_hub: slow, only on reading a config
     except ImportError:  # an older huggingface_hub: ValueError only
         return (ValueError,)
     return (ValueError, StrictDataclassError)
@@ -83,6 +88,7 @@ def config_message(err: BaseException) -> str:
 
 def read_config(folder):
     """AutoConfig of a model directory; an inconsistent config.json is one FlapError (OSError passes through)."""
+    # transformers (and modeling, which imports it): heavy, only when a config.json is read
     from transformers import AutoConfig
 
     from . import modeling  # noqa: F401  (flap_llama configs)
@@ -101,9 +107,6 @@ def _nearest_existing(p: Path) -> Path:
 
 def _probe_writable(folder: Path, out: str) -> None:
     """Create and remove a pid-named directory in `folder`: os.access says yes to root on read-only mounts."""
-    import tempfile
-
-    from .tempfiles import temp_prefix
     try:
         os.rmdir(tempfile.mkdtemp(prefix=temp_prefix("write-probe"), dir=folder))
     except OSError as err:
@@ -116,7 +119,6 @@ _TEMP_SUFFIX, _PID_DIGITS = 8, 7
 
 def check_name_length(folder: Path, name: str, out: str) -> None:
     """The longest sibling flap-exp writes beside `name` (`.NAME.old-PID-HOST-XXXXXXXX`) fits the filesystem."""
-    from .tempfiles import HOST
     try:
         limit = os.pathconf(folder, "PC_NAME_MAX")
     except (OSError, ValueError):
@@ -131,9 +133,6 @@ def check_name_length(folder: Path, name: str, out: str) -> None:
 def check_free_space(folder: Path, need: int, what: str) -> None:
     """Refuse before the work when the filesystem of `folder` (or its nearest existing parent) has less than
     `need` bytes free."""
-    import shutil
-
-    from .units import mib
     base = _nearest_existing(folder)
     try:
         free = shutil.disk_usage(base).free
@@ -151,12 +150,11 @@ def estimate_pruned_bytes(spec: str, ratio: float, itemsize: int) -> int | None:
     folder = model_dir(spec)
     if folder is None or not folder.is_dir():
         return None
-    from .shards import Checkpoint
+    from .shards import Checkpoint  # shards imports torch: only when the weights are on disk
     try:
         ckpt = Checkpoint(folder)
     except FlapError:
         return None  # reported by the load with its own message
-    import math
     numel = sum(math.prod(info["shape"]) for info in ckpt.info.values())
     arch = peek_arch(spec)
     removed = int(ratio * arch.total_params) if arch is not None else 0
@@ -170,7 +168,6 @@ def check_not_pruned(spec: str, what: str = "--model") -> None:
         return
     flap = (folder / MANIFEST).is_file()
     if not flap and (folder / "config.json").is_file():
-        from .jsonfile import parse_json_file
         with_type = parse_json_file(folder / "config.json", "fix or remove it").get("model_type")
         flap = str(with_type).startswith("flap_")  # every pruned type (flap_llama, flap_qwen2, ...)
     if flap:
@@ -180,7 +177,6 @@ def check_not_pruned(spec: str, what: str = "--model") -> None:
 
 def check_cache_usable() -> None:
     """The model cache (FLAP_EXP_CACHE) can be created and written, before a first conversion."""
-    from .sources import cache_root
     root = cache_root()
     base = _nearest_existing(root)
     if not base.is_dir():
@@ -230,8 +226,6 @@ def check_out_dir(out: str, model_spec: str | None = None, overwrite: bool = Fal
 
 def _refuse_user_files(path: Path, out: str) -> None:
     """--overwrite replaces what flap-exp wrote, never what the user added inside the directory."""
-    from .jsonfile import parse_json_file
-    from .manifest import unrecorded_files
     manifest = parse_json_file(path / MANIFEST, "refusing to replace it (remove the directory yourself)")
     added = unrecorded_files(path, manifest)
     if added:

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
+
+from safetensors import safe_open
 
 from ...atomic import atomic_file
 from ...errors import FlapError
@@ -21,7 +24,6 @@ def write_json(path: str | Path, obj) -> None:
 
 
 def _first_non_finite(obj, at: str = "") -> str | None:
-    import math
     if isinstance(obj, float) and not math.isfinite(obj):
         return at or "the value"
     items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
@@ -40,6 +42,7 @@ def read_json(path: str | Path):
 
 
 def save_tensors(path: str | Path, tensors: dict, meta: dict | None = None) -> None:
+    # safetensors.torch, integrity: torch; the reporting stages import this module
     from safetensors.torch import save_file
 
     from ...integrity import check_finite_tensors
@@ -51,7 +54,6 @@ def save_tensors(path: str | Path, tensors: dict, meta: dict | None = None) -> N
 
 def load_tensors(path: str | Path) -> tuple[dict, dict]:
     """(tensors, metadata dict) of a file written by save_tensors."""
-    from safetensors import safe_open
     p = Path(path)
     if not p.exists():
         raise FlapError(f"{p} is missing; run the stage that writes it (dvc repro)")
@@ -87,9 +89,7 @@ def sha256_tensor(t) -> str:
 def weights_sha256(model) -> str:
     """Content hash of the state dict (names, dtypes, shapes, bytes): independent of paths and files; the same
     for a model in memory and its StreamedModel (read a tensor at a time)."""
-    import hashlib
-
-    import torch
+    import torch  # torch: the reporting stages import this module
     h = hashlib.sha256()
     tensors = model.named_tensors() if hasattr(model, "named_tensors") else sorted(model.state_dict().items())
     for name, t in tensors:

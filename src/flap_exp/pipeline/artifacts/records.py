@@ -9,8 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from ...errors import FlapError
+from ...sources import sha256_file
 from ..study.settings import CorpusSettings, ModelSettings
-from .io import load_tensors, read_json, sha256_bytes
+from . import paths
+from .io import load_tensors, read_json, sha256_bytes, sha256_tensor, weights_sha256
 from .paths import PREPARE, PREPARE_EVAL
 
 
@@ -29,13 +31,14 @@ def eval_record() -> dict:
 def model_dtype(model: ModelSettings) -> str:
     """The dtype conf/model's settings run in here: model.dtype, with auto resolved for model.device (what
     prepare, the calibration manifests and MLflow record, so that a cached result says which one ran)."""
-    from ...runtime import resolve_device, resolve_dtype
+    from ...runtime import resolve_device, resolve_dtype  # torch: the reporting stages import this module
     return str(resolve_dtype(model.dtype, resolve_device(model.device))).removeprefix("torch.")
 
 
 def open_model(model: ModelSettings):
     """models.LoadedModel of conf/model's settings: in memory, or (`stream: true`) a StreamedModel within
     `memory_budget` (one decoder layer resident at a time)."""
+    # models, runtime (and streaming): torch and transformers; the reporting stages import this module
     from ...models import load_model
     from ...runtime import resolve_device, resolve_dtype
     device = resolve_device(model.device)  # "auto": the GPU when there is one
@@ -65,8 +68,7 @@ def verify_prepared_weights(lm, record: dict, name: str):
     """Refuse weights that are not finite or differ from the sha256 prepare recorded (a model directory
     edited in place): statistics and results are never labelled with another weights' hash. (A streamed
     model's weights are checked finite as each layer is read.)"""
-    from ...integrity import check_finite_weights
-    from .io import weights_sha256
+    from ...integrity import check_finite_weights  # torch: the reporting stages import this module
     if not lm.streamed:
         check_finite_weights(lm.model, f"model {name!r}")
     lm.weights_sha256 = weights_sha256(lm.model)
@@ -108,8 +110,7 @@ def check_stats_origin(meta: dict, record: dict, where: str) -> None:
 
 def load_checked_stats(path: str | Path, record: dict, manifest: str | Path | None = None):
     """LayerStats from `path`, refused unless they match the prepared model/data (and their manifest)."""
-    from ...sources import sha256_file
-    from ...stats import stats_from_tensors
+    from ...stats import stats_from_tensors  # torch: the reporting stages import this module
     tensors, meta = load_tensors(path)
     if manifest is not None:
         mj = read_json(manifest)
@@ -122,7 +123,7 @@ def load_checked_stats(path: str | Path, record: dict, manifest: str | Path | No
             raise FlapError(f"{manifest} disagrees with the statistics it describes on {', '.join(bad)}; "
                             "refusing tampered statistics: rerun dvc repro -f calibrate@CALIB")
     check_stats_origin(meta, record, str(path))
-    from ...integrity import check_finite_tensors
+    from ...integrity import check_finite_tensors  # torch, as above
     check_finite_tensors(tensors, str(path))  # a sequential cell's statistics have no manifest hash
     stats = stats_from_tensors(tensors)
     arch = record["model"]["arch"]
@@ -134,15 +135,13 @@ def load_checked_stats(path: str | Path, record: dict, manifest: str | Path | No
 
 
 def arch_of(record: dict):
-    from ...arch import ArchView
+    from ...arch import ArchView  # torch: the reporting stages import this module
     return ArchView(**record["model"]["arch"])
 
 
 def load_checked_windows(calib: str):
     """(windows [N, T], manifest) of calibration `calib`, refused unless the windows are the ones its
     manifest names."""
-    from . import paths
-    from .io import load_tensors, sha256_tensor
     manifest = read_json(paths.manifest(calib))
     windows = load_tensors(paths.windows(calib))[0]["windows"]
     if sha256_tensor(windows) != manifest["windows_sha256"]:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
+import sqlite3
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -46,7 +48,6 @@ def _http(uri: str) -> None:
 
 
 def _sqlite(uri: str) -> None:
-    import sqlite3
     if not uri.startswith("sqlite:///") or uri == "sqlite:///":
         raise FlapError(f"malformed MLFLOW_TRACKING_URI={uri!r}: a SQLite store is sqlite:///relative.db "
                         "or sqlite:////absolute/path.db")
@@ -78,7 +79,7 @@ def _open(uri: str) -> None:
     """Open the store as `track` will (MlflowClient builds it at once): MLflow's own refusals, e.g. its file
     store in maintenance mode without MLFLOW_ALLOW_FILE_STORE=true, come here as one line, before any stage."""
     try:
-        from mlflow.tracking import MlflowClient
+        from mlflow.tracking import MlflowClient  # mlflow: slow to import, only when a store is opened
         MlflowClient(uri)
     except Exception as err:  # noqa: BLE001  (MlflowException and whatever the store's constructor raises)
         text = " ".join(str(err).split()) or type(err).__name__
@@ -89,7 +90,6 @@ def _open(uri: str) -> None:
 
 
 def _database(uri: str, parts) -> None:
-    import socket
     try:
         host, port = parts.hostname, parts.port
     except ValueError:

@@ -4,7 +4,7 @@ document counts, and whether a gap to a reference is within that noise (flap_exp
 Records written before these fields existed give None (no interval shown), never a guess."""
 from __future__ import annotations
 
-from ...uncertainty import Z95, gap_within_noise, paired_ratio_interval
+from ...uncertainty import Z95, average_stderr, gap_within_noise, paired_ratio_interval
 
 
 def ppl_ci(row: dict) -> tuple[float, float] | None:
@@ -20,7 +20,6 @@ def task_stderr(task: dict) -> float | None:
 
 def zeroshot_stderr(row: dict) -> float | None:
     """The standard error of the row's zero-shot average (its tasks' errors, independent)."""
-    from ...uncertainty import average_stderr
     zs = row.get("zeroshot") or {}
     if zs.get("average_stderr") is not None:
         return float(zs["average_stderr"])

@@ -19,7 +19,7 @@ TEMPLATE = "plots.html"
 
 def cdn_packages() -> list[tuple[str, str]]:
     """(package, version) of every script dvc-render's vega page loads, in its order."""
-    from dvc_render.vega import VegaRenderer
+    from dvc_render.vega import VegaRenderer  # dvc_render: a dvc dependency, only for make plots
     found = re.findall(r"cdn\.jsdelivr\.net/npm/([a-z-]+)@([0-9.]+)", VegaRenderer.SCRIPTS)
     if not found:
         raise FlapError("dvc-render's vega page names no CDN scripts any more: make plots needs updating")

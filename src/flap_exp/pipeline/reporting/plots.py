@@ -3,12 +3,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ...uncertainty import Z95
+from .noise import zeroshot_stderr
+
 #: An achieved ratio this far from its target is drawn as a miss (a hollow marker at the target); the
 #: default rules land within one unit's cost per layer, i.e. well below this on any real model.
 MISSED = 0.002
 
 
 def _plt():
+    # matplotlib: slow to import; report, summary and track import this module without always plotting
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -164,8 +168,6 @@ def bars(values: dict[str, float | None], label: str, out: str | Path,
 
 def zeroshot_bars(rows: dict[str, dict], out: str | Path) -> list[float | None]:
     """Zero-shot average per labelled record, with 95% error bars (1.96 standard errors of the average)."""
-    from ...uncertainty import Z95
-    from .noise import zeroshot_stderr
     se = {k: zeroshot_stderr(r) for k, r in rows.items()}
     return bars({k: r.get("zeroshot_avg") for k, r in rows.items()},
                 "zero-shot average accuracy (error bars: 95%, 1.96 standard errors)", out,

@@ -8,10 +8,18 @@ is the x axis of every figure; the nominal target is marked. Layouts are a regis
 """
 from __future__ import annotations
 
+import csv
+import io
+import json
+import subprocess
 from pathlib import Path
 
+from ...atomic import atomic_file
+from ...errors import FlapError
 from ..artifacts.results import achieved_group, method_name
 from .noise import noise_metrics, ppl_ci, ppl_ratio, task_stderr, zeroshot_gap, zeroshot_stderr
+from .plots import bars, kept_heatmap, ppl_vs_n, ppl_vs_ratio, zeroshot_bars
+from .rounding import rounded
 
 
 def _extras(r: dict) -> dict:
@@ -131,8 +139,6 @@ def compensation_table(rows: list[dict], dense: dict) -> list[str]:
 
 
 def _csv(rows: list[dict], columns: list[str]) -> str:
-    import csv
-    import io
     buf = io.StringIO()
     w = csv.DictWriter(buf, columns, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
@@ -218,7 +224,6 @@ def caption(dense: dict, protocol: str, rows: list[dict]) -> str:
 def table_report(name: str, table: dict, rows: list[dict], dense: dict, protocol: str) -> str:
     layout = LAYOUTS.get(table["layout"])
     if layout is None:
-        from ...errors import FlapError
         raise FlapError(f"table {name!r}: unknown layout {table['layout']!r}; known: {', '.join(LAYOUTS)}")
     return "\n".join([f"# {table['title']}", "", caption(dense, protocol, rows), ""]
                      + layout(rows, dense) + warnings(rows)).rstrip("\n") + "\n"
@@ -237,8 +242,6 @@ def metrics_summary(rows: list[dict], dense: dict) -> dict:
     """reports/metrics.json (dvc metrics show/diff, dvc exp show): per cell its perplexity with its 95%
     interval and window count, achieved ratio, zero-shot average with its standard error and document
     count, and speedups where measured; rounded per quantity (rounding.py), as in MLflow."""
-    from .rounding import rounded
-
     def one(r: dict) -> dict:
         out = {"perplexity": r["perplexity"], "achieved_ratio": r["achieved_ratio"]} | noise_metrics(r)
         if r.get("zeroshot_avg") is not None:
@@ -271,7 +274,6 @@ def index(tables: dict, dense: dict, protocol: str, commit: str | None) -> str:
 
 
 def _git_commit() -> str | None:
-    import subprocess
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
         return out.stdout.strip() or None if out.returncode == 0 else None
@@ -282,7 +284,6 @@ def _git_commit() -> str | None:
 def _figure(layout: str, rows: list[dict], dense: dict, sels: dict, out: Path) -> None:
     """The table's figure: perplexity vs achieved ratio (main, compensation), vs N (calibration), the kept
     units per layer (ablation), accuracy and speedup bars (zeroshot, speed)."""
-    from .plots import bars, kept_heatmap, ppl_vs_n, ppl_vs_ratio, zeroshot_bars
     if layout in ("main", "compensation"):
         label = method_name if layout == "main" else (lambda r: f"{r['metric']}/{r['structure']} {r['compensation']}")
         ppl_vs_ratio([{**r, "method": label(r)} for r in rows], dense["perplexity"], out)
@@ -303,7 +304,6 @@ def _figure(layout: str, rows: list[dict], dense: dict, sels: dict, out: Path) -
 def table_files(name: str, table: dict, rows: list[dict], dense: dict, sels: dict, protocol: str,
                 out_dir: str | Path = "reports") -> None:
     """reports/NAME.md, reports/NAME.csv and reports/figures/NAME.png of one table."""
-    from ...atomic import atomic_file
     out = Path(out_dir)
     by_key = {r["key"]: r for r in rows}
     trows = [by_key[k] for k in table["cells"]]
@@ -321,9 +321,6 @@ def table_files(name: str, table: dict, rows: list[dict], dense: dict, sels: dic
 
 def index_files(cells: dict, rows: list[dict], dense: dict, protocol: str, out_dir: str | Path = "reports") -> None:
     """reports/README.md (the index), reports/metrics.json and reports/plots/ppl_vs_ratio.csv."""
-    import json
-
-    from ...atomic import atomic_file
     out = Path(out_dir)
     with atomic_file(out / "README.md") as tmp:
         tmp.write_text(index(cells["tables"], dense, protocol, _git_commit()), encoding="utf-8")

@@ -5,12 +5,15 @@ from __future__ import annotations
 import sys
 
 from ...errors import FlapError
+from ..artifacts.results import collect, method_name
+from ..steps.stage import load_params
+from ..study.cells import load_cells
+from .mlflow_store import tracking_uri
+from .noise import zeroshot_docs, zeroshot_stderr
+from .tracking import study_link
 
 
 def summary(params: dict, cells: dict, rows: list[dict], dense: dict) -> str:
-    from ..artifacts.results import method_name
-    from .mlflow_store import tracking_uri
-    from .tracking import study_link
     by = {r["key"]: r for r in rows}
     lines = [f"flap-exp study, protocol {params.get('protocol')}: {len(rows)} cells, dense perplexity "
              f"{dense['perplexity']:.2f} ({dense['ppl_windows']} windows)"]
@@ -39,16 +42,12 @@ def _ci(r: dict) -> str:
 
 def _zs(r: dict) -> str:
     """The zero-shot average, its standard error and documents, e.g. "48.6% ± 2.7 (350 docs)", where recorded."""
-    from .noise import zeroshot_docs, zeroshot_stderr
     se, n = zeroshot_stderr(r), zeroshot_docs(r)
     return (f"{100 * r['zeroshot_avg']:.1f}%" + (f" ± {100 * se:.1f}" if se is not None else "")
             + (f" ({n} docs)" if n is not None else ""))
 
 
 def main() -> int:
-    from ..artifacts.results import collect
-    from ..steps.stage import load_params
-    from ..study.cells import load_cells
     try:
         p = load_params()
         cells = load_cells(p)

@@ -13,14 +13,20 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
 from ...errors import FlapError
-from ..artifacts.io import sha256_text
+from ..artifacts import paths
+from ..artifacts.io import read_json, sha256_text
+from ..artifacts.results import achieved_group, method_name, run_name
 from .mlflow_store import preflight
+from .noise import noise_metrics, task_stderr
+from .plots import kept_per_layer, ppl_vs_ratio, zeroshot_bars
+from .rounding import rounded
 
 
 def _git_commit() -> str | None:
@@ -71,8 +77,6 @@ def run_metrics(m: dict, usage: dict) -> dict:
     """Evaluation numbers with their noise (the perplexity's 95% interval over windows and its window count,
     zero-shot standard errors and document counts), plus wall time / peak memory of every stage behind the
     cell; rounded per quantity (rounding.py), as in reports/metrics.json."""
-    from .noise import noise_metrics, task_stderr
-    from .rounding import rounded
     out = {k: float(m[k]) for k in ("perplexity", "achieved_ratio", "params_kept", "model_params") if k in m}
     out |= noise_metrics(m)
     for stage, u in usage.items():
@@ -97,7 +101,6 @@ def run_metrics(m: dict, usage: dict) -> dict:
 def cell_usage(row: dict, root: str | Path = ".") -> dict:
     """The recorded usage of the stages behind one cell (results/usage/*.json side files), by stage.
     Missing when a stage's outputs were restored from DVC's cache rather than computed here."""
-    from ..artifacts import paths
     key = row.get("key", paths.DENSE)
     names = {"evaluate": f"evaluate@{key}"}
     if row.get("cell"):
@@ -117,7 +120,6 @@ def ratio_tags(row: dict | None) -> dict:
     """Group runs by what they removed, not by their target: the achieved ratio to 0.01 (`flap.achieved_ratio`,
     e.g. "0.20") beside the target (`flap.nominal_ratio`); the exact values are the param `ratio` (target)
     and the metric `achieved_ratio`."""
-    from ..artifacts.results import achieved_group
     if row is None:
         return {"flap.nominal_ratio": "0", "flap.achieved_ratio": achieved_group(0)}
     return {"flap.nominal_ratio": f"{float(row['ratio']):g}",
@@ -144,8 +146,6 @@ def comparison_figures(rows: list[dict], dense: dict, folder: Path) -> dict:
     figures/: every cell's perplexity vs achieved ratio on a log perplexity axis (one line per method and
     calibration, 95% bars over windows), and the zero-shot averages with 95% error bars. Returns the data
     drawn (the run's fingerprint: a changed cell redraws them)."""
-    from ..artifacts.results import method_name
-    from .plots import ppl_vs_ratio, zeroshot_bars
     folder.mkdir(parents=True, exist_ok=True)
     pts = [{**r, "method": method_name(r) + (f" {r['calib']}" if r.get("calib") else "")} for r in rows]
     drawn = {"ppl": [[p["method"], p["achieved_ratio"], p["perplexity"], p.get("ppl_ci95")] for p in pts]}
@@ -164,7 +164,6 @@ def _upsert(client, exp_id: str, key: str, name: str, params: dict, metrics: dic
     """The cell's run: kept if nothing changed, else the old one is deleted and a new one logged.
     figures: (rows, dense) whose comparison figures the run carries (the dense run); files: the cell's own
     artifacts logged as they are (kl_search's levels and their plot, under allocation/)."""
-    from .plots import kept_per_layer
     drawn = None
     if figures is not None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -178,12 +177,11 @@ def _upsert(client, exp_id: str, key: str, name: str, params: dict, metrics: dic
         return old[0].info.run_id
     for r in old:
         client.delete_run(r.info.run_id)
-    import time
     start, end = times or (None, None)
     run = client.create_run(exp_id, run_name=name, start_time=start,
                             tags={**tags, "flap.cell": key, "flap.fingerprint": fp})
     rid = run.info.run_id
-    from mlflow.entities import Metric, Param
+    from mlflow.entities import Metric, Param  # mlflow: summary imports this module and must not load it
     now = end or int(time.time() * 1000)
     client.log_batch(rid, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()],
                      params=[Param(k, str(v)[:6000]) for k, v in params.items()])
@@ -204,7 +202,6 @@ def _upsert(client, exp_id: str, key: str, name: str, params: dict, metrics: dic
 
 def allocation_files(cell: str, root: str | Path = ".") -> list[Path]:
     """A kl_search cell's searched levels (json) and their per-layer plot (png), where the cell has them."""
-    from ..artifacts import paths
     return [p for p in (Path(root) / paths.allocation(cell), Path(root) / paths.allocation_plot(cell)) if p.is_file()]
 
 
@@ -244,12 +241,12 @@ def landing_url(experiment_id: str, ui: str | None = None) -> str:
 
 def study_link(record: str | Path = "results/mlflow.json") -> str:
     """The landing URL of the study's experiment (track's record), else the UI's root (nothing tracked yet)."""
-    from ..artifacts.io import read_json
     return landing_url(str(read_json(record)["experiment_id"])) if Path(record).is_file() else ui_root()
 
 
 def track(params: dict, record: dict, manifests: dict, rows: list[dict], dense: dict, sels: dict) -> dict:
     """Log every cell (and dense), one run per cell and protocol; returns {run key: run id} and where."""
+    # mlflow: slow to import, only the track stage needs it (summary imports this module for study_link)
     import mlflow
     from mlflow.tracking import MlflowClient
     uri = preflight()
@@ -261,7 +258,6 @@ def track(params: dict, record: dict, manifests: dict, rows: list[dict], dense: 
     for k, v in experiment_tags().items():
         client.set_experiment_tag(exp_id, k, v)
     protocol = params["protocol"]
-    from ..artifacts.results import run_name
     du = cell_usage(dense)
     runs = {"dense": _upsert(client, exp_id, f"dense@{protocol}", run_name(None, protocol),
                              run_params(None, params, record, manifests), run_metrics(dense, du), None,

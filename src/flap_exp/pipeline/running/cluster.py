@@ -24,7 +24,12 @@ import time
 from pathlib import Path
 
 from ...errors import FlapError
+from ..artifacts.paths import USAGE_DIR
+from ..reporting.mlflow_store import preflight
+from . import cluster_checks as checks, slurm
 from .cluster_conf import ClusterConfig, compose_cluster
+from .cluster_task import CellTask, slug
+from .parallel import ParallelConfig, _needed, plan, run_parallel
 
 RAN = re.compile(r"Running stage '([^']+)'")
 CACHED = re.compile(r"Stage '([^']+)' is cached - skipping run")
@@ -48,15 +53,12 @@ def _stream(root: str, env: dict, *args: str) -> tuple[list[str], list[str]]:
 
 
 def run_local(cfg: ClusterConfig) -> dict:
-    from .parallel import ParallelConfig, run_parallel
     if cfg.mlflow_tracking_uri:
-        from ..reporting.mlflow_store import preflight
         os.environ["MLFLOW_TRACKING_URI"] = preflight(cfg.mlflow_tracking_uri)  # the queue's workers inherit it
     return run_parallel(ParallelConfig(jobs=cfg.array_parallelism, root=cfg.root))
 
 
 def _outcome(run_dir: Path, cell: str) -> dict | None:
-    from .cluster_task import slug
     f = run_dir / "cells" / slug(cell) / "outcome.json"
     return json.loads(f.read_text()) if f.exists() else None
 
@@ -122,8 +124,6 @@ def wait(cfg: ClusterConfig, array, run_dir: Path) -> tuple[dict[str, dict], int
 
 def _copy_usage(root: str, run_dir: Path, cells: list[str]) -> None:
     """The usage side files of the stages the tasks computed, into results/usage/ here (track reads them)."""
-    from ..artifacts.paths import USAGE_DIR
-    from .cluster_task import slug
     dest = Path(root) / USAGE_DIR
     for cell in cells:
         src = run_dir / "cells" / slug(cell) / "usage"
@@ -139,11 +139,8 @@ def _stamp() -> str:
 
 
 def run_slurm(cfg: ClusterConfig) -> dict:
-    from dvc.repo import Repo
+    from dvc.repo import Repo  # dvc: heavy, only when running
 
-    from . import cluster_checks as checks, slurm
-    from .cluster_task import CellTask
-    from .parallel import _needed, plan
     root = cfg.root
     if not (Path(root) / "dvc.yaml").is_file():
         raise FlapError(f"no dvc.yaml in {Path(root).resolve()}: run from the project root")
@@ -228,7 +225,7 @@ def run_cluster(cfg: ClusterConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dvc.exceptions import DvcException
+    from dvc.exceptions import DvcException  # dvc: heavy, only when running
     args = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in args):
         print(__doc__)

@@ -9,6 +9,7 @@ import urllib.parse
 from pathlib import Path
 
 from ...errors import FlapError
+from ..reporting.mlflow_store import preflight
 
 # Files the tasks never read from git: DVC rewrites dvc.lock after every repro (the tasks restore through
 # the run-cache, not through it), and its .gitignore files list outputs.
@@ -54,7 +55,7 @@ def check_clean(root: str, needed: set[str]) -> None:
 def remote_url(root: str, wanted: str | None) -> str:
     """The URL of the DVC remote the tasks share: `wanted`, which must be the project's default remote
     (`dvc repro --pull` here pulls from the default one), or the default itself when `wanted` is None."""
-    from dvc.repo import Repo
+    from dvc.repo import Repo  # dvc: heavy, only when running
     with Repo(root) as repo:
         conf = repo.config
         remotes = dict(conf.get("remote", {}))
@@ -79,7 +80,6 @@ def remote_url(root: str, wanted: str | None) -> str:
 
 def tracking(uri: str | None) -> str:
     """The MLflow store the gathering stage logs to: required (setting or $MLFLOW_TRACKING_URI), reachable."""
-    from ..reporting.mlflow_store import preflight
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
         raise FlapError("cluster=slurm needs an MLflow tracking server everyone reads: set "

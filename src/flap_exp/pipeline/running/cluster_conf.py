@@ -9,6 +9,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from ...errors import FlapError
+from ..study.compose import _one_line
 
 
 @dataclass(frozen=True)
@@ -50,10 +51,10 @@ def _group_override(arg: str) -> str:
 
 def compose_cluster(overrides: list[str], conf_dir: str | Path = "conf", root: str = ".") -> ClusterConfig:
     """`cluster=NAME` (default local) and `cluster.KEY=VALUE` overrides -> a checked ClusterConfig."""
+    # hydra, omegaconf: slow to import, only when the cluster config is composed
     from hydra import compose as hydra_compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from ..study.compose import _one_line
     conf = Path(conf_dir).resolve()
     if not (conf / "cluster").is_dir():
         raise FlapError(f"no cluster group in {conf} (conf/cluster/local.yaml, slurm.yaml)")

@@ -82,7 +82,7 @@ class CellTask:
 
     def checkpoint(self, cell: str):
         """submitit's preemption/timeout hook: requeue this task with the same cell (it starts over)."""
-        import submitit
+        import submitit  # submitit: only inside a SLURM job
         return submitit.helpers.DelayedSubmission(self, cell)
 
 

@@ -31,6 +31,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 
+import yaml
+
 from ...errors import FlapError
 
 RAN = re.compile(r"Running stage '([^']+)'")
@@ -76,6 +78,7 @@ def split(upstream: dict[str, set[str]], deps: dict[str, list[str]], outs: dict[
 
 def plan(root: str | Path = ".") -> Plan:
     """The plan of the DVC pipeline in `root`, from DVC's index (edges point from a stage to its upstream)."""
+    # networkx, dvc: heavy, only when planning a run (the tests import this module for its config checks)
     import networkx as nx
     from dvc.repo import Repo
     with Repo(str(root)) as repo:
@@ -170,8 +173,7 @@ def _copy_paths(root: str, needed: set[str]) -> list[str]:
 def _needed(root: str, skip: tuple[str, ...]) -> set[str]:
     """dvc.yaml, dvc.lock, the files its `vars` name and the dependencies (params files included) of every
     stage but those in `skip` (the gathering stages, which never run in a queued experiment)."""
-    import yaml
-    from dvc.repo import Repo
+    from dvc.repo import Repo  # dvc: heavy, only when running
     needed = {"dvc.yaml", "dvc.lock"}
     doc = yaml.safe_load((Path(root) / "dvc.yaml").read_text(encoding="utf-8")) or {}
     needed |= {v.split(":")[0] for v in doc.get("vars") or [] if isinstance(v, str)}
@@ -238,7 +240,7 @@ def run_parallel(cfg: ParallelConfig) -> dict[str, list[str]]:
     print(f"parallel: {len(p.cells)} cells; shared upstream: {', '.join(p.shared) or 'none'}; "
           f"final: {', '.join(p.gather) or 'none'}", flush=True)
     shared_ran = _stream(cfg.root, "repro", *p.shared) if p.shared else []
-    from dvc.repo import Repo
+    from dvc.repo import Repo  # dvc: heavy, only when running
     with Repo(cfg.root) as repo:
         changed = set(repo.status(targets=list(p.cells), with_deps=True))
     todo = [c for c in p.cells if changed & set(p.cells[c])]
@@ -277,7 +279,7 @@ def run_parallel(cfg: ParallelConfig) -> dict[str, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dvc.exceptions import DvcException
+    from dvc.exceptions import DvcException  # dvc: heavy, only when running
     ap = argparse.ArgumentParser(prog="python -m flap_exp.pipeline.running.parallel",
                                  description=__doc__.splitlines()[0])
     ap.add_argument("--jobs", type=int, default=ParallelConfig.jobs, help="queue workers (default 2)")

@@ -99,7 +99,7 @@ class SlurmArray:
 
 def submit(cfg: ClusterConfig, partition: str, task, cells: list[str], folder: Path) -> SlurmArray:
     """One job array over `cells` (`task(cell)` each), `cfg.array_parallelism` tasks at a time."""
-    import submitit
+    import submitit  # submitit: only when submitting to SLURM (make run-cluster)
     ex = submitit.SlurmExecutor(folder=str(folder / "%j"))
     params: dict = dict(partition=partition, cpus_per_task=cfg.cpus_per_task, mem=f"{int(cfg.mem_gb * 1024)}M",
                         time=cfg.time_min, array_parallelism=cfg.array_parallelism, job_name="flap-cell",

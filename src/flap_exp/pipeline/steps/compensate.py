@@ -7,8 +7,15 @@ the sha256 of the selection it was computed for; evaluate refuses a file that do
 from __future__ import annotations
 
 import json
+import sys
 
-from ..artifacts.io import sha256_text
+from safetensors import safe_open
+
+from ...adequacy import lsq_coefficients, lsq_sample_warning
+from ...compensation import compensate as run, comps_from_tensors, comps_to_tensors, config_from_params, config_record
+from ...errors import FlapError
+from ...selection import Selection
+from ..artifacts.io import load_tensors, sha256_text
 
 
 def selection_sha256(selection: dict) -> str:
@@ -18,14 +25,11 @@ def selection_sha256(selection: dict) -> str:
 def compensate(model, selection: dict, arch, comp_params: dict, stats=None, windows=None,
                batch_size: int = 8) -> tuple[dict, dict]:
     """(tensors, metadata) of one cell; `model` is the dense base model (None for `none`)."""
-    from ...compensation import compensate as run, comps_to_tensors, config_from_params, config_record
-    from ...selection import Selection
     cfg = config_from_params(comp_params)
     comps = run(model, Selection.from_json(selection, arch), arch, cfg, stats, windows, batch_size, progress=True)
     meta = {"compensation": config_record(cfg), "selection_sha256": selection_sha256(selection)}
     warning = _sample_warning(cfg.method, selection, arch, windows)
     if warning is not None:  # a warning, not an error: the calibration ablation runs small N on purpose
-        import sys
         print(f"warning: {warning}", file=sys.stderr, flush=True)
         meta["sample_warning"] = warning
     return comps_to_tensors(comps), meta
@@ -35,7 +39,6 @@ def _sample_warning(method: str, selection: dict, arch, windows) -> str | None:
     """flap_exp.adequacy's rule for lsq (calibration tokens per fitted coefficient); None for other methods."""
     if method != "lsq" or windows is None:
         return None
-    from ...adequacy import lsq_coefficients, lsq_sample_warning
     p = lsq_coefficients(selection["kept_groups_per_layer"], selection["kept_channels_per_layer"],
                          arch.group_size * arch.head_dim)
     return lsq_sample_warning(int(windows.shape[0]), int(windows.shape[1]), p)
@@ -43,9 +46,6 @@ def _sample_warning(method: str, selection: dict, arch, windows) -> str | None:
 
 def sample_warning(path) -> str | None:
     """The sample-size warning a compensate stage recorded in its file's metadata (None: none, or an older file)."""
-    import json
-
-    from safetensors import safe_open
     with safe_open(str(path), framework="pt") as f:
         return json.loads((f.metadata() or {}).get("flap", "{}")).get("sample_warning")
 
@@ -54,10 +54,6 @@ def load_compensation(path, selection: dict, arch, method: str, record: dict | N
     """(list[LayerComp] or None, the compensation record) of a compensate stage's file, checked against
     the selection it must belong to, the method the cell asks for and (given the prepare record) the
     weights it was computed from; shapes and finiteness are checked by comps_from_tensors."""
-    from ...compensation import comps_from_tensors
-    from ...errors import FlapError
-    from ...selection import Selection
-    from ..artifacts.io import load_tensors
     tensors, meta = load_tensors(path)
     rec = meta.get("compensation") or {}
     if rec.get("method") != method:

@@ -12,14 +12,19 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from ...arch import decoder_layers
+from ...data import tokenize
 from ...errors import FlapError
-from ..artifacts.records import checked_text
+from ...evaluation import compare_throughput, evaluate_zeroshot
+from ...ppl import perplexity
+from ...selection import Selection
+from ...surgery import PrunedView, prune_model
+from ..artifacts.records import arch_of, checked_text
 from ..study.settings import CorpusSettings, EvalSettings, ThroughputSettings
 
 
 def layer_params(model) -> int:
     """Attention + MLP weights of the decoder layers (the pruning ratio's denominator when dense)."""
-    from ...arch import decoder_layers
     n = 0
     for layer in decoder_layers(model):
         for mod in (layer.self_attn, layer.mlp):
@@ -41,7 +46,6 @@ def _streamed_params(store) -> tuple[int, int]:
 
 def _throughput(model, tp: ThroughputSettings, load_dense: Callable[[], Any] | None) -> dict:
     """Median tokens/s per workload, and (for a pruned model) the median paired speedup over dense."""
-    from ...evaluation import compare_throughput
     models = {"model": model}
     if load_dense is not None:
         models = {"dense": load_dense(), "model": model}  # the first is the speedup's reference
@@ -57,8 +61,6 @@ def _throughput(model, tp: ThroughputSettings, load_dense: Callable[[], Any] | N
 
 
 def _perplexity(lm, corpus: CorpusSettings, record: dict, ev: EvalSettings):
-    from ...data import tokenize
-    from ...ppl import perplexity
     text = checked_text(corpus, record, join="\n\n")
     return perplexity(lm.model, tokenize(lm.tokenizer, text.text), ev.seqlen, ev.batch_size, ev.max_windows,
                       progress=True)
@@ -71,9 +73,6 @@ def evaluate(lm, selection: dict | None, comps: list | None, what: str, ev: Eval
 
     ev: the eval settings (ppl: ev.corpus, and with `extra` also ev.extra, data.eval_extra);
     load_dense: returns a fresh dense model, the throughput reference for a pruned one."""
-    from ...selection import Selection
-    from ...surgery import PrunedView, prune_model
-    from ..artifacts.records import arch_of
     arch = arch_of(record)
     if lm.streamed:  # never built whole: each layer cut as it is read
         if what != "ppl":
@@ -102,7 +101,6 @@ def evaluate(lm, selection: dict | None, comps: list | None, what: str, ev: Eval
                                 "rerun: dvc repro prepare_eval")
             out["perplexity_extra"] = {name: _perplexity(lm, c, known[name], ev).ppl for name, c in ev.extra.items()}
     elif what == "zeroshot":
-        from ...evaluation import evaluate_zeroshot
         zs = ev.zeroshot
         if zs is None:
             raise FlapError("eval.zeroshot is not set in params.yaml: this study measures no zero-shot accuracy")

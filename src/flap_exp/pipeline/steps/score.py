@@ -1,6 +1,13 @@
 """Stages score and standardize: per-layer channel scores of one metric, and their AL z-scored units."""
 from __future__ import annotations
 
+import torch
+
+from ...errors import FlapError
+from ...integrity import check_finite_scores
+from ...metrics import channel_scores, get_metric
+from ...structures import standardized_units
+
 
 def scores_to_tensors(scores) -> dict:
     out = {}
@@ -16,8 +23,6 @@ def scores_from_tensors(t: dict) -> list:
 
 def score(model, stats, metric: str, square_attn: bool | None) -> dict:
     """Channel scores of the dense model; `stats` may be None for data-free metrics."""
-    from ...integrity import check_finite_scores
-    from ...metrics import channel_scores, get_metric
     scores = channel_scores(get_metric(metric), model, stats, square_attn)
     check_finite_scores(scores, f"score@{metric}")  # data-free metrics too: a NaN weight gives a NaN score
     return scores_to_tensors(scores)
@@ -25,8 +30,6 @@ def score(model, stats, metric: str, square_attn: bool | None) -> dict:
 
 def standardize(score_tensors: dict, arch) -> dict:
     """AL units as the AL structures rank them: groups [L, kv] and channels [L, I], z-scored per layer."""
-    from ...integrity import check_finite_scores
-    from ...structures import standardized_units
     scores = scores_from_tensors(score_tensors)
     check_finite_scores(scores, "standardize")
     groups, channels = standardized_units(scores, arch)
@@ -37,19 +40,16 @@ def standardize(score_tensors: dict, arch) -> dict:
 
 def units_from_tensors(t: dict, arch) -> tuple:
     """(groups [L, kv], channels [L, I]) from a standardize stage file; refused if a layer is missing."""
-    from ...errors import FlapError
     want = {f"layers.{i}.{n}" for i in range(arch.num_layers) for n in ("groups", "channels")}
     if set(t) != want:
         raise FlapError(f"standardized units do not fit the model's {arch.num_layers} layers "
                         f"(tensor {sorted(set(t) ^ want)[0]}); refusing them")
-    import torch
     return tuple(torch.stack([t[f"layers.{i}.{n}"] for i in range(arch.num_layers)]) for n in ("groups", "channels"))
 
 
 def checked_scores(tensors: dict, meta: dict, arch, metric: str, where: str) -> dict:
     """Score tensors of a file written by the score stage, refused unless they are `metric`'s and fit the
     model (one attention and one MLP row per layer, of the model's widths)."""
-    from ...errors import FlapError
     if meta.get("metric") != metric:
         raise FlapError(f"{where} holds {meta.get('metric')!r} scores, not {metric!r}; refusing it: "
                         "rerun dvc repro")

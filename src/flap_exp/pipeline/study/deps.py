@@ -19,9 +19,12 @@ for the per-method one) and `# END`; `python -m flap_exp.pipeline.study.deps --w
 from __future__ import annotations
 
 import ast
+import hashlib
 import re
 import sys
 from pathlib import Path
+
+from ...atomic import atomic_file
 
 BLOCK = re.compile(r"^(?P<indent>[ ]*)# imports of (?P<script>\S+?)(?P<method> \[method\])?: BEGIN\n"
                    r"(?:(?P=indent)- .*\n)*?(?P=indent)# END\n", re.M)
@@ -120,7 +123,6 @@ def methods(src: str | Path = "src") -> list[str]:
 def fingerprint(script: str | Path, root: str | Path = ".", method: str | None = None) -> str:
     """`sha256  path` of the script and every library file it runs (with one compensation method's module, if
     given): the content of results/code/SCRIPT[-METHOD].txt."""
-    import hashlib
     root = Path(root)
     select = {METHODS: method} if method else None
     files = [Path(script)] + [Path(f) for f in closure(root / script, root / "src", select)]
@@ -134,7 +136,6 @@ def fingerprint(script: str | Path, root: str | Path = ".", method: str | None =
 def write_fingerprints(out: str | Path = CODE, root: str | Path = ".") -> list[str]:
     """The code stage: one fingerprint per stage script, plus one per method for a script whose closure holds
     the methods' registry; files whose content is unchanged are not rewritten. Returns the names written."""
-    from ...atomic import atomic_file
     root, out = Path(root), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     wanted: dict[str, str] = {}

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from ...catalogue import floor_fraction
 from ...errors import FlapError
 from ...units import parse_bytes
 
@@ -152,7 +153,6 @@ def structure_options(opts: Mapping, arch=None):
     the layer's units (min_channels: 0.25 keeps a quarter of each MLP), so one conf fits every model; without
     `arch` (compose's check) only its range is checked. A key left null takes StructureOptions' default, so the
     defaults are written in one place."""
-    from ...catalogue import floor_fraction
     from ...structures import StructureOptions  # imports torch: compose pays for it only when it checks
 
     known = {f.name for f in fields(StructureOptions)}
