@@ -132,3 +132,76 @@ def test_every_compensation_module_registers_itself():
     from flap_exp.catalogue import COMPENSATIONS
     files = {p.stem for p in pkg.glob("*.py") if p.stem != "__init__"}
     assert files == set(COMPENSATIONS) == {"none", "bias", "lsq"}
+
+
+TOY_METRIC = '''
+"""`toy_metric`: the MLP/attention channel's mean square times its weight column's squared norm (a test metric,
+one file): data-dependent, one-shot, no squared attention, bias by default."""
+from flap_exp.catalogue import METRICS
+
+
+@METRICS.register("toy_metric", needs_data=True, compensation="bias")
+def score(w, s):
+    return s.meansq * (w * w).sum(0)
+'''
+
+METRIC_CHECKS = '''
+import contextlib, io, json
+from flap_exp import cli
+from flap_exp.catalogue import METHODS
+from flap_exp.pipeline.study import cells
+
+out = {"names": list(METHODS), "facts": list(METHODS["toy_metric"].__dict__.values()),
+       "cells_known": list(cells.METRICS)}
+with contextlib.redirect_stdout(io.StringIO()) as help_text, contextlib.suppress(SystemExit):
+    cli.main(["prune", "--help"])
+out["help"] = " ".join(help_text.getvalue().split())
+with contextlib.redirect_stderr(io.StringIO()) as err:
+    out["bad_rc"] = cli.main(["prune", "--model", "nowhere", "--out", "x", "--metric", "toy_metrics"])
+out["bad_err"] = err.getvalue()
+block = {"metrics": ["toy_metric"], "structures": ["al_am"], "ratios": [0.5]}
+table = cells.expand_study({"t": {"blocks": {"b": block}}}, {"toy_metric": {}}, {"bias": {"method": "bias"}},
+                           {"corpus": "wiki", "nsamples": 128})
+out["cells"] = json.dumps(table)
+print("RESULT " + json.dumps(out))
+'''
+
+
+@pytest.fixture(scope="module")
+def metric_plugin(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("metric_plugin")
+    (root / "toy_metric.py").write_text(textwrap.dedent(TOY_METRIC))
+    pypath = os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "PYTHONPATH": pypath, "FLAP_EXP_PLUGINS": "toy_metric", "HF_HUB_OFFLINE": "1"}
+
+
+def test_a_toy_metric_from_one_file_reaches_the_cli_the_cells_and_prunes(metric_plugin, tmp_path):
+    r = subprocess.run([sys.executable, "-c", METRIC_CHECKS], env=metric_plugin, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = json.loads(r.stdout.split("RESULT ", 1)[1])
+    assert got["names"] == ["ifv", "wifv", "wifn", "weight_magnitude", "wanda_sp", "obs", "toy_metric"]
+    assert got["cells_known"] == got["names"]
+    assert got["facts"] == [True, False, False, "bias", "score"]  # declared where it is registered, defaults else
+    assert "toy_metric" in got["help"]
+    assert got["bad_rc"] == 2 and "known metrics: ifv, wifv, wifn, weight_magnitude, wanda_sp, obs, toy_metric" \
+        in got["bad_err"]
+    assert "toy_metric-al_am-0.5-wiki-128-bias" in got["cells"]  # its default compensation from its facts
+    rng = random.Random(0)
+    words = [f"w{i}" for i in range(40)]
+    save_model_dir(tmp_path / "model", words)
+    (tmp_path / "corpus.txt").write_text(" ".join(rng.choices(words, k=2000)))
+    r = subprocess.run([sys.executable, "-m", "flap_exp.cli", "prune", "--model", str(tmp_path / "model"),
+                        "--calib", "text", "--calib-path", str(tmp_path / "corpus.txt"), "--nsamples", "8",
+                        "--seqlen", "16", "--ratio", "0.3", "--metric", "toy_metric", "--structure", "al_am",
+                        "--out", str(tmp_path / "out")], env=metric_plugin, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    manifest = json.loads((tmp_path / "out" / "flap_manifest.json").read_text())
+    assert manifest["settings"]["metric"] == "toy_metric" and manifest["compensation"] == {"method": "bias"}
+
+
+def test_every_metric_module_registers_itself():
+    pkg = Path(__file__).resolve().parents[1] / "src" / "flap_exp" / "methods" / "metric"
+    from flap_exp.catalogue import METRICS
+    files = {p.stem for p in pkg.glob("*.py") if p.stem != "__init__"}
+    assert files == set(METRICS) == {"ifv", "wifv", "wifn", "weight_magnitude", "wanda_sp", "obs"}

@@ -1,6 +1,7 @@
 """Per-channel importance scores for the inputs of o_proj (attention) and down_proj (MLP).
 
-A metric maps (W, stats) to one score per input channel j of W, where W[:, j] multiplies channel j:
+A metric maps (W, stats) to one score per input channel j of W, where W[:, j] multiplies channel j; each is one
+module of flap_exp.methods.metric, registered with its facts in catalogue.METRICS:
 
     ifv              F_j                          (unbiased variance over all calibration tokens)
     wifv             F_j * ||W[:, j]||^2          (FLAP's fluctuation metric, the default)
