@@ -33,6 +33,12 @@ class CorpusSettings:
     def of(cls, node: Mapping, where: str) -> CorpusSettings:
         return cls(_need(node, "corpus", where), _need(node, "split", where), _need(node, "path", where))
 
+    @classmethod
+    def given(cls, node: Mapping, where: str) -> CorpusSettings:
+        """A corpus the user writes whole on the command line (data.eval_extra.NAME={corpus: c4}): no conf/ file
+        fills it, so split and path take data.Corpus's defaults (the test split; the corpus's own source)."""
+        return cls(_need(node, "corpus", where), node.get("split") or "test", node.get("path"))
+
     def conf(self) -> dict:
         """The conf/ mapping {corpus, split, path} (what the calibration manifests record)."""
         return {"corpus": self.corpus, "split": self.split, "path": self.path}
@@ -118,7 +124,7 @@ class EvalSettings:
         extra = _need(data, "eval_extra", "data") or {}
         zs, tp = node.get("zeroshot"), node.get("throughput")  # absent: the study measures no zero-shot/speed
         return cls(CorpusSettings.of(_need(data, "eval", "data"), "data.eval"),
-                   {k: CorpusSettings.of(v, f"data.eval_extra.{k}") for k, v in extra.items()},
+                   {k: CorpusSettings.given(v, f"data.eval_extra.{k}") for k, v in extra.items()},
                    _need(node, "seqlen", "eval"), _need(node, "batch_size", "eval"), _need(node, "max_windows", "eval"),
                    ZeroshotSettings.of(zs) if zs is not None else None,
                    ThroughputSettings.of(tp) if tp is not None else None)
