@@ -29,7 +29,6 @@ from flap_exp.pipeline.study import cells
 from flap_exp.pipeline.study.compose import compose
 from flap_exp.prune import prune
 from flap_exp.stats import stats_from_tensors
-from flap_exp.structures import PER_LAYER, STRUCTURES
 
 from helpers.models import tiny_model
 
@@ -57,7 +56,8 @@ def test_library_facts_come_from_the_catalogue(params):
         m, f = get_metric(name), catalogue.METHODS[name]
         assert (m.needs_data, m.square_attn, m.sequential) == (f.needs_data, f.square_attn, f.sequential)
     assert cells.DATA_FREE == {"weight_magnitude"}
-    assert set(catalogue.STRUCTURES) == set(STRUCTURES) and set(catalogue.PER_LAYER) == set(PER_LAYER)
+    assert catalogue.structures_where("per_layer") == ("ul_um", "ul_mm")
+    assert catalogue.structures_where("adaptive") == ("al_mm", "al_am")
     # The official defaults (flap-spec.md §4, §6): FLAP's metrics add the bias, the baselines nothing.
     assert {m: f.compensation for m, f in catalogue.METHODS.items()} == {
         "ifv": "bias", "wifv": "bias", "wifn": "bias", "weight_magnitude": "none", "wanda_sp": "none",

@@ -16,14 +16,14 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from flap_exp import models
 from flap_exp.arch import ArchView
-from flap_exp.catalogue import METHODS
+from flap_exp.catalogue import METHODS, STRUCTURES
 from flap_exp.errors import FlapError
 from flap_exp.manifest import files_sha256
 from flap_exp.persist import MANIFEST, load_pruned, read_manifest, save_pruned
 from flap_exp.ppl import perplexity
 from flap_exp.prune import PruneConfig, prune
 from flap_exp.selection import Selection
-from flap_exp.structures import STRUCTURES, StructureOptions
+from flap_exp.structures import StructureOptions, get_structure
 
 from helpers.models import tiny_model
 from helpers.pipeline import corpus_model as _tiny_model, corpus_text as _corpus
@@ -122,7 +122,7 @@ def _scores(arch: ArchView, bad_layer: int, module: int, value: float):
 def test_nan_score_never_reaches_a_selection(structure, module, name, model):
     arch = ArchView.from_config(model.config)
     with pytest.raises(FlapError) as err:
-        STRUCTURES[structure](_scores(arch, 2, module, float("nan")), arch, 0.3, StructureOptions())
+        get_structure(structure)(_scores(arch, 2, module, float("nan")), arch, 0.3, StructureOptions())
     assert one_line(err) == (f"structure {structure}: non-finite score at layer 2 {name} (1 NaN, 0 Inf of "
                              f"{arch.num_heads * arch.head_dim if module == 0 else arch.intermediate_size}); refusing "
                              "to select from it (check the model's weights and the calibration statistics)")

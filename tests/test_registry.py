@@ -205,3 +205,66 @@ def test_every_metric_module_registers_itself():
     from flap_exp.catalogue import METRICS
     files = {p.stem for p in pkg.glob("*.py") if p.stem != "__init__"}
     assert files == set(METRICS) == {"ifv", "wifv", "wifn", "weight_magnitude", "wanda_sp", "obs"}
+
+
+TOY_STRUCTURE = '''
+"""`toy_struct`: UL-UM at twice the ratio in even layers and none in odd ones (a test structure, one file)."""
+from flap_exp.catalogue import STRUCTURES
+
+
+@STRUCTURES.register("toy_struct", per_layer=True)
+def select(scores, arch, ratio, opts):
+    from flap_exp.selection import Selection
+    from flap_exp.structures import ul_layer
+    sel = [ul_layer(a, m, arch, min(0.9, 2 * ratio) if i % 2 == 0 else 0.0, opts) for i, (a, m) in enumerate(scores)]
+    return Selection([g for g, _ in sel], [c for _, c in sel])
+'''
+
+STRUCTURE_CHECKS = '''
+import contextlib, io, json
+from flap_exp import cli
+from flap_exp.catalogue import STRUCTURES, structure_problem
+from flap_exp.pipeline.study import cells
+
+out = {"names": list(STRUCTURES), "wanda": structure_problem("wanda_sp", "toy_struct", True)}
+with contextlib.redirect_stdout(io.StringIO()) as help_text, contextlib.suppress(SystemExit):
+    cli.main(["prune", "--help"])
+out["help"] = " ".join(help_text.getvalue().split())
+block = {"metrics": ["wifv"], "structures": ["toy_struct"], "ratios": [0.5]}
+out["cells"] = json.dumps(cells.expand_study({"t": {"blocks": {"b": block}}}, {"wifv": {}},
+                                             {"bias": {"method": "bias"}}, {"corpus": "wiki", "nsamples": 128}))
+print("RESULT " + json.dumps(out))
+'''
+
+
+def test_a_toy_structure_from_one_file_reaches_the_cli_the_cells_and_prunes(tmp_path):
+    (tmp_path / "plugin").mkdir()
+    (tmp_path / "plugin" / "toy_struct.py").write_text(textwrap.dedent(TOY_STRUCTURE))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "plugin"), os.environ.get("PYTHONPATH", "")]),
+           "FLAP_EXP_PLUGINS": "toy_struct", "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-c", STRUCTURE_CHECKS], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = json.loads(r.stdout.split("RESULT ", 1)[1])
+    assert got["names"] == ["ul_um", "ul_mm", "al_mm", "al_am", "ul_log", "curve", "kl_search", "toy_struct"]
+    assert got["wanda"] is None  # per_layer: a sequential metric may take it, as its facts say
+    assert "toy_struct" in got["help"] and "wifv-toy_struct-0.5-wiki-128-bias" in got["cells"]
+    rng = random.Random(0)
+    words = [f"w{i}" for i in range(40)]
+    save_model_dir(tmp_path / "model", words)
+    (tmp_path / "corpus.txt").write_text(" ".join(rng.choices(words, k=2000)))
+    r = subprocess.run([sys.executable, "-m", "flap_exp.cli", "prune", "--model", str(tmp_path / "model"),
+                        "--calib", "text", "--calib-path", str(tmp_path / "corpus.txt"), "--nsamples", "8",
+                        "--seqlen", "16", "--ratio", "0.25", "--structure", "toy_struct",
+                        "--out", str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    manifest = json.loads((tmp_path / "out" / "flap_manifest.json").read_text())
+    assert manifest["settings"]["structure"] == "toy_struct"
+    kept = manifest["selection"]["kept_channels"]
+    assert len(kept[1]) > len(kept[0])  # its own rule ran: the odd layer kept every channel, the even one fewer
+
+
+def test_every_structure_module_registers_itself():
+    pkg = Path(__file__).resolve().parents[1] / "src" / "flap_exp" / "methods" / "structure"
+    from flap_exp.catalogue import STRUCTURES
+    files = {p.stem for p in pkg.glob("*.py") if p.stem != "__init__"}
+    assert files == set(STRUCTURES) == {"ul_um", "ul_mm", "al_mm", "al_am", "ul_log", "curve", "kl_search"}

@@ -54,7 +54,20 @@ class _Facts(Mapping[str, MethodFacts]):
 
 METHODS: Mapping[str, MethodFacts] = _Facts()
 
-STRUCTURES = ("ul_um", "ul_mm", "al_mm", "al_am", "ul_log", "curve", "kl_search")
+#: Structures (= conf/structure/*.yaml), each registered in its own module of flap_exp.methods.structure with its
+#: facts: per_layer (decides each layer on its own: sequential metrics need one), adaptive (+ units: the selection
+#: from standardized units), obs_allocation (metric obs may take it as its allocation: uniform, SlimGPT's log
+#: profile, FLAP's threshold, the OBS error-curve knapsack, the KL search), obs_only (an allocation of the OBS
+#: pass with no selection from scores: the reason, in words), query_units (ranks query heads).
+STRUCTURES = Registry("structure", "flap_exp.methods.structure",
+                      defaults={"per_layer": False, "adaptive": False, "units": None, "obs_allocation": False,
+                                "obs_only": None, "query_units": False})
+
+
+def structures_where(fact: str) -> tuple[str, ...]:
+    """The registered structures whose `fact` holds, in the registry's order."""
+    return tuple(n for n in STRUCTURES if STRUCTURES.get(n).facts[fact])
+
 #: Text sources of data.load_text (calibration and evaluation).
 CORPORA = ("wikitext2", "ptb", "wiki", "c4", "text")
 #: --device values (or cuda:N) and --dtype names (runtime.py maps them to torch).
@@ -63,29 +76,22 @@ DTYPE_NAMES = ("float32", "bfloat16", "float16")
 #: What --dtype and model.dtype accept: a dtype name, or auto (bfloat16 where the device has native bf16 matmul,
 #: else float32; runtime.resolve_dtype).
 DTYPE_SPECS = ("auto", *DTYPE_NAMES)
-PER_LAYER = frozenset({"ul_um", "ul_mm"})  # structures that decide layer by layer (sequential metrics need one)
-ADAPTIVE = frozenset({"al_mm", "al_am"})
-#: How many units each layer removes, for the obs selector: uniform (ul_um), SlimGPT's log profile (ul_log),
-#: FLAP's global threshold on its wifv scores (al_am), the knapsack over the OBS error curves (curve), or the
-#: evolutionary search whose fitness is the KL to the dense model (kl_search).
-OBS_ALLOCATIONS = frozenset({"ul_um", "ul_log", "al_am", "curve", "kl_search"})
 
 
 def structure_problem(metric: str, structure: str, sequential: bool) -> str | None:
     """Why `structure` cannot go with `metric` (None if it can); the prune config and the pipeline's grid ask."""
     base = structure_of(structure)
+    facts = STRUCTURES.get(base).facts
     if method_facts(metric).selector == "obs":
-        if base not in OBS_ALLOCATIONS:
-            allowed = ", ".join(sorted(OBS_ALLOCATIONS))
+        if not facts["obs_allocation"]:
+            allowed = ", ".join(sorted(structures_where("obs_allocation")))
             return f"metric {metric} takes an allocation structure ({allowed}), not {structure!r}"
         return None
-    if base == "curve":
-        return f"structure {structure!r} allocates from the OBS pass's error curves: metric obs only"
-    if base == "kl_search":
-        return f"structure {structure!r} searches the OBS pass's allocation by KL: metric obs only"
-    if sequential and base not in PER_LAYER:
-        return (f"{metric} calibrates sequentially and needs a per-layer structure ({', '.join(sorted(PER_LAYER))}), "
-                f"not {structure!r}")
+    if facts["obs_only"]:
+        return f"structure {structure!r} {facts['obs_only']}: metric obs only"
+    if sequential and not facts["per_layer"]:
+        per_layer = ", ".join(sorted(structures_where("per_layer")))
+        return f"{metric} calibrates sequentially and needs a per-layer structure ({per_layer}), not {structure!r}"
     return None
 
 

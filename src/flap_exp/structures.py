@@ -1,4 +1,5 @@
-"""How scores become a selection: per-layer/per-module standardization and the global threshold.
+"""How scores become a selection: per-layer/per-module standardization and the global threshold; the helpers
+the structures (one module each in flap_exp.methods.structure, registered in catalogue.STRUCTURES) select with.
 
     ul_um  uniform layers, uniform modules: every layer drops floor(p*groups) groups and MLP channels take the
            rest of the layer's share p (ul_rounding="fill", the default); "floor" is the official rule,
@@ -26,6 +27,7 @@ import torch
 
 from . import query_units as qu
 from .arch import ArchView
+from .catalogue import STRUCTURES, structures_where
 from .errors import FlapError
 from .integrity import check_finite_scores
 from .selection import Selection
@@ -35,8 +37,6 @@ Scores = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (attention channe
 UL_ROUNDING = ("fill", "floor")
 HEAD_COSTS = ("exact", "official")
 ATTN_UNITS = ("group", "query")
-#: Structures that rank query-head units (query_units.py) when attn_unit is "query".
-QUERY_STRUCTURES = ("ul_um", "al_am")
 
 
 @dataclass(frozen=True)
@@ -174,14 +174,6 @@ def ul_layer(attn: torch.Tensor, mlp: torch.Tensor, arch: ArchView, ratio: float
             enforce_minimum(keep_c[None], mlp[None], opts.min_channels)[0])
 
 
-def ul_um(scores: Scores, arch: ArchView, ratio: float, opts: StructureOptions) -> Selection:
-    if opts.attn_unit == "query":
-        sel = [ul_layer_query(a, m, arch, ratio, opts) for a, m in scores]
-        return Selection.from_heads([h for h, _ in sel], [c for _, c in sel], arch)
-    sel = [ul_layer(a, m, arch, ratio, opts) for a, m in scores]
-    return Selection([g for g, _ in sel], [c for _, c in sel])
-
-
 def ul_layer_query(attn: torch.Tensor, mlp: torch.Tensor, arch: ArchView, ratio: float,
                    opts: StructureOptions) -> tuple[torch.Tensor, torch.Tensor]:
     """UL-UM with query-head slots: floor(p * G) slots (as groups: the share p of the units, rounded down), then
@@ -198,31 +190,6 @@ def ul_layer_query(attn: torch.Tensor, mlp: torch.Tensor, arch: ArchView, ratio:
     return qu.keep_heads_from_slots(keep_s, order, arch), keep_c
 
 
-def ul_log(scores: Scores, arch: ArchView, ratio: float, opts: StructureOptions) -> Selection:
-    """UL-UM with SlimGPT's log-increasing per-layer ratios (allocation.log_ratios), mean = the ratio."""
-    from .allocation import log_ratios
-    sel = [ul_layer(a, m, arch, r, opts) for (a, m), r in zip(scores, log_ratios(len(scores), ratio), strict=True)]
-    return Selection([g for g, _ in sel], [c for _, c in sel])
-
-
-def curve(scores: Scores, arch: ArchView, ratio: float, opts: StructureOptions) -> Selection:
-    raise FlapError("structure curve allocates from the OBS pass's error curves: use it with metric obs")
-
-
-def kl_search(scores: Scores, arch: ArchView, ratio: float, opts: StructureOptions) -> Selection:
-    raise FlapError("structure kl_search searches the OBS pass's allocation by KL: use it with metric obs")
-
-
-def ul_mm(scores: Scores, arch: ArchView, ratio: float, opts: StructureOptions) -> Selection:
-    per_layer = groups_removed(opts, arch, ratio) // arch.num_layers
-    sel = [ul_layer(a, m, arch, ratio, opts, per_layer) for a, m in scores]
-    return Selection([g for g, _ in sel], [c for _, c in sel])
-
-
-def al_mm(scores: Scores, arch: ArchView, ratio: float, opts: StructureOptions) -> Selection:
-    return al_mm_units(*standardized_units(scores, arch), arch, ratio, opts)
-
-
 def al_mm_units(groups: torch.Tensor, channels: torch.Tensor, arch: ArchView, ratio: float,
                 opts: StructureOptions) -> Selection:
     """AL-MM from standardized units (groups [L, kv], channels [L, I]), as the standardize stage writes them."""
@@ -231,13 +198,6 @@ def al_mm_units(groups: torch.Tensor, channels: torch.Tensor, arch: ArchView, ra
     keep_c = remove_lowest(channels, _mm_channels(arch, ratio, n_groups, arch.num_layers))
     keep_c = enforce_minimum(keep_c, channels, opts.min_channels)
     return Selection(list(keep_g), list(keep_c))
-
-
-def al_am(scores: Scores, arch: ArchView, ratio: float, opts: StructureOptions) -> Selection:
-    """FLAP: rank all groups and channels together, each weighted by its exact parameter cost."""
-    if opts.attn_unit == "query":
-        return al_am_query(scores, arch, ratio, opts)
-    return al_am_units(*standardized_units(scores, arch), arch, ratio, opts)
 
 
 def al_am_query(scores: Scores, arch: ArchView, ratio: float, opts: StructureOptions) -> Selection:
@@ -294,46 +254,34 @@ def _finite_first(name: str, fn: StructureFn) -> StructureFn:
     return checked
 
 
-STRUCTURES: dict[str, StructureFn] = {k: _finite_first(k, f) for k, f in
-                                      {"ul_um": ul_um, "ul_mm": ul_mm, "al_mm": al_mm, "al_am": al_am,
-                                       "ul_log": ul_log, "curve": curve,
-                                       "kl_search": kl_search}.items()}
-#: Structures that decide each layer on its own, so they can run during a sequential calibration pass.
-PER_LAYER = {"ul_um", "ul_mm"}
-
-
-#: Adaptive structures rank standardized units (the standardize stage's output) across layers.
-ADAPTIVE_UNITS = {"al_mm": al_mm_units, "al_am": al_am_units}
-
-
 def select_from_units(name: str, groups: torch.Tensor, channels: torch.Tensor, arch: ArchView, ratio: float,
                       opts: StructureOptions) -> Selection:
     """An adaptive structure's selection from standardized units; refuses non-finite units and bad shapes."""
     if opts.attn_unit == "query":
         raise FlapError(f"attn_unit 'query' with {name} ranks query heads, which the standardized k/v-group units "
                         "do not hold; run it with `flap-exp prune --attn-unit query` (or ul_um in the study)")
-    if name not in ADAPTIVE_UNITS:
+    units = STRUCTURES.get(name).units
+    if units is None:
         raise FlapError(f"structure {name!r} does not rank standardized units; "
-                        f"adaptive ones: {', '.join(ADAPTIVE_UNITS)}")
+                        f"adaptive ones: {', '.join(structures_where('adaptive'))}")
     want = {"groups": (arch.num_layers, arch.num_kv_heads), "channels": (arch.num_layers, arch.intermediate_size)}
     for what, t in (("groups", groups), ("channels", channels)):
         if tuple(t.shape) != want[what]:
             raise FlapError(f"standardized {what} have shape {tuple(t.shape)}, the model needs {want[what]}")
         if not bool(torch.isfinite(t).all()):
             raise FlapError(f"standardized {what} hold NaN/Inf; refusing to select from them")
-    return ADAPTIVE_UNITS[name](groups, channels, arch, check_ratio(ratio), opts)
+    return units(groups, channels, arch, check_ratio(ratio), opts)
 
 
 def check_attn_unit(structure: str, opts: StructureOptions) -> None:
-    if opts.attn_unit == "query" and structure not in QUERY_STRUCTURES:
-        raise FlapError(f"attn_unit 'query' (query-head units) works with structures {', '.join(QUERY_STRUCTURES)}; "
-                        f"not {structure!r}")
+    if opts.attn_unit == "query" and not STRUCTURES.get(structure).query_units:
+        raise FlapError(f"attn_unit 'query' (query-head units) works with structures "
+                        f"{', '.join(structures_where('query_units'))}; not {structure!r}")
 
 
 def get_structure(name: str) -> StructureFn:
-    if name not in STRUCTURES:
-        raise FlapError(f"unknown structure {name!r}; known structures: {', '.join(STRUCTURES)}")
-    return STRUCTURES[name]
+    """The registered structure (flap_exp.methods.structure), refusing non-finite scores first."""
+    return _finite_first(name, STRUCTURES.get(name).obj)
 
 
 def check_ratio(ratio: float) -> float:

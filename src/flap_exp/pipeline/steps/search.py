@@ -10,12 +10,12 @@ from dataclasses import asdict, replace
 
 from ...allocation_search import search_allocation
 from ...arch import ArchView
-from ...catalogue import structure_of
+from ...catalogue import STRUCTURES, structure_of
 from ...compensation import CompensationConfig
 from ...errors import FlapError
 from ...stats import stats_to_tensors
 from ...store import as_store
-from ...structures import ADAPTIVE_UNITS, check_ratio, get_structure, select_from_units
+from ...structures import check_ratio, get_structure, select_from_units
 from ..artifacts.io import load_tensors, read_json
 from ..study.settings import structure_options
 from .score import checked_scores, scores_from_tensors, units_from_tensors
@@ -49,7 +49,7 @@ def search_file(path: str, arch, cell: dict, opts: dict) -> dict:
     tensors, meta = load_tensors(path)
     if meta.get("metric") != cell["metric"]:
         raise FlapError(f"{path} holds {meta.get('metric')!r} scores, not {cell['metric']!r}; refusing it")
-    adaptive = structure_of(cell["structure"]) in ADAPTIVE_UNITS
+    adaptive = STRUCTURES.get(structure_of(cell["structure"])).adaptive
     if adaptive != bool(meta.get("units")):
         raise FlapError(f"{path}: structure {cell['structure']} reads "
                         f"{'standardized units' if adaptive else 'raw scores'}, this file holds the other kind")

@@ -26,7 +26,6 @@ from pathlib import Path
 import yaml
 
 from ...catalogue import (
-    ADAPTIVE,
     COMPENSATIONS,
     METHODS,
     STRUCTURES,
@@ -159,12 +158,13 @@ class _Cells:
 
 
 def expand_study(tables: dict, metrics: dict, compensations: dict, calib: dict,
-                 structures: tuple[str, ...] = STRUCTURES) -> dict:
+                 structures: tuple[str, ...] | None = None) -> dict:
     """tables: {table: {blocks: {block: {metrics, structures, ratios, compensation?, calibration?}}, measure?,
     title?, layout?}}; metrics/compensations: conf/metric and conf/compensation as composed; calib: data.calib
     (the default corpus and the protocol's N); structures: the conf/structure entries' names (variants
     included). Returns the cells.yaml tables (without the header)."""
     check_compensations(compensations)
+    structures = STRUCTURES.names() if structures is None else structures
     for name in structures:
         structure_of(name)
     c = _Cells()
@@ -229,7 +229,7 @@ def _cell(c: _Cells, metric: str, structure: str, ratio: float, ckey: str | None
             c.t["search_seq"][key] = seq
     else:
         scores = c.scores(metric, None if data_free else ckey)
-        adaptive = structure_of(structure) in ADAPTIVE
+        adaptive = STRUCTURES.get(structure_of(structure)).adaptive
         source = c.units(metric, None if data_free else ckey, scores) if adaptive else scores
         c.t["search"][key] = {**cell, "input": source, "selection": selection}
     out = []
@@ -270,7 +270,8 @@ def inputs_sha256(params: dict) -> str:
            "compensations": params.get("compensations"),
            "calib": {"corpus": calib.get("corpus"), "nsamples": calib.get("nsamples")},
            "reports": reports_dir(params.get("protocol"))}
-    if set(params.get("structures") or STRUCTURES) != set(STRUCTURES):  # variants: their names decide cells
+    # variants: their names decide cells
+    if set(params.get("structures") or STRUCTURES.names()) != set(STRUCTURES.names()):
         src["structure names"] = sorted(params["structures"])
     return hashlib.sha256(json.dumps(src, sort_keys=True).encode()).hexdigest()
 
@@ -280,7 +281,7 @@ def cells_from_params(params: dict) -> dict:
     calib = params["data"]["calib"]
     cells = expand_study(params.get("tables") or {}, params.get("metrics") or {}, params.get("compensations") or {},
                          {"corpus": calib["corpus"], "nsamples": calib["nsamples"]},
-                         tuple(params.get("structures") or STRUCTURES))
+                         tuple(params.get("structures") or STRUCTURES.names()))
     cells["reports"] = reports_dir(params.get("protocol"))
     return {"params_sha256": inputs_sha256(params), "cells": cells}
 
