@@ -281,7 +281,17 @@ def test_failed_task_rerun_requeue_and_ctrl_c(slurm: LocalSlurm, tmp_path: Path)
     proc = _run(repo, cmd, slurm, popen=True, **env)
     _wait_running(slurm, repo, "a 0")
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=300)  # scancel and the unwinding took over 120 s under the full suite's load
+    try:
+        out, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:  # seen twice under the full suite's load, never alone: say where it hangs
+        proc.send_signal(signal.SIGUSR1)  # cluster.main's faulthandler: every thread's stack to stderr
+        time.sleep(5)
+        procs = subprocess.run(["ps", "-o", "pid,ppid,stat,etime,cmd", "--ppid", str(proc.pid)], capture_output=True,
+                               text=True).stdout
+        proc.kill()
+        out, err = proc.communicate(timeout=60)
+        pytest.fail(f"Ctrl-C did not end the cluster run in 300 s; its children:\n{procs}\nstdout:\n{out[-2000:]}"
+                    f"\nstderr (with the stacks):\n{err[-6000:]}")
     assert proc.returncode == 130, out + err
     assert "interrupted: cancelled SLURM job array" in err and "(scancel " in err
     deadline = time.time() + 60

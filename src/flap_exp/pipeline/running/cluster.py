@@ -14,10 +14,12 @@
 """
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import re
 import secrets
+import signal
 import subprocess
 import sys
 import time
@@ -230,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     if any(a in ("-h", "--help") for a in args):
         print(__doc__)
         return 0
+    # `kill -USR1 PID` prints every thread's stack to stderr: a run that seems stuck (a hung squeue, a Ctrl-C
+    # that does not take) says where it is without stopping it
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         run_cluster(compose_cluster(args, conf_dir=Path("conf"), root="."))
     except FlapError as err:
