@@ -69,8 +69,10 @@ def _run(repo: Path, cmd: list[str], slurm: LocalSlurm | None, check: bool = Tru
     if slurm is not None:
         env.update(slurm.env())
         env["PATH"] = os.pathsep.join([env["PATH"], "/usr/bin", "/usr/sbin"])
-    if popen:
-        return subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if popen:  # SIGINT as a terminal's Ctrl-C finds it: a suite started in the background (`make test &`) runs with
+        # SIGINT ignored, which children inherit and Python then leaves ignored (three suite runs hung on it)
+        return subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     p = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
     if check and p.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}")
@@ -283,7 +285,7 @@ def test_failed_task_rerun_requeue_and_ctrl_c(slurm: LocalSlurm, tmp_path: Path)
     proc.send_signal(signal.SIGINT)
     try:
         out, err = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:  # seen twice under the full suite's load, never alone: say where it hangs
+    except subprocess.TimeoutExpired:  # say where it hangs
         proc.send_signal(signal.SIGUSR1)  # cluster.main's faulthandler: every thread's stack to stderr
         time.sleep(5)
         procs = subprocess.run(["ps", "-o", "pid,ppid,stat,etime,cmd", "--ppid", str(proc.pid)], capture_output=True,
