@@ -5,11 +5,11 @@ from flap_exp.pipeline.artifacts.io import read_json, write_json
 from flap_exp.pipeline.artifacts.records import load_checked_windows, load_prepared_model
 from flap_exp.pipeline.reporting.plots import levels_per_layer
 from flap_exp.pipeline.steps.search import allocate
-from flap_exp.pipeline.steps.stage import cell_args, load_settings, stage, write_usage
+from flap_exp.pipeline.steps.stage import cell_args, load_settings, stage
 
 if __name__ == "__main__":
     key, cell, a = cell_args("calib")
-    with stage(f"allocate@{key}") as usage:
+    with stage(f"allocate@{key}"):
         p = load_settings()
         windows, manifest = load_checked_windows(a.calib)
         lm = load_prepared_model(p.model, read_json(paths.PREPARE))
@@ -21,4 +21,3 @@ if __name__ == "__main__":
         levels_per_layer(rec, key, paths.allocation_plot(key))
         print(f"allocate@{key}: KL {rec['uniform_kl']:.4f} (uniform) -> {rec['kl']:.4f} after "
               f"{rec['candidates']} candidates", flush=True)
-        write_usage(f"allocate@{key}", usage)

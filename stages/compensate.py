@@ -9,7 +9,7 @@ from flap_exp.pipeline.artifacts import paths
 from flap_exp.pipeline.artifacts.io import read_json, save_tensors
 from flap_exp.pipeline.artifacts.records import arch_of, load_checked_stats, load_checked_windows, load_prepared_model
 from flap_exp.pipeline.steps.compensate import compensate
-from flap_exp.pipeline.steps.stage import load_settings, stage, write_usage
+from flap_exp.pipeline.steps.stage import load_settings, stage
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
@@ -19,7 +19,7 @@ if __name__ == "__main__":
     ap.add_argument("--calib", required=True, help="the calibration it reads (none: nothing)")
     ap.add_argument("--stats", help="bias: the calibration's statistics, or a sequential cell's own")
     a = ap.parse_args()
-    with stage(f"compensate@{a.key}") as usage:
+    with stage(f"compensate@{a.key}"):
         p = load_settings()
         params = p.compensations[a.compensation]
         needs = get_compensation(params["method"]).needs
@@ -40,4 +40,3 @@ if __name__ == "__main__":
         meta |= {"cell": a.cell, "compensation_name": a.compensation,
                  "weights_sha256": record["model"]["weights_sha256"]}
         save_tensors(paths.compensation(a.key), tensors, meta)
-        write_usage(f"compensate@{a.key}", usage)

@@ -9,7 +9,7 @@ from flap_exp.pipeline.artifacts.records import arch_of, eval_record, load_prepa
 from flap_exp.pipeline.reporting.mlflow_store import preflight
 from flap_exp.pipeline.steps.compensate import load_compensation, sample_warning
 from flap_exp.pipeline.steps.evaluate import evaluate
-from flap_exp.pipeline.steps.stage import load_settings, stage, write_usage
+from flap_exp.pipeline.steps.stage import load_settings, stage
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
@@ -19,7 +19,7 @@ if __name__ == "__main__":
     ap.add_argument("--compensation", default="none", help="the conf/compensation/ entry of the cell")
     a = ap.parse_args()
     name = f"{'evaluate' if a.measure == 'ppl' else a.measure}@{a.key}"
-    with stage(name) as usage:
+    with stage(name):
         preflight()
         p = load_settings()
         # only perplexity reads the evaluation corpora: a new one never reruns zero-shot or speed
@@ -39,4 +39,3 @@ if __name__ == "__main__":
                    {**out, **cell, "cell": a.cell, "calib": (sel or {}).get("calib"), "compensation": a.compensation
                     if sel else "none", "compensation_method": comp["method"], "compensation_options": options,
                     "warnings": [warning] if warning else []})
-        write_usage(name, usage)

@@ -4,11 +4,11 @@ from flap_exp.pipeline.artifacts import paths
 from flap_exp.pipeline.artifacts.io import read_json, save_tensors, write_json
 from flap_exp.pipeline.artifacts.records import load_checked_windows, load_prepared_model
 from flap_exp.pipeline.steps.search import search_sequential, searched_levels
-from flap_exp.pipeline.steps.stage import cell_args, load_settings, stage, write_usage
+from flap_exp.pipeline.steps.stage import cell_args, load_settings, stage
 
 if __name__ == "__main__":
     key, cell, a = cell_args("calib", optional=("levels",))
-    with stage(f"search_seq@{key}") as usage:
+    with stage(f"search_seq@{key}", usage_name=f"search@{key}"):  # track reads search@KEY
         p = load_settings()
         windows, manifest = load_checked_windows(a.calib)
         lm = load_prepared_model(p.model, read_json(paths.PREPARE))
@@ -19,4 +19,3 @@ if __name__ == "__main__":
         meta = {k: manifest[k] for k in ("model", "weights_sha256", "data", "nsamples", "seqlen", "seed", "dtype")}
         save_tensors(paths.seq_stats(key), stats, {**meta, "sequential": key})
         write_json(paths.selection(key), {**rec, "calib": a.calib})
-        write_usage(f"search@{key}", usage)

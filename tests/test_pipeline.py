@@ -165,6 +165,11 @@ def test_repro_builds_every_stage(repo: Path, first_run):
     assert "results/usage" not in (repo / "dvc.lock").read_text()
     usage = json.loads((repo / f"results/usage/calibrate@{C}.json").read_text())
     assert usage["seconds"] > 0 and usage["cpu_seconds"] > 0 and usage["peak_rss_mib"] > 0
+    # every stage but `code` (no stage body) records its clocks, and what ran before them (interpreter, imports);
+    # a sequential search records under search@KEY, the name track reads
+    recorded = {f.stem for f in (repo / "results/usage").glob("*.json")}
+    assert len(recorded) == len(stages) - 1 and f"search@wanda_sp-ul_um-0.5-{C}" in recorded
+    assert 0 < usage["startup_seconds"] < 120 and usage["startup_cpu_seconds"] > 0
     # progress: calibration and evaluation say what they do
     assert f"calibrate@{C}: 16 windows of text" in first_run.stdout
 

@@ -12,16 +12,13 @@ from typing import TYPE_CHECKING, cast
 import torch.nn as nn
 
 from .errors import FlapError
-from .families import FAMILIES, PRUNED, Family, family_of
+from .families import FAMILIES, Family, family_of
 
 if TYPE_CHECKING:
     # The type checker's view of a decoder layer. Every supported family's layer has the Llama layer's attributes
     # (self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj, ...), which nn.Module.__getattr__ would type as
     # `Tensor | Module`, making each such chain an error.
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer as DecoderLayer
-
-#: model_type values whose decoder layers have the LLaMA shape (q/k/v/o + gate/up/down, RMSNorm, RoPE).
-LLAMA_FAMILY = tuple(FAMILIES) + tuple(PRUNED)
 
 
 @dataclass(frozen=True)

@@ -28,25 +28,6 @@ def check_int(name: str, value, minimum: int, why: str = "", allow_none: bool = 
         raise FlapError(f"{name} must be at least {minimum}{why}, got {value}")
 
 
-def check_device(device: str) -> None:
-    """cpu, cuda[:N] (with such a GPU present) or mps (where available)."""
-    import torch  # torch: the CLI and compose import this module and must not load torch
-    try:
-        d = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise FlapError(f"unknown --device {device!r}; use cpu, cuda or cuda:N") from None
-    if d.type == "cuda":
-        if not torch.cuda.is_available():
-            raise FlapError(f"--device {device}: no CUDA GPU is available here; use --device cpu")
-        if d.index is not None and d.index >= torch.cuda.device_count():
-            raise FlapError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
-    elif d.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise FlapError(f"--device {device}: MPS is not available here; use --device cpu")
-    elif d.type != "cpu":
-        raise FlapError(f"unsupported --device {device!r}; use cpu, cuda or cuda:N")
-
-
 def model_dir(spec: str) -> Path | None:
     """The directory a model spec loads from, where it is one (embedded cache or local dir); else None."""
     from .models import EMBEDDED  # models imports torch and transformers: only when a spec is resolved
@@ -265,9 +246,3 @@ def check_structure_options(arch, structure: str, ratio: float, min_groups: int,
                 raise FlapError(f"ratio {ratio} cannot be met: --remove-groups {remove_groups} alone removes "
                                 f"{share:.4f} of the weights")
     return warnings
-
-
-def check_finite_number(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise FlapError(f"{name} must be a number, got {value!r}")
-    return float(value)

@@ -17,8 +17,6 @@ from pathlib import Path
 from ...errors import FlapError
 from .cluster_conf import ClusterConfig
 
-FINISHING = ("COMPLETING",)
-
 
 def partitions() -> tuple[list[str], str | None]:
     """`sinfo`'s partitions and the default one (marked `*`)."""

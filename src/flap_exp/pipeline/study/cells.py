@@ -42,8 +42,6 @@ METRICS = tuple(METHODS)
 DATA_FREE = {m for m, f in METHODS.items() if not f.needs_data}
 #: What a table may measure besides perplexity (each its own stage: zeroshot@KEY, speed@KEY).
 EXTRA_MEASURES = ("zeroshot", "speed")
-#: The params that decide the cells (their hash is recorded in cells.yaml).
-INPUTS = ("tables", "metrics", "compensations", "calib", "structures")  # structures: variants' names only
 
 
 def ratio_tag(r: float) -> str:
