@@ -43,8 +43,9 @@ def wikitext_dir() -> Path:
 # The longest files first: under xdist (`--dist loadfile`) each starts at once on its own worker and the
 # short files fill the other workers meanwhile. The order inside a file is kept (test_pipeline's tests
 # run in order on one repository).
-_LONG_FIRST = ("test_cluster.py", "test_pipeline.py", "test_stream_study.py", "test_parallel.py", "test_real_model.py",
-               "test_zeroshot.py")
+_LONG_FIRST = ("test_pipeline.py", "test_real_model.py", "test_parallel.py", "test_smoke.py", "test_zeroshot.py",
+               "test_stream_study.py", "test_cluster.py", "test_gemma3_embedded.py", "test_kl_search_pipeline.py",
+               "test_integrity.py", "test_fidelity.py")  # by their time in the fresh-clone suite of 2026-12-03
 
 
 def pytest_collection_modifyitems(items):

@@ -7,7 +7,6 @@ compensate stage function) on a tiny model, and asserts identical selections and
 from __future__ import annotations
 
 import copy
-import importlib.util
 from dataclasses import fields
 from pathlib import Path
 
@@ -33,8 +32,6 @@ from flap_exp.stats import stats_from_tensors
 from helpers.models import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
-HAVE_LSQ = importlib.util.find_spec("flap_exp.compensation.lsq") is not None
-NEEDS_LSQ = pytest.mark.skipif(not HAVE_LSQ, reason="flap_exp.compensation.lsq (branch lsq) not merged yet")
 
 
 @pytest.fixture(scope="module")
@@ -102,8 +99,8 @@ def _pipeline(model, windows, metric, structure, ratio, method, params):
 
 CASES = [("wifv", "al_am", 0.5, []), ("wanda_sp", "ul_um", 0.5, []), ("weight_magnitude", "ul_um", 0.5, []),
          ("wanda_sp", "ul_um", 0.5, ["--compensation", "bias"]), ("wifv", "ul_um", 0.3, ["--no-compensate"]),
-         pytest.param("wifv", "al_am", 0.5, ["--compensation", "lsq"], marks=NEEDS_LSQ),
-         pytest.param("wanda_sp", "ul_um", 0.5, ["--compensation", "lsq"], marks=NEEDS_LSQ)]
+         pytest.param("wifv", "al_am", 0.5, ["--compensation", "lsq"]),
+         pytest.param("wanda_sp", "ul_um", 0.5, ["--compensation", "lsq"])]
 
 
 @pytest.mark.parametrize("metric,structure,ratio,extra", CASES)

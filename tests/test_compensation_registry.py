@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import random
 
@@ -30,9 +29,6 @@ from flap_exp.persist import load_pruned
 from flap_exp.structures import StructureOptions, get_structure
 
 from helpers.models import tiny_model
-
-HAVE_LSQ = importlib.util.find_spec("flap_exp.compensation.lsq") is not None
-NEEDS_LSQ = pytest.mark.skipif(not HAVE_LSQ, reason="flap_exp.compensation.lsq (branch lsq) not merged yet")
 
 
 def test_unknown_compensation_lists_the_known_ones(model, windows):
@@ -144,7 +140,7 @@ def _logits(model, x):
     (["--compensation", "bias"], {"method": "bias"}),
     (["--no-compensate"], {"method": "none"}),
     pytest.param(["--compensation", "lsq", "--lsq-damping", "0.05", "--lsq-form", "dense"],
-                 {"method": "lsq", "damping": 0.05, "form": "dense"}, marks=NEEDS_LSQ),
+                 {"method": "lsq", "damping": 0.05, "form": "dense"}),
 ])
 def test_cli_compensation_round_trip(local, extra, record, capsys):
     from transformers import AutoModelForCausalLM
