@@ -53,12 +53,12 @@ def measure(protocol: str, workdir: Path) -> dict:
     p = run([str(VENV_BIN / "dvc"), "repro"], clone)
     wall, cpu = time.monotonic() - start, children_cpu() - cpu0
     ran = re.findall(r"Running stage '([^']+)'", p.stdout)
-    usage = [json.loads(f.read_text()) for f in (clone / "results" / "usage").glob("*.json")]
+    per_stage = {f.stem: json.loads(f.read_text()) for f in (clone / "results" / "usage").glob("*.json")}
+    usage = list(per_stage.values())
     own, own_cpu = sum(u["seconds"] for u in usage), sum(u["cpu_seconds"] for u in usage)
     # before a stage's own clock: the interpreter's start and the stage's imports (torch, transformers)
     startup = sum(u.get("startup_seconds") or 0.0 for u in usage)
     n = max(len(ran), 1)
-    per_stage = {f.stem: json.loads(f.read_text()) for f in (clone / "results" / "usage").glob("*.json")}
     return {"protocol": protocol, "stages": len(ran), "wall_s": round(wall, 1), "own_s": round(own, 1),
             "overhead_per_stage_s": round((wall - own) / n, 2), "usage_files": len(usage),
             "startup_per_stage_s": round(startup / n, 2), "dvc_per_stage_s": round((wall - own - startup) / n, 2),
