@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 
+from flap_exp.compensation import obs
 from flap_exp.compensation.obs import damped, greedy_obs
 from flap_exp.errors import FlapError
 
@@ -135,3 +136,14 @@ def test_removing_every_unit_leaves_zero_weights_and_the_whole_objective():
     assert res.weight.abs().max() == 0
     # nothing left to compensate: the loss is ||W||_H^2
     np.testing.assert_allclose(float(res.loss[-1]), float(np.trace(w @ h.numpy() @ w.T)), rtol=1e-9)
+
+
+@pytest.mark.parametrize("lazy_rank", [1, 3])
+def test_flushing_the_lazy_factors_changes_nothing(monkeypatch, lazy_rank):
+    """Single-column units keep their removals as low-rank factors, applied every LAZY_RANK columns (and the
+    matrices compacted once a quarter is dead): flushing after every step or every third gives the brute-force
+    greedy's order and curve, and lsq's weights, as the unflushed run does (the tests above never flush)."""
+    monkeypatch.setattr(obs, "LAZY_RANK", lazy_rank)
+    test_greedy_batch1_equals_brute_force_greedy(1)
+    for batch in (1, 2, 4):
+        test_final_weights_are_lsq_on_the_kept_set(batch)
