@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 from flap_exp.calibrate import collect_stats
 from flap_exp.compensation import CompensationConfig
@@ -46,15 +46,7 @@ def model_dir(request, tmp_path):
 
 
 def tied_model_dir(tmp_path) -> Path:
-    torch.manual_seed(5)
-    cfg = LlamaConfig(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
-                      tie_word_embeddings=True)
-    m = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.ndim == 2:
-                p.normal_(0, 0.3)
+    m = tiny_model(seed=5, layers=2, tie_word_embeddings=True)
     return save_sharded(m, tmp_path / "tied")
 
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from flap_exp.arch import ArchView
 from flap_exp.errors import FlapError
@@ -17,13 +17,12 @@ from flap_exp.evaluation.throughput import _generate, _StepClock, compare_throug
 from flap_exp.selection import Selection
 from flap_exp.surgery import prune_model
 
+from helpers.models import tiny_model
 
-def _llama(intermediate: int, heads: int, kv_heads: int, hidden: int = 512, layers: int = 4) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=1024, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                      num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=64,
-                      max_position_embeddings=512)
-    return LlamaForCausalLM(cfg).eval()
+
+def _llama(intermediate: int, heads: int, kv_heads: int, hidden: int = 512, layers: int = 4):
+    return tiny_model(std=None, heads=heads, kv=kv_heads, layers=layers, hidden=hidden, inter=intermediate,
+                      head_dim=64, vocab=1024, max_position_embeddings=512)
 
 
 @pytest.fixture(scope="module")

