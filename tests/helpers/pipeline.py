@@ -54,7 +54,8 @@ def env_for(repo: Path, **extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
     env.update(PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}", PYTHONPATH=str(repo / "src"),
                GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.com", GIT_COMMITTER_NAME="t",
-               GIT_COMMITTER_EMAIL="t@example.com", TOKENIZERS_PARALLELISM="false", **extra)
+               GIT_COMMITTER_EMAIL="t@example.com", TOKENIZERS_PARALLELISM="false")
+    env.update(extra)
     return env
 
 
@@ -152,3 +153,26 @@ def rest(url: str, body: dict | None = None) -> dict:
                                  headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=30) as r:
         return json.loads(r.read())
+
+
+def warm_env(folder: Path, src: Path = ROOT / "src") -> dict:
+    """The environment of `make run`'s warm stages (Makefile WARM_SHIM): a `python` first on PATH that hands
+    `python stages/X.py` to a warm server (flap_exp/pipeline/running/warm_client.py of `src`), its sockets in
+    `folder`/sock. Pass to env_for/sh as extra variables; stop the servers with stop_warm(folder)."""
+    shim = folder / "bin" / "python"
+    shim.parent.mkdir(parents=True, exist_ok=True)
+    client = src / "flap_exp" / "pipeline" / "running" / "warm_client.py"
+    shim.write_text(f'#!/bin/sh\nFLAP_WARM_PYTHON={sys.executable} exec {sys.executable} -I -S {client} "$@"\n')
+    shim.chmod(0o755)
+    return {"PATH": f"{shim.parent}{os.pathsep}{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            "FLAP_WARM_DIR": str(folder / "sock")}
+
+
+def stop_warm(folder: Path) -> None:
+    """End the warm servers started under warm_env(folder) (each wrote its pid into its lock file)."""
+    import signal
+    for lock in (folder / "sock").glob("*.lock"):
+        try:
+            os.kill(int(lock.read_text().split()[0]), signal.SIGTERM)
+        except (ValueError, IndexError, ProcessLookupError):
+            pass
