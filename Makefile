@@ -62,10 +62,7 @@ WARM_SHIM := .venv/warm/python
 RUN_PATH  := PATH=$(if $(filter 0,$(WARM)),,$(CURDIR)/.venv/warm:)$(CURDIR)/.venv/bin:$$PATH
 
 $(WARM_SHIM): $(VENV_OK)
-	mkdir -p $(@D)
-	printf '#!/bin/sh\n# python for the stages of make run (flap_exp/pipeline/running/warm_client.py)\nFLAP_WARM_PYTHON=%s exec %s -I -S %s "$$@"\n' \
-		'$(CURDIR)/$(PY)' '$(CURDIR)/$(PY)' '$(CURDIR)/src/flap_exp/pipeline/running/warm_client.py' > $@
-	chmod +x $@
+	$(PY) -m flap_exp.pipeline.running.warm_client --install $(@D)
 
 # params.yaml from conf/ (Hydra); `make run` always recomposes, so conf/ edits are never missed.
 compose: $(VENV_OK)

@@ -13,6 +13,8 @@ import sys
 import urllib.request
 from pathlib import Path
 
+from flap_exp.pipeline.running.warm_client import install, stop_servers
+
 from .models import save_model_dir
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -156,23 +158,14 @@ def rest(url: str, body: dict | None = None) -> dict:
 
 
 def warm_env(folder: Path, src: Path = ROOT / "src") -> dict:
-    """The environment of `make run`'s warm stages (Makefile WARM_SHIM): a `python` first on PATH that hands
-    `python stages/X.py` to a warm server (flap_exp/pipeline/running/warm_client.py of `src`), its sockets in
-    `folder`/sock. Pass to env_for/sh as extra variables; stop the servers with stop_warm(folder)."""
-    shim = folder / "bin" / "python"
-    shim.parent.mkdir(parents=True, exist_ok=True)
-    client = src / "flap_exp" / "pipeline" / "running" / "warm_client.py"
-    shim.write_text(f'#!/bin/sh\nFLAP_WARM_PYTHON={sys.executable} exec {sys.executable} -I -S {client} "$@"\n')
-    shim.chmod(0o755)
+    """The environment of `make run`'s warm stages: `python` (warm_client.install, the Makefile's WARM_SHIM, with
+    the client of `src`) first on PATH, its servers' sockets in `folder`/sock. Pass to env_for/sh as extra
+    variables; stop the servers with stop_warm(folder)."""
+    shim = install(folder / "bin", sys.executable, src / "flap_exp" / "pipeline" / "running" / "warm_client.py")
     return {"PATH": f"{shim.parent}{os.pathsep}{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
             "FLAP_WARM_DIR": str(folder / "sock")}
 
 
 def stop_warm(folder: Path) -> None:
-    """End the warm servers started under warm_env(folder) (each wrote its pid into its lock file)."""
-    import signal
-    for lock in (folder / "sock").glob("*.lock"):
-        try:
-            os.kill(int(lock.read_text().split()[0]), signal.SIGTERM)
-        except (ValueError, IndexError, ProcessLookupError):
-            pass
+    """End the warm servers started under warm_env(folder)."""
+    stop_servers(folder / "sock")

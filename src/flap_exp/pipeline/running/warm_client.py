@@ -97,7 +97,32 @@ def _run_warm(python: str, args: list[str]) -> int | None:
     return int(end["status"])
 
 
+def install(folder: Path, python: str = sys.executable, client: Path = Path(__file__)) -> Path:
+    """Write FOLDER/python, the `python` to put first on PATH (the Makefile's .venv/warm/python): this file run
+    by `python` (the real interpreter: FLAP_WARM_PYTHON) with -I -S (no site, ~70 ms)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shim = folder / "python"
+    shim.write_text(f"#!/bin/sh\n# python for the stages of make run: {client.resolve()}\n"
+                    f'FLAP_WARM_PYTHON={python} exec {python} -I -S {client.resolve()} "$@"\n')
+    shim.chmod(0o755)
+    return shim
+
+
+def stop_servers(folder: Path) -> None:
+    """End the servers whose sockets are in `folder` (each holds its lock file, with its pid in it)."""
+    for lock in folder.glob("*.lock"):
+        try:
+            os.kill(int(lock.read_text().split()[0]), signal.SIGTERM)
+        except (OSError, ValueError, IndexError):
+            pass  # gone already, or still starting (it has not written its pid: it ends when idle)
+
+
 def main() -> None:
+    if "FLAP_WARM_PYTHON" not in os.environ:  # python -m flap_exp.pipeline.running.warm_client --install FOLDER
+        if len(sys.argv) != 3 or sys.argv[1] != "--install":
+            sys.exit("usage: python -m flap_exp.pipeline.running.warm_client --install FOLDER")
+        install(Path(sys.argv[2]))
+        return
     python, args = os.environ["FLAP_WARM_PYTHON"], sys.argv[1:]
     if os.environ.get("FLAP_WARM", "1") != "0" and is_stage(args):
         status = _run_warm(python, args)

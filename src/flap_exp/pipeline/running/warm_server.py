@@ -11,6 +11,8 @@ without a request. Single-threaded: it forks with no other thread alive.
 from __future__ import annotations
 
 import array
+import fcntl
+import importlib
 import io
 import json
 import os
@@ -36,10 +38,9 @@ PRELOAD = ("torch", "transformers", "safetensors.torch", "flap_exp.pipeline.step
 
 
 def preload() -> None:
-    import importlib
     for name in PRELOAD:
         importlib.import_module(name)
-    import transformers
+    import transformers  # imported here, after the socket is bound (the point of the server is to do it once)
     transformers.AutoModelForCausalLM, transformers.LlamaForCausalLM  # noqa: B018 (the lazy modules' real imports)
 
 
@@ -143,7 +144,6 @@ def _receive(conn: socket.socket) -> tuple[dict | None, list[int]]:
 
 
 def serve(path: Path, idle: float = IDLE_SECONDS) -> None:
-    import fcntl
     lock = open(path.with_suffix(".lock"), "w")  # noqa: SIM115 (held for the server's life)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
