@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,7 @@ from helpers.pipeline import (
     ran,
     rest as _rest,
     sh,
+    stop_warm,
     tiny_repo,
 )
 
@@ -47,8 +49,12 @@ REPORTS = {f"report@{t}" for t in TABLES} | {"report_index"}
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    return tiny_repo(tmp_path_factory)
+def repo(tmp_path_factory) -> Iterator[Path]:
+    """The tiny study's repository, its stages started warm as `make run` starts them (tests/test_warm.py checks
+    warm == cold; the code-edit tests below also check that an edited file never runs from a warm server)."""
+    repo = tiny_repo(tmp_path_factory, warm=True)
+    yield repo
+    stop_warm(repo.parent)
 
 
 @pytest.fixture(scope="module")

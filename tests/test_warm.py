@@ -47,7 +47,7 @@ def run(folder: Path, env: dict, *args: str, stdin: str = "in") -> subprocess.Co
 
 
 def server_pids(folder: Path) -> list[int]:
-    return [int(p.read_text().split()[0]) for p in (folder / "sock").glob("*.lock") if p.read_text().strip()]
+    return [int(p.read_text().split()[0]) for p in (folder / "warm" / "sock").glob("*.lock") if p.read_text().strip()]
 
 
 def alive(pid: int) -> bool:
@@ -119,4 +119,4 @@ def test_warm_off(project):
     for _ in range(2):
         out = run(folder, {**env, "FLAP_WARM": "0"}, "stages/toy.py", "0")
         assert out.returncode == 0 and "False" in out.stdout.splitlines()[0]
-    assert not (folder / "sock").exists() or not server_pids(folder)
+    assert not (folder / "warm" / "sock").exists() or not server_pids(folder)

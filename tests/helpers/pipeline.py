@@ -57,6 +57,9 @@ def env_for(repo: Path, **extra) -> dict:
     env.update(PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}", PYTHONPATH=str(repo / "src"),
                GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.com", GIT_COMMITTER_NAME="t",
                GIT_COMMITTER_EMAIL="t@example.com", TOKENIZERS_PARALLELISM="false")
+    warm = repo.parent / "warm"
+    if (warm / "bin" / "python").exists():  # a repository made by tiny_repo(warm=True): stages start warm
+        env.update(PATH=f"{warm / 'bin'}{os.pathsep}{env['PATH']}", FLAP_WARM_DIR=str(warm / "sock"))
     env.update(extra)
     return env
 
@@ -101,11 +104,14 @@ def tiny_project(repo: Path, study: str) -> None:
     (repo / ".gitignore").write_text("mlflow.db\nmlruns/\n__pycache__/\n")
 
 
-def tiny_repo(tmp_path_factory) -> Path:
-    """The tiny study's git + DVC repository with a local DVC remote and params.yaml composed (not reproduced)."""
+def tiny_repo(tmp_path_factory, warm: bool = False) -> Path:
+    """The tiny study's git + DVC repository with a local DVC remote and params.yaml composed (not reproduced);
+    `warm`: its stages start warm as under `make run` (every command run by sh/env_for; stop_warm(repo.parent))."""
     base = tmp_path_factory.mktemp("pipeline")
     repo = base / "repo"
     tiny_project(repo, TINY_STUDY)
+    if warm:
+        warm_env(base, repo / "src")
     sh(repo, "git", "init", "-q")
     sh(repo, DVC, "init", "-q")
     sh(repo, DVC, "remote", "add", "-d", "local", str(base / "remote"))
@@ -159,13 +165,14 @@ def rest(url: str, body: dict | None = None) -> dict:
 
 def warm_env(folder: Path, src: Path = ROOT / "src") -> dict:
     """The environment of `make run`'s warm stages: `python` (warm_client.install, the Makefile's WARM_SHIM, with
-    the client of `src`) first on PATH, its servers' sockets in `folder`/sock. Pass to env_for/sh as extra
+    the client of `src`) first on PATH, its servers' sockets in `folder`/warm/sock. Pass to env_for/sh as extra
     variables; stop the servers with stop_warm(folder)."""
-    shim = install(folder / "bin", sys.executable, src / "flap_exp" / "pipeline" / "running" / "warm_client.py")
+    shim = install(folder / "warm" / "bin", sys.executable,
+                   src / "flap_exp" / "pipeline" / "running" / "warm_client.py")
     return {"PATH": f"{shim.parent}{os.pathsep}{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-            "FLAP_WARM_DIR": str(folder / "sock")}
+            "FLAP_WARM_DIR": str(folder / "warm" / "sock")}
 
 
 def stop_warm(folder: Path) -> None:
     """End the warm servers started under warm_env(folder)."""
-    stop_servers(folder / "sock")
+    stop_servers(folder / "warm" / "sock")
