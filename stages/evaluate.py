@@ -1,5 +1,6 @@
-"""evaluate KEY --measure {ppl,zeroshot,speed} [--cell C --compensation NAME]: rebuild the pruned model in
-memory (selection + the cell's compensation) and measure it -> results/evaluate/KEY/MEASURE.json.
+"""evaluate KEY --measure {ppl,zeroshot,speed} [--cell C --compensation NAME --comp FILE]: rebuild the pruned
+model in memory (selection + the cell's compensation, FILE: its compensate stage's file, or an OBS cell's own
+refit) and measure it -> results/evaluate/KEY/MEASURE.json.
 KEY "dense" evaluates the unpruned model."""
 import argparse
 
@@ -17,6 +18,7 @@ if __name__ == "__main__":
     ap.add_argument("--measure", choices=paths.MEASURES, default="ppl")
     ap.add_argument("--cell", help="search cell whose selection to apply")
     ap.add_argument("--compensation", default="none", help="the conf/compensation/ entry of the cell")
+    ap.add_argument("--comp", help="the file of the cell's compensation (default: its compensate stage's)")
     a = ap.parse_args()
     name = f"{'evaluate' if a.measure == 'ppl' else a.measure}@{a.key}"
     with stage(name):
@@ -26,7 +28,8 @@ if __name__ == "__main__":
         record = eval_record() if a.measure == "ppl" else read_json(paths.PREPARE)
         sel = read_json(paths.selection(a.cell)) if a.cell else None
         method = p.compensations[a.compensation]["method"] if sel else "none"
-        comps, comp = (load_compensation(paths.compensation(a.key), sel, arch_of(record), method, record)
+        comp_file = a.comp or paths.compensation(a.key)
+        comps, comp = (load_compensation(comp_file, sel, arch_of(record), method, record)
                        if sel else (None, {"method": "none"}))
         lm = load_prepared_model(p.model, record)
         print(f"{name}: {a.measure}", flush=True)
@@ -34,7 +37,7 @@ if __name__ == "__main__":
                        load_dense=lambda: load_prepared_model(p.model, record).model, extra=a.measure == "ppl")
         cell = {k: sel[k] for k in ("metric", "structure", "ratio")} if sel else {}
         options = {k: v for k, v in comp.items() if k != "method"}
-        warning = sample_warning(paths.compensation(a.key)) if sel else None  # e.g. lsq on too few tokens
+        warning = sample_warning(comp_file) if sel else None  # e.g. lsq on too few tokens
         write_json(paths.measurement(a.key, a.measure),
                    {**out, **cell, "cell": a.cell, "calib": (sel or {}).get("calib"), "compensation": a.compensation
                     if sel else "none", "compensation_method": comp["method"], "compensation_options": options,

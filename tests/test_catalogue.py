@@ -86,7 +86,7 @@ def _pipeline(model, windows, metric, structure, ratio, method, params):
     cell = {"metric": metric, "structure": structure, "ratio": ratio}
     batch = params["data"]["calib"]["batch_size"]
     if cells.is_sequential(metric, mcfg.get("sequential")):
-        rec, st = search_sequential(copy.deepcopy(model), windows, cell, mcfg, scfg, batch)
+        rec, st, _ = search_sequential(copy.deepcopy(model), windows, cell, mcfg, scfg, batch)
         stats = stats_from_tensors(st)
     else:
         stats = collect_stats(model, windows, batch, progress=False)

@@ -163,9 +163,13 @@ def test_every_experiment_protocol_model_composes(experiment, protocol, model):
         assert table["cells"] and set(table["cells"]) <= set(cells["evaluate"]), name
         for m in table["measure"]:
             assert set(table["cells"]) <= set(cells[m])
+    # every compensation an evaluation reads is written by a stage: compensate, or an OBS cell's search (its refit)
+    written = ({x["comp"] for t in ("compensate", "compensate_lsq") for x in cells[t].values()}
+               | {x["refit"] for x in cells["search_obs"].values()})
     for key, item in cells["evaluate"].items():
         assert item["out"] == paths.measurement(key) and item["selection"] == paths.selection(item["cell"])
-        assert any(item["cell"] in cells[t] for t in ("search", "search_seq", "search_kl"))
+        assert any(item["cell"] in cells[t] for t in ("search", "search_seq", "search_obs", "search_kl"))
+        assert item["comp"] in written
         if item["calib"] != "none":
             assert item["calib"] in cells["calibrate"]
     for key, c in cells["calibrate"].items():

@@ -52,7 +52,7 @@ def test_levels_mean_is_the_ratio_and_the_pruned_model_meets_it(model, windows):
     assert sum(res.levels) / LAYERS == pytest.approx(0.4)
     assert len(set(res.levels)) > 1  # the search moved away from uniform
     assert abs(removed_ratio(arch, layer_counts(arch, res.levels)) - 0.4) <= 0.005
-    _, sel, _ = select(model, windows, cfg(0.4, levels=tuple(res.levels)), progress=False)
+    _, sel, _, _ = select(model, windows, cfg(0.4, levels=tuple(res.levels)), progress=False)
     assert abs(sel.achieved_ratio(arch) - 0.4) <= 0.005
 
 
@@ -126,7 +126,7 @@ def test_the_allocate_stage_feeds_the_obs_pass(model, windows, tmp_path):
     assert rec["history"][0] == {"generation": 0, "candidates": 1, "best_kl": rec["uniform_kl"]}
     levels_per_layer(rec, "cell", tmp_path / "levels.png")
     assert (tmp_path / "levels.png").stat().st_size > 0
-    sel, _ = search_sequential(model, windows, cell, {}, opts, 4, rec["levels"])
+    sel, _, _ = search_sequential(model, windows, cell, {}, opts, 4, rec["levels"])
     arch = ArchView.from_config(model.config)
     want = layer_counts(arch, rec["levels"])
     assert [(2 - g, 48 - c) for g, c in zip(sel["kept_groups_per_layer"], sel["kept_channels_per_layer"],

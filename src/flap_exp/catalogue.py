@@ -161,3 +161,18 @@ def default_compensation(metric: str, override: str | None = None) -> str:
 
 def is_sequential(metric: str, override: bool | None = None) -> bool:
     return method_facts(metric).sequential if override is None else bool(override)
+
+
+#: The OBS pass's default damping (StructureOptions.obs_damping): lsq's default, so the selection's objective is
+#: the one its lsq compensation then minimises.
+OBS_DAMPING = 0.01
+
+
+def is_obs_refit(metric: str, comp: Mapping, obs_damping: float) -> bool:
+    """Whether compensation `comp` ({method, form, damping}) of a `metric` selection is exactly the refit the
+    selection's own OBS pass computed: lsq on the pruned model's own stream, damped as the pass was. Each
+    layer's pass solves that least squares before going on (compensation/obs_pass.py), so the pass's weights
+    can stand in for lsq's own pass over the windows (the same numbers, up to float32 summation order)."""
+    return (metric in METHODS and method_facts(metric).selector == "obs" and comp.get("method") == "lsq"
+            and comp.get("form", "sequential") == "sequential"
+            and float(comp.get("damping", OBS_DAMPING)) == float(obs_damping))

@@ -13,7 +13,8 @@ The structure is the allocation (how many groups and channels each layer removes
 
 Each OBS pass is compensation/obs_pass.py, layer by layer through the store (resident or streamed), with the
 pruned model's own stream. The model stays dense: the cell's compensation (lsq by default) refits the
-survivors afterwards, which with lsq's damping reproduces the stream the pass selected on.
+survivors afterwards, which with lsq's damping reproduces the stream the pass selected on; so where the
+compensation is that very lsq (catalogue.is_obs_refit), the pass's own refit is returned and used instead.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from tqdm.auto import tqdm
 from .allocation import Counts, counts_of, curve_counts, layer_counts, log_ratios
 from .allocation_search import search_allocation
 from .calibrate import check_windows, collect_stats, layer_inputs
+from .compensation.base import LayerComp
 from .compensation.obs_pass import ObsLayer, ObsPass
 from .errors import FlapError
 from .metrics import channel_scores, get_metric
@@ -42,10 +44,11 @@ CURVE_STEP = 8
 
 
 def _pass(store: LayerStore, windows: torch.Tensor, cfg: PruneConfig, counts: Counts, full_curves: bool,
-          progress: bool) -> list[ObsLayer]:
+          progress: bool, keep_refit: bool = False) -> list[ObsLayer]:
     hs, kws = layer_inputs(store, windows, cfg.batch_size)
     budget = 2 * 2**30 if isinstance(store, ResidentStore) else 0  # streamed: hold no MLP inputs (as lsq)
-    p = ObsPass(hs, kws, store.arch, counts, cfg.options.obs_damping, cfg.options.obs_batch, full_curves, budget)
+    p = ObsPass(hs, kws, store.arch, counts, cfg.options.obs_damping, cfg.options.obs_batch, full_curves, budget,
+                keep_refit)
     del hs
     out = []
     for i in tqdm(range(store.num_layers), desc="obs" + (" curves" if full_curves else ""), unit="layer",
@@ -76,15 +79,22 @@ def allocation_counts(store: LayerStore, windows: torch.Tensor, cfg: PruneConfig
 
 
 @torch.no_grad()
-def obs_select(store: LayerStore, windows: torch.Tensor, cfg: PruneConfig,
-               progress: bool = True) -> tuple[list[LayerStats], Selection]:
-    """(the pruned stream's statistics, the selection) of metric obs under cfg.structure's allocation."""
+def obs_select(store: LayerStore, windows: torch.Tensor, cfg: PruneConfig, progress: bool = True,
+               refit: bool = False) -> tuple[list[LayerStats], Selection, list[LayerComp] | None]:
+    """(the pruned stream's statistics, the selection, the refit) of metric obs under cfg.structure's allocation.
+
+    refit: also return the pass's per-layer lsq refit of the kept columns (LayerComps; None otherwise), which is
+    the lsq compensation of the selection when catalogue.is_obs_refit says so. It is held in memory until the
+    end (about the size of the kept o_proj/down_proj weights in float64), so only for a model in memory."""
     check_windows(windows)
     counts = allocation_counts(store, windows, cfg, progress)
-    layers = _pass(store, windows, cfg, counts, cfg.structure == "curve", progress)
-    if cfg.structure == "curve":
+    curve = cfg.structure == "curve"
+    layers = _pass(store, windows, cfg, counts, curve, progress, refit and not curve)
+    if curve:
         o = cfg.options
         counts = curve_counts(store.arch, cfg.ratio, [x.curves for x in layers], CURVE_STEP, o.min_groups,
                               o.min_channels)
-        layers = _pass(store, windows, cfg, counts, False, progress)
-    return [x.stats for x in layers], Selection([x.keep_groups for x in layers], [x.keep_channels for x in layers])
+        layers = _pass(store, windows, cfg, counts, False, progress, refit)
+    comps = [x.refit for x in layers] if refit else None
+    return ([x.stats for x in layers], Selection([x.keep_groups for x in layers], [x.keep_channels for x in layers]),
+            comps)

@@ -12,7 +12,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .calibrate import collect_stats
-from .catalogue import default_compensation, method_facts, structure_problem
+from .catalogue import default_compensation, is_obs_refit, method_facts, structure_problem
 from .compensation import (
     CompensationConfig,
     CompensationInputs,
@@ -113,10 +113,11 @@ def _sequential_selection(store: LayerStore, windows: torch.Tensor, cfg: PruneCo
 
 
 @torch.no_grad()
-def select(source: nn.Module | LayerStore, windows: torch.Tensor | None, cfg: PruneConfig,
-           progress: bool = True) -> tuple[list[LayerStats] | None, Selection, dict]:
-    """(statistics, selection, seconds) of `cfg` on the model behind `source`, which is left dense: calibration
-    (sequential for Wanda-sp), scores and the structure's selection."""
+def select(source: nn.Module | LayerStore, windows: torch.Tensor | None, cfg: PruneConfig, progress: bool = True,
+           refit: bool = False) -> tuple[list[LayerStats] | None, Selection, dict, list[LayerComp] | None]:
+    """(statistics, selection, seconds, refit) of `cfg` on the model behind `source`, which is left dense:
+    calibration (sequential for Wanda-sp), scores and the structure's selection. refit: also return the OBS
+    pass's own lsq refit (obs_select; None for every other metric, or when not asked)."""
     cfg.validate()
     store = as_store(source)
     metric, entry = get_metric(cfg.metric), get_compensation(cfg.resolved_compensation().method)
@@ -124,11 +125,12 @@ def select(source: nn.Module | LayerStore, windows: torch.Tensor | None, cfg: Pr
     t0 = time.perf_counter()
     sequential = cfg.sequential if cfg.sequential is not None else metric.sequential
     stats: list[LayerStats] | None
+    comps = None
     if method_facts(cfg.metric).selector == "obs":
         if windows is None:
             raise FlapError(f"metric {cfg.metric!r} selects on calibration windows; none were given")
         from .obs_select import obs_select
-        stats, sel = obs_select(store, windows, cfg, progress)
+        stats, sel, comps = obs_select(store, windows, cfg, progress, refit)
     elif sequential:
         if windows is None:
             raise FlapError(f"metric {cfg.metric!r} calibrates sequentially and needs calibration windows")
@@ -142,7 +144,7 @@ def select(source: nn.Module | LayerStore, windows: torch.Tensor | None, cfg: Pr
     if not sequential and method_facts(cfg.metric).selector != "obs":
         sel = get_structure(cfg.structure)(channel_scores(metric, store, stats, cfg.square_attn), store.arch,
                                            cfg.ratio, cfg.options)
-    return stats, sel, {"calibrate": t1 - t0, "score_select": time.perf_counter() - t1}
+    return stats, sel, {"calibrate": t1 - t0, "score_select": time.perf_counter() - t1}, comps
 
 
 @torch.no_grad()
@@ -167,9 +169,12 @@ def prune(source: nn.Module | LayerStore, windows: torch.Tensor | None, cfg: Pru
     n, t = windows.shape[:2] if windows is not None and reads else (0, 0)
     extra = extra_bytes(comp, arch, n, t, torch.empty(0, dtype=store.dtype).element_size())
     store.check_budget(n, t, "streamed pruning" + (f" with {comp.method} ({comp.form})" if extra else ""), extra)
-    stats, sel, seconds = select(store, windows, cfg, progress)
+    # in memory, an OBS selection's own refit is the lsq compensation asked for: no second pass (obs_select)
+    reuse = isinstance(store, ResidentStore) and is_obs_refit(cfg.metric, asdict(comp), cfg.options.obs_damping)
+    stats, sel, seconds, refit = select(store, windows, cfg, progress, refit=reuse)
     t2 = time.perf_counter()
-    step = begin(CompensationInputs(store, sel, arch, comp, stats, windows, cfg.batch_size, progress))
+    step = (lambda i, _layer: refit[i]) if refit is not None else \
+        begin(CompensationInputs(store, sel, arch, comp, stats, windows, cfg.batch_size, progress))
     comps: list[LayerComp | None] = []
     for i in tqdm(range(store.num_layers), desc=f"compensate ({comp.method}) + cut", unit="layer",
                   disable=not progress):

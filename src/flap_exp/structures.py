@@ -27,7 +27,7 @@ import torch
 
 from . import query_units as qu
 from .arch import ArchView
-from .catalogue import STRUCTURES, structures_where
+from .catalogue import OBS_DAMPING, STRUCTURES, structures_where
 from .errors import FlapError
 from .integrity import check_finite_scores
 from .selection import Selection
@@ -57,9 +57,8 @@ class StructureOptions:
     attn_unit: str = "group"
     # metric obs only: units removed per greedy step (1: one at a time, ZipLM; more: SlimGPT's batched removal)
     obs_batch: int = 1
-    # metric obs only: λ = obs_damping x mean diag Σ in H = Σ + λI; lsq's default damping, so the selection's
-    # objective is the one its lsq compensation then minimises
-    obs_damping: float = 0.01
+    # metric obs only: λ = obs_damping x mean diag Σ in H = Σ + λI (catalogue.OBS_DAMPING: lsq's default)
+    obs_damping: float = OBS_DAMPING
     # structure kl_search only (allocation_search.py): levels on a grid of this step around the ratio; 0.05 puts
     # the study's ratios (0.2, 0.3, 0.5) on it and gives a layer 19 levels from 0 to the cap 0.9
     search_step: float = 0.05

@@ -22,6 +22,7 @@ import torch
 
 from ..arch import ArchView, block_output
 from ..stats import ChannelStats, LayerStats
+from .base import LayerComp
 from .covariance import CovAccumulator
 from .layer_io import apply_kept, check_decomposition, down_input, o_input
 from .lsq_solve import lsq_solve
@@ -38,17 +39,21 @@ class ObsLayer:
     keep_channels: torch.Tensor  # bool [intermediate_size]
     stats: LayerStats  # the pruned stream's o_proj / down_proj input statistics
     curves: tuple[Curve, Curve]  # (attention over groups, MLP over channels): (units removed, loss)
+    refit: LayerComp | None = None  # the kept columns' lsq refit (keep_refit): lsq's LayerComp for this selection
 
 
 class ObsPass:
     """step(i, dense layer i) in layer order -> ObsLayer. counts: per layer (groups, channels) to remove;
     full_curves: run each greedy to the last unit (the curve allocation's first pass), keeping only the counts'
-    first units; store_budget: bytes of MLP inputs held to avoid recomputing gate/up (0 when streamed)."""
+    first units; store_budget: bytes of MLP inputs held to avoid recomputing gate/up (0 when streamed); keep_refit:
+return each layer's refit weights (the o_proj/down_proj kept columns and biases: lsq's LayerComp, which a cell
+then need not recompute; off when the layers' refits would not fit in memory, as when streamed)."""
 
     def __init__(self, hs: list[torch.Tensor], kws: list[list[dict]], arch: ArchView, counts: Counts, damping: float,
-                 batch: int = 1, full_curves: bool = False, store_budget: int = 2 * 2**30):
+                 batch: int = 1, full_curves: bool = False, store_budget: int = 2 * 2**30, keep_refit: bool = False):
         self.hs, self.kws, self.arch, self.counts = list(hs), kws, arch, counts
         self.damping, self.batch, self.full, self.store_budget = damping, batch, full_curves, store_budget
+        self.keep_refit = keep_refit
         self.next = 0
 
     def _project(self, i: int, name: str, w: torch.Tensor, xs: Iterator[torch.Tensor], unit: int, n: int,
@@ -99,4 +104,5 @@ class ObsPass:
             held = [down_input(layer, h, arch.fam) for h in hs]
         self.hs = [h + block_output(layer, arch.fam.mlp_out_norm, apply_kept(x, cols, down, w_d, b_d))
                    for h, x in zip(hs, held, strict=True)]
-        return ObsLayer(keep_g, keep_c, LayerStats(s_a, s_m), (c_a, c_m))
+        refit = LayerComp(b_o, b_d, w_o, w_d) if self.keep_refit else None  # what LsqPass.step returns
+        return ObsLayer(keep_g, keep_c, LayerStats(s_a, s_m), (c_a, c_m), refit)

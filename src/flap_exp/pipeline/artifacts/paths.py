@@ -62,6 +62,11 @@ def allocation_plot(cell: str) -> str:
     return f"{RESULTS}/search/{cell}/levels.png"
 
 
+def refit(cell: str) -> str:
+    """An OBS cell's own lsq refit, written by its search stage in the compensate stage's format (search_obs)."""
+    return f"{RESULTS}/search/{cell}/refit.safetensors"
+
+
 def compensation(key: str) -> str:
     return f"{RESULTS}/compensate/{key}.safetensors"
 

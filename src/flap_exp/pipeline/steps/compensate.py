@@ -27,6 +27,12 @@ def compensate(model, selection: dict, arch, comp_params: dict, stats=None, wind
     """(tensors, metadata) of one cell; `model` is the dense base model (None for `none`)."""
     cfg = config_from_params(comp_params)
     comps = run(model, Selection.from_json(selection, arch), arch, cfg, stats, windows, batch_size, progress=True)
+    return compensation_tensors(cfg, comps, selection, arch, windows)
+
+
+def compensation_tensors(cfg, comps, selection: dict, arch, windows=None) -> tuple[dict, dict]:
+    """(tensors, metadata) of a compensate stage's file for `comps`, computed by `cfg` for `selection` (the
+    record as its selection.json holds it): by the compensate stage, or the OBS pass's own refit (search_seq)."""
     meta = {"compensation": config_record(cfg), "selection_sha256": selection_sha256(selection)}
     warning = _sample_warning(cfg.method, selection, arch, windows)
     if warning is not None:  # a warning, not an error: the calibration ablation runs small N on purpose

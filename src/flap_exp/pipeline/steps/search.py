@@ -87,14 +87,18 @@ def searched_levels(path: str, cell: dict) -> list[float]:
 
 
 def search_sequential(model, windows, cell: dict, metric_opts: dict, opts: dict, batch_size: int,
-                      levels: list[float] | None = None):
-    """(selection record, stats tensors) of a sequentially calibrated cell; `model` (in memory or a layer
-    store) stays dense. `levels`: kl_search's levels from the allocate stage."""
+                      levels: list[float] | None = None, refit: bool = False):
+    """(selection record, stats tensors, refit) of a sequentially calibrated cell; `model` (in memory or a layer
+    store) stays dense. `levels`: kl_search's levels from the allocate stage. refit: also the OBS pass's own lsq
+    refit as (its CompensationConfig, the per-layer LayerComps); None when not asked."""
     from ...prune import select  # prune imports transformers: the search stage reads scores only
     arch = ArchView.from_config(model.config)
     o = structure_options(opts, arch)
     cfg = _prune_config(arch, cell, metric_opts, o if levels is None else replace(o, levels=tuple(levels)),
                         batch_size)
-    stats, sel, _ = select(model, windows, cfg, progress=True)
+    stats, sel, _, comps = select(model, windows, cfg, progress=True, refit=refit)
     assert stats is not None  # a sequential pass always records the statistics it pruned with
-    return selection_record(sel, arch, cell), stats_to_tensors(stats)
+    if refit and comps is None:
+        raise FlapError(f"metric {cell['metric']!r} has no OBS pass whose refit a cell could reuse")
+    out = None if comps is None else (CompensationConfig("lsq", o.obs_damping, "sequential"), comps)
+    return selection_record(sel, arch, cell), stats_to_tensors(stats), out

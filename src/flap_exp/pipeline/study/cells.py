@@ -28,9 +28,11 @@ import yaml
 from ...catalogue import (
     COMPENSATIONS,
     METHODS,
+    OBS_DAMPING,
     STRUCTURES,
     check_compensation_params,
     default_compensation,
+    is_obs_refit,
     is_sequential,
     structure_of,
     structure_problem,
@@ -129,7 +131,8 @@ class _Cells:
 
     def __init__(self) -> None:
         self.t: dict[str, dict] = {k: {} for k in (
-            "calibrate", "score", "score_free", "standardize", "search", "search_seq", "allocate", "search_kl",
+            "calibrate", "score", "score_free", "standardize", "search", "search_seq", "search_obs", "allocate",
+            "search_kl",
             "compensate",
             "compensate_lsq", "evaluate", "zeroshot", "speed")}
 
@@ -156,11 +159,13 @@ class _Cells:
 
 
 def expand_study(tables: dict, metrics: dict, compensations: dict, calib: dict,
-                 structures: tuple[str, ...] | None = None) -> dict:
+                 structures: tuple[str, ...] | None = None, obs_damping: dict[str, float] | None = None) -> dict:
     """tables: {table: {blocks: {block: {metrics, structures, ratios, compensation?, calibration?}}, measure?,
     title?, layout?}}; metrics/compensations: conf/metric and conf/compensation as composed; calib: data.calib
     (the default corpus and the protocol's N); structures: the conf/structure entries' names (variants
-    included). Returns the cells.yaml tables (without the header)."""
+    included); obs_damping: per structure name, the OBS pass's damping, given when an OBS cell's search may
+    write its own lsq refit (a model in memory; None: every lsq cell runs its own pass). Returns the cells.yaml
+    tables (without the header)."""
     check_compensations(compensations)
     structures = STRUCTURES.names() if structures is None else structures
     for name in structures:
@@ -193,8 +198,9 @@ def expand_study(tables: dict, metrics: dict, compensations: dict, calib: dict,
                         if problem:
                             raise FlapError(f"{where}: {problem}")
                         for r in spec["ratios"]:
+                            refit_damping = None if obs_damping is None else obs_damping.get(s, OBS_DAMPING)
                             keys += _cell(c, metric, s, _ratio(where, r), ckey, sequential, comps, compensations,
-                                          measure)
+                                          measure, refit_damping)
         table_rows[tname] = {"title": table.get("title") or tname, "layout": table.get("layout") or tname,
                              "measure": measure, "cells": list(dict.fromkeys(keys))}
     corpora = sorted({x["corpus"] for x in c.t["calibrate"].values()})
@@ -209,12 +215,16 @@ def expand_study(tables: dict, metrics: dict, compensations: dict, calib: dict,
 
 
 def _cell(c: _Cells, metric: str, structure: str, ratio: float, ckey: str | None, sequential: bool,
-          comps: list[str], compensations: dict, measure: list[str]) -> list[str]:
+          comps: list[str], compensations: dict, measure: list[str], refit_damping: float | None = None) -> list[str]:
     data_free = metric in DATA_FREE
     calib = ckey or ""  # set whenever anything below reads data: a data metric, or a compensation that needs it
     key = cell_key(metric, structure, ratio, None if data_free else ckey)
     cell = {"metric": metric, "structure": structure, "ratio": ratio}
     selection = paths.selection(key)
+    # the compensations that are the OBS pass's own refit: the search stage writes them (not kl_search's cells,
+    # whose pass is another stage group with its levels; nor when streamed: refit_damping None)
+    refits = {x for x in comps if sequential and refit_damping is not None and structure_of(structure) != "kl_search"
+              and is_obs_refit(metric, compensations[x], refit_damping)}
     if sequential:
         seq = {**cell, "calib": ckey, "windows": paths.windows(calib), "manifest": paths.manifest(calib),
                "selection": selection, "stats": paths.seq_stats(key)}
@@ -223,6 +233,8 @@ def _cell(c: _Cells, metric: str, structure: str, ratio: float, ckey: str | None
             c.t["allocate"][key] = {**cell, "calib": ckey, "windows": paths.windows(calib),
                                     "manifest": paths.manifest(calib), **levels}
             c.t["search_kl"][key] = {**seq, "levels": levels["levels"]}
+        elif refits:
+            c.t["search_obs"][key] = {**seq, "refit": paths.refit(key)}
         else:
             c.t["search_seq"][key] = seq
     else:
@@ -236,8 +248,10 @@ def _cell(c: _Cells, metric: str, structure: str, ratio: float, ckey: str | None
         needs = COMPENSATIONS.get(method).needs
         ekey = f"{key}-{ckey}-{comp}" if data_free and needs != "nothing" else f"{key}-{comp}"
         item = {**cell, "cell": key, "compensation": comp, "method": method, "calib": ckey or "none",
-                "selection": selection, "comp": paths.compensation(ekey)}
-        if needs == "windows":
+                "selection": selection, "comp": paths.refit(key) if comp in refits else paths.compensation(ekey)}
+        if comp in refits:
+            pass  # written by the cell's search_obs stage
+        elif needs == "windows":
             c.t["compensate_lsq"][ekey] = {**item, "windows": paths.windows(calib), "manifest": paths.manifest(calib)}
         else:
             # none reads no statistics: its selection stands in for them (a harmless second dependency)
@@ -279,9 +293,18 @@ def cells_from_params(params: dict) -> dict:
     calib = params["data"]["calib"]
     cells = expand_study(params.get("tables") or {}, params.get("metrics") or {}, params.get("compensations") or {},
                          {"corpus": calib["corpus"], "nsamples": calib["nsamples"]},
-                         tuple(params.get("structures") or STRUCTURES.names()))
+                         tuple(params.get("structures") or STRUCTURES.names()), _obs_damping(params))
     cells["reports"] = reports_dir(params.get("protocol"))
     return {"params_sha256": inputs_sha256(params), "cells": cells}
+
+
+def _obs_damping(params: dict) -> dict[str, float] | None:
+    """Per conf/structure entry, the OBS pass's damping; None when streamed (the pass keeps no refit then: the
+    layers' refits together are about the kept o_proj/down_proj weights in float64, more than a budget allows)."""
+    if (params.get("model") or {}).get("stream"):
+        return None
+    return {name: float((opts or {}).get("obs_damping", OBS_DAMPING))
+            for name, opts in (params.get("structures") or {}).items()}
 
 
 def load_cells(params: dict, path: str = paths.CELLS) -> dict:
