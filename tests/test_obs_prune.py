@@ -148,8 +148,8 @@ def test_the_selection_table_composes_into_sequential_obs_cells():
     conf = Path(__file__).resolve().parents[1] / "conf"
     cells = yaml.safe_load(cells_text(compose(["experiment=selection"], conf)))["cells"]
     seq = {k: v for t in ("search_seq", "search_obs", "search_kl") for k, v in cells[t].items() if v["metric"] == "obs"}
-    assert {v["structure"] for v in seq.values()} == {"ul_um", "ul_log", "curve", "al_am", "ul_um_ziplm",
-                                                      "ul_log_slimgpt", "kl_search"}
+    assert {v["structure"] for v in seq.values()} == {"ul_log", "curve", "al_am", "ul_um_ziplm", "ul_log_slimgpt",
+                                                      "kl_search"}
     assert {v["ratio"] for v in seq.values()} == {0.2, 0.3, 0.5}
     # each OBS cell's lsq is its search stage's own refit (kl_search's pass is the search_kl stage: its own lsq)
     for key, v in seq.items():
