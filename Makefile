@@ -21,7 +21,8 @@ $(VENV_OK): pyproject.toml
 run: $(VENV_OK) $(WARM_SHIM)
 	$(PY) -m flap_exp.pipeline.study.compose protocol=$(PROTOCOL) experiment=$(EXP) $(OVERRIDES)
 	$(VENV_PATH) $(PY) -m flap_exp.pipeline.reporting.tracking --check
-	$(RUN_PATH) .venv/bin/dvc repro
+	# the commit the results come from, named in reports/README.md and MLflow (not one made while it runs)
+	$(RUN_PATH) FLAP_EXP_RUN_COMMIT=$$(git rev-parse HEAD 2>/dev/null) .venv/bin/dvc repro
 	$(PY) -m flap_exp.pipeline.reporting.summary
 
 test: $(VENV_OK)

@@ -5,8 +5,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from flap_exp.arch import ArchView
-from flap_exp.catalogue import is_obs_refit
 from flap_exp.calibrate import collect_stats
+from flap_exp.catalogue import is_obs_refit
 from flap_exp.compensation import compensate
 from flap_exp.compensation.base import CompensationConfig
 from flap_exp.errors import FlapError

@@ -262,3 +262,26 @@ def test_the_installed_mlflow_ui_reads_the_link_parameters():
     assert 'get("workflowType")' in js and 'MACHINE_LEARNING="machine_learning"' in js
     assert '"orderByKey","orderByAsc"' in js  # the sort facets, which a shared view state may carry
     assert 'U="viewStateShareKey",$="mlflow.sharedViewState."' in js and '"selectedColumns","columnOrder"' in js
+
+
+def test_the_reports_name_the_commit_make_run_started_from(tmp_path, monkeypatch):
+    """make run records HEAD when it starts (FLAP_EXP_RUN_COMMIT): the index names that commit, not one made while
+    the study ran; without the record (a plain dvc repro) it names HEAD and says it is HEAD at report time."""
+    import subprocess
+
+    from flap_exp.pipeline.reporting.commit import RUN_COMMIT, run_commit
+    from flap_exp.pipeline.reporting.report import index
+    dense = {"perplexity": 50.0, "ppl_windows": 4}
+    monkeypatch.setenv(RUN_COMMIT, "a" * 40)
+    assert run_commit() == ("a" * 40, True)
+    assert "at commit `aaaaaaa` (the commit `make run` started from;" in index({}, dense, "quick", run_commit())
+    monkeypatch.delenv(RUN_COMMIT)
+    monkeypatch.chdir(tmp_path)
+    assert run_commit() == (None, False)  # not a git checkout
+    subprocess.run(["git", "init", "-q"], check=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "x"],
+                   check=True)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    assert run_commit() == (head, False)
+    assert f"at commit `{head[:7]}` (git's HEAD when this report was written;" in index({}, dense, "quick",
+                                                                                         run_commit())

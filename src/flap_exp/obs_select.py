@@ -95,6 +95,6 @@ def obs_select(store: LayerStore, windows: torch.Tensor, cfg: PruneConfig, progr
         counts = curve_counts(store.arch, cfg.ratio, [x.curves for x in layers], CURVE_STEP, o.min_groups,
                               o.min_channels)
         layers = _pass(store, windows, cfg, counts, False, progress, refit)
-    comps = [x.refit for x in layers] if refit else None
+    comps = [x.refit for x in layers if x.refit is not None] if refit else None  # every layer's, when asked
     return ([x.stats for x in layers], Selection([x.keep_groups for x in layers], [x.keep_channels for x in layers]),
             comps)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,18 +22,11 @@ from ...errors import FlapError
 from ..artifacts import paths
 from ..artifacts.io import read_json, sha256_text
 from ..artifacts.results import achieved_group, method_name, run_name
+from .commit import run_commit
 from .mlflow_store import preflight
 from .noise import noise_metrics, task_stderr
 from .plots import kept_per_layer, ppl_vs_ratio, zeroshot_bars
 from .rounding import rounded
-
-
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or None if out.returncode == 0 else None
-    except OSError:
-        return None
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -54,7 +46,7 @@ def run_params(cell: dict | None, params: dict, record: dict, manifests: dict) -
          "protocol": params.get("protocol"),
          "eval.corpus": params["data"]["eval"]["corpus"], "eval.sha256": record["eval"]["text_sha256"],
          "eval.max_windows": params["eval"].get("max_windows"), "eval.seqlen": params["eval"]["seqlen"],
-         "git_commit": _git_commit(), "dvc_exp_name": os.environ.get("DVC_EXP_NAME"),
+         "git_commit": run_commit()[0], "dvc_exp_name": os.environ.get("DVC_EXP_NAME"),
          **{f"version.{k}": v for k, v in record["versions"].items()}}
     manifest = manifests.get((cell or {}).get("calib"))
     if manifest is not None and cell is not None:
