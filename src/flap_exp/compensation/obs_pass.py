@@ -46,8 +46,8 @@ class ObsPass:
     """step(i, dense layer i) in layer order -> ObsLayer. counts: per layer (groups, channels) to remove;
     full_curves: run each greedy to the last unit (the curve allocation's first pass), keeping only the counts'
     first units; store_budget: bytes of MLP inputs held to avoid recomputing gate/up (0 when streamed); keep_refit:
-return each layer's refit weights (the o_proj/down_proj kept columns and biases: lsq's LayerComp, which a cell
-then need not recompute; off when the layers' refits would not fit in memory, as when streamed)."""
+    return each layer's refit (the o_proj/down_proj kept columns and biases: lsq's LayerComp, which a cell then
+    need not recompute; off when the layers' refits would not fit in memory, as when streamed)."""
 
     def __init__(self, hs: list[torch.Tensor], kws: list[list[dict]], arch: ArchView, counts: Counts, damping: float,
                  batch: int = 1, full_curves: bool = False, store_budget: int = 2 * 2**30, keep_refit: bool = False):
