@@ -64,7 +64,8 @@ def measure(protocol: str, workdir: Path, warm: bool) -> dict:
     shim = install(workdir / "warm" / "bin") if warm else None  # the Makefile's WARM_SHIM
     start, cpu0 = time.monotonic(), children_cpu()
     try:
-        p = run([str(VENV_BIN / "dvc"), "repro"], clone, shim.parent if shim else None)
+        p = run([str(VENV_BIN / "python"), "-m", "flap_exp.pipeline.running.fast_lock", "repro"], clone,
+                shim.parent if shim else None)  # as make run
     finally:
         stop_servers(workdir / "warm" / "sock")
     wall, cpu = time.monotonic() - start, children_cpu() - cpu0

@@ -31,6 +31,7 @@ from ..reporting.mlflow_store import preflight
 from . import cluster_checks as checks, slurm
 from .cluster_conf import ClusterConfig, compose_cluster
 from .cluster_task import CellTask, slug
+from .fast_lock import DVC
 from .parallel import ParallelConfig, _needed, plan, run_parallel
 
 RAN = re.compile(r"Running stage '([^']+)'")
@@ -41,7 +42,7 @@ OUTCOME_GRACE_S = 15
 
 def _stream(root: str, env: dict, *args: str) -> tuple[list[str], list[str]]:
     """A dvc command with its output shown as it comes; -> (stages it ran, stages it restored from the run-cache)."""
-    proc = subprocess.Popen([sys.executable, "-m", "dvc", *args], cwd=root, env=env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([*DVC, *args], cwd=root, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     ran, cached = [], []
     assert proc.stdout is not None  # stdout=PIPE

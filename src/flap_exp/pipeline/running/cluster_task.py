@@ -27,6 +27,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .fast_lock import DVC
+
 RAN = re.compile(r"Running stage '([^']+)'")
 RESTORED = re.compile(r"Stage '([^']+)' is cached - skipping run, checking out outputs")
 REMOTE = "flap-cluster"  # the name the task's clone gives the remote (a clone has no .dvc/config.local)
@@ -92,7 +94,7 @@ def _job_id() -> str:
 
 
 def _dvc() -> list[str]:
-    return [sys.executable, "-m", "dvc"]
+    return list(DVC)
 
 
 def _env(ws: Path) -> dict[str, str]:

@@ -34,6 +34,7 @@ from pathlib import Path, PurePosixPath
 import yaml
 
 from ...errors import FlapError
+from .fast_lock import DVC
 
 RAN = re.compile(r"Running stage '([^']+)'")
 PENDING = ("Queued", "Running")
@@ -118,7 +119,7 @@ def _start_workers(root: str, jobs: int) -> None:
 
 def _stream(root: str, *args: str) -> list[str]:
     """Run a dvc command with its output shown as it comes; return the stages it ran."""
-    proc = subprocess.Popen([sys.executable, "-m", "dvc", *args], cwd=root, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([*DVC, *args], cwd=root, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     ran = []
     assert proc.stdout is not None  # stdout=PIPE
