@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from flap_exp.allocation import counts_of, curve_counts, layer_counts, log_ratios, removed_ratio
+from flap_exp.allocation import counts_of, curve_counts, layer_counts, log_ratios, relative_curves, removed_ratio
 from flap_exp.arch import ArchView
 from flap_exp.structures import StructureOptions, al_am_units
 
@@ -71,3 +71,19 @@ def test_floors_bound_the_knapsack():
     got = curve_counts(SMOL, 0.5, random_curves(SMOL, step=16), 8, min_groups=1, min_channels=400)
     assert all(gr <= 2 and c <= 1136 for gr, c in got)
     assert abs(removed_ratio(SMOL, got) - 0.5) < 0.005
+
+
+def test_relative_curves_make_the_knapsack_blind_to_each_layers_scale():
+    curves = random_curves(SMOL, step=16)
+    rel = relative_curves(curves)
+    for (ga, ma), (ra, rm) in zip(curves, rel, strict=True):
+        assert torch.equal(ra[0], ga[0]) and torch.equal(rm[0], ma[0])
+        assert float(ra[1][-1]) == pytest.approx(1.0) and float(rm[1][-1]) == pytest.approx(1.0)
+        torch.testing.assert_close(rm[1] * float(ma[1][-1]), ma[1])
+    # a layer's curves scaled by 1000 (a deeper layer's larger stream): absolute curves steer the budget away
+    # from it, the relative ones allocate exactly as before
+    scaled = [((a[0], a[1] * 1000), (m[0], m[1] * 1000)) if i == 7 else (a, m) for i, (a, m) in enumerate(curves)]
+    assert curve_counts(SMOL, 0.5, relative_curves(scaled), 8) == curve_counts(SMOL, 0.5, rel, 8)
+    assert curve_counts(SMOL, 0.5, scaled, 8)[7] != curve_counts(SMOL, 0.5, curves, 8)[7]
+    dead = ((torch.arange(4), torch.zeros(4, dtype=torch.float64)), curves[0][1])
+    assert torch.equal(relative_curves([dead])[0][0][1], dead[0][1])  # a projection with no output: no NaN

@@ -7,7 +7,8 @@ The structure is the allocation (how many groups and channels each layer removes
     al_am   FLAP's global threshold: the per-layer counts of FLAP's own selection (wifv, al_am) on the
             dense model's statistics (one dense calibration pass first)
     curve   a uniform OBS pass run to the last unit of every projection gives each layer's error curves;
-            the knapsack over them (allocation.curve_counts) sets the counts of a second OBS pass
+            the knapsack over them, each relative to its projection's whole loss (allocation.curve_counts,
+            relative_curves), sets the counts of a second OBS pass
     kl_search  per-layer levels searched by evolution, fitness the KL to the dense model (allocation_search.py;
             or the levels given in the options, the pipeline's allocate stage)
 
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
-from .allocation import Counts, counts_of, curve_counts, layer_counts, log_ratios
+from .allocation import Counts, counts_of, curve_counts, layer_counts, log_ratios, relative_curves
 from .allocation_search import search_allocation
 from .calibrate import check_windows, collect_stats, layer_inputs
 from .compensation.base import LayerComp
@@ -92,8 +93,8 @@ def obs_select(store: LayerStore, windows: torch.Tensor, cfg: PruneConfig, progr
     layers = _pass(store, windows, cfg, counts, curve, progress, refit and not curve)
     if curve:
         o = cfg.options
-        counts = curve_counts(store.arch, cfg.ratio, [x.curves for x in layers], CURVE_STEP, o.min_groups,
-                              o.min_channels)
+        counts = curve_counts(store.arch, cfg.ratio, relative_curves([x.curves for x in layers]), CURVE_STEP,
+                              o.min_groups, o.min_channels)
         layers = _pass(store, windows, cfg, counts, False, progress, refit)
     comps = [x.refit for x in layers if x.refit is not None] if refit else None  # every layer's, when asked
     return ([x.stats for x in layers], Selection([x.keep_groups for x in layers], [x.keep_channels for x in layers]),
