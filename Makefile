@@ -5,6 +5,15 @@ VENV_OK := .venv/.installed
 # The byte-exact WikiText-2 test split beside the checkout, if there is one; else the Hub is tried.
 WIKITEXT2 ?= $(abspath $(wildcard ../shared/data/wikitext-2-raw))
 export FLAP_EXP_WIKITEXT2 := $(WIKITEXT2)
+# Defined before the rules that name them: make expands a rule's prerequisites when it reads the rule, so a
+# variable defined below `run:` would leave the shim out of its prerequisites (and every stage cold).
+VENV_PATH := PATH=$(CURDIR)/.venv/bin:$$PATH
+# Stages start warm: a `python` first on PATH hands `python stages/X.py` to a process that imported torch,
+# transformers and the library once and forks per stage (src/flap_exp/pipeline/running/warm_client.py; 1-4 s
+# less per stage, the same results). WARM=0: every stage a fresh interpreter.
+WARM      ?= 1
+WARM_SHIM := .venv/warm/python
+RUN_PATH  := PATH=$(if $(filter 0,$(WARM)),,$(CURDIR)/.venv/warm:)$(CURDIR)/.venv/bin:$$PATH
 
 .PHONY: setup run test test-fast lint bench clean compose mlflow-ui exp-show plots
 
@@ -55,13 +64,6 @@ PROTOCOL  ?= quick
 # the smoke protocol runs the smoke experiment (fewer cells per table) unless EXP says otherwise
 EXP       ?= $(if $(filter smoke,$(PROTOCOL)),smoke,study)
 OVERRIDES ?=
-VENV_PATH := PATH=$(CURDIR)/.venv/bin:$$PATH
-# Stages start warm: a `python` first on PATH hands `python stages/X.py` to a process that imported torch,
-# transformers and the library once and forks per stage (src/flap_exp/pipeline/running/warm_client.py; 1-4 s
-# less per stage, the same results). WARM=0: every stage a fresh interpreter.
-WARM      ?= 1
-WARM_SHIM := .venv/warm/python
-RUN_PATH  := PATH=$(if $(filter 0,$(WARM)),,$(CURDIR)/.venv/warm:)$(CURDIR)/.venv/bin:$$PATH
 
 $(WARM_SHIM): $(VENV_OK)
 	$(PY) -m flap_exp.pipeline.running.warm_client --install $(@D)

@@ -120,3 +120,21 @@ def test_warm_off(project):
         out = run(folder, {**env, "FLAP_WARM": "0"}, "stages/toy.py", "0")
         assert out.returncode == 0 and "False" in out.stdout.splitlines()[0]
     assert not (folder / "warm" / "sock").exists() or not server_pids(folder)
+
+
+def test_make_run_installs_the_shim_before_the_study(tmp_path: Path):
+    """`make run` on a fresh clone builds the warm shim and puts it first on the stages' PATH (a prerequisite
+    named by a variable defined below the rule once left it out, and every stage of `make run` started cold)."""
+    shutil.copy(ROOT / "Makefile", tmp_path / "Makefile")
+    (tmp_path / "pyproject.toml").write_text("")
+    (tmp_path / ".venv").mkdir()
+    time.sleep(0.01)
+    (tmp_path / ".venv" / ".installed").write_text("")  # newer than pyproject.toml: setup is done
+    plan = subprocess.run(["make", "-n", "run"], cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+    lines = plan.splitlines()
+    install = [i for i, line in enumerate(lines) if "warm_client --install .venv/warm" in line]
+    repro = [i for i, line in enumerate(lines) if "fast_lock repro" in line]
+    assert install and repro and install[0] < repro[0], plan
+    assert f"PATH={tmp_path}/.venv/warm:{tmp_path}/.venv/bin:" in lines[repro[0]]
+    off = subprocess.run(["make", "-n", "run", "WARM=0"], cwd=tmp_path, capture_output=True, text=True).stdout
+    assert ".venv/warm:" not in off
