@@ -3,14 +3,14 @@ read back the data it would have written itself, and plain `dvc` and the fast en
 date in one repository, in either order."""
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from flap_exp.pipeline.running import fast_lock
+
+from helpers.pipeline import ran, sh
 
 pytestmark = pytest.mark.pipeline
 
@@ -59,18 +59,6 @@ def test_a_corrupt_lock_is_dvcs_one_line_error():
         fast_lock._parse("stages: [unclosed", "dvc.lock")
 
 
-def _sh(repo: Path, *cmd: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DVC_")}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # the stages' `python`
-    p = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, env=env)
-    assert p.returncode == 0, p.stdout + p.stderr
-    return p
-
-
-def _ran(p: subprocess.CompletedProcess) -> list[str]:
-    return [line.split("'")[1] for line in p.stdout.splitlines() if line.startswith("Running stage")]
-
-
 DVC_YAML = """stages:
   first:
     cmd: python -c "import yaml; open('a.txt', 'w').write(str(yaml.safe_load(open('params.yaml'))['n']))"
@@ -90,26 +78,26 @@ DVC_YAML = """stages:
 def repo(tmp_path: Path) -> Path:
     repo = tmp_path / "repo"
     repo.mkdir()
-    _sh(repo, "git", "init", "-q")
-    _sh(repo, *DVC, "init", "-q")
+    sh(repo, "git", "init", "-q")
+    sh(repo, *DVC, "init", "-q")
     (repo / "dvc.yaml").write_text(DVC_YAML)
     (repo / "params.yaml").write_text("n: 1\nmaybe:\n")
     return repo
 
 
 def test_plain_dvc_and_the_fast_entry_agree_on_one_repository(repo: Path):
-    assert sorted(_ran(_sh(repo, *FAST, "repro"))) == ["first", "second@x", "second@y"]
+    assert ran(sh(repo, *FAST, "repro")) == {"first", "second@x", "second@y"}
     fast = (repo / "dvc.lock").read_text()
-    assert "Data and pipelines are up to date." in _sh(repo, *DVC, "status").stdout
-    assert _ran(_sh(repo, *DVC, "repro")) == []  # plain dvc: nothing to do after the fast entry
+    assert "Data and pipelines are up to date." in sh(repo, *DVC, "status").stdout
+    assert ran(sh(repo, *DVC, "repro")) == set()  # plain dvc: nothing to do after the fast entry
     (repo / "params.yaml").write_text("n: 2\nmaybe:\n")
-    assert sorted(_ran(_sh(repo, *DVC, "repro"))) == ["first", "second@x", "second@y"]
+    assert ran(sh(repo, *DVC, "repro")) == {"first", "second@x", "second@y"}
     plain = (repo / "dvc.lock").read_text()
     long_cmd = "    cmd: python -c \"open('b-x.txt', 'w').write(open('a.txt').read() + 'x')\" && echo longer than 80\n"
     assert long_cmd in fast and long_cmd not in plain  # each writer wrote its own lock (DVC folds the command)
-    assert _ran(_sh(repo, *FAST, "repro")) == []  # and the fast entry after plain dvc
+    assert ran(sh(repo, *FAST, "repro")) == set()  # and the fast entry after plain dvc
     (repo / "params.yaml").write_text("n: 1\nmaybe:\n")
-    _sh(repo, *FAST, "repro")  # n back to 1: the lock is the first run's, byte for byte
+    sh(repo, *FAST, "repro")  # n back to 1: the lock is the first run's, byte for byte
     assert (repo / "dvc.lock").read_text() == fast
     from dvc.utils.serialize._yaml import parse_yaml
 

@@ -84,14 +84,12 @@ def relative_curves(curves: list[tuple[Curve, Curve]]) -> list[tuple[Curve, Curv
     Measured on SmolLM2-135M at 0.5 (N=64, lsq, 32 WikiText-2 / 32 held-out Wikipedia windows): absolute curves
     1076.7 / 612.8 (they removed every attention group of the first ten layers), relative 270.9 / 141.2, curves
     over each layer's input-stream energy 626.2 / 275.0; chosen on the held-out windows (docs/results.md)."""
-    out = []
-    for attn, mlp in curves:
-        pair = []
-        for units, loss in (attn, mlp):
-            whole = float(loss[-1])
-            pair.append((units, loss / whole if whole > 0 else loss))  # a dead projection: every removal is free
-        out.append((pair[0], pair[1]))
-    return out
+    def relative(curve: Curve) -> Curve:
+        units, loss = curve
+        whole = float(loss[-1])
+        return units, loss / whole if whole > 0 else loss  # a dead projection: every removal is free
+
+    return [(relative(attn), relative(mlp)) for attn, mlp in curves]
 
 
 def curve_counts(arch: ArchView, ratio: float, curves: list[tuple[Curve, Curve]], step: int = 8,
