@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 from ...calibrate import collect_stats
-from ...data import calibration_windows, tokenize
+from ...data import calibration_windows
 from ...stats import stats_to_tensors
+from ...token_cache import cached_tokenize
 from ..artifacts.io import sha256_tensor
 from ..artifacts.records import calib_record, checked_text, load_prepared_model
 from ..study.settings import CalibSettings, ModelSettings
@@ -17,7 +18,7 @@ def calibrate(model: ModelSettings, calib: CalibSettings, corpus: str, nsamples:
     lm = load_prepared_model(model, record)
     data = calib_record(record, corpus)
     text = checked_text(calib.corpus_for(corpus), data, join=" ")
-    windows = calibration_windows(tokenize(lm.tokenizer, text.text), nsamples, calib.seqlen, calib.seed)
+    windows = calibration_windows(cached_tokenize(lm.tokenizer, text.text), nsamples, calib.seqlen, calib.seed)
     stats = collect_stats(lm.model, windows, calib.batch_size, progress=progress)
     # the hash of the weights actually loaded (load_prepared_model refuses any other than prepare's)
     manifest = {"model": record["model"]["identity"], "weights_sha256": lm.weights_sha256,

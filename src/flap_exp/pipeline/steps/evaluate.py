@@ -13,12 +13,12 @@ from collections.abc import Callable
 from typing import Any
 
 from ...arch import decoder_layers
-from ...data import tokenize
 from ...errors import FlapError
 from ...evaluation import compare_throughput, evaluate_zeroshot
 from ...ppl import perplexity
 from ...selection import Selection
 from ...surgery import PrunedView, prune_model
+from ...token_cache import cached_tokenize
 from ..artifacts.records import arch_of, checked_text
 from ..study.settings import CorpusSettings, EvalSettings, ThroughputSettings
 
@@ -62,7 +62,7 @@ def _throughput(model, tp: ThroughputSettings, load_dense: Callable[[], Any] | N
 
 def _perplexity(lm, corpus: CorpusSettings, record: dict, ev: EvalSettings):
     text = checked_text(corpus, record, join="\n\n")
-    return perplexity(lm.model, tokenize(lm.tokenizer, text.text), ev.seqlen, ev.batch_size, ev.max_windows,
+    return perplexity(lm.model, cached_tokenize(lm.tokenizer, text.text), ev.seqlen, ev.batch_size, ev.max_windows,
                       progress=True)
 
 
