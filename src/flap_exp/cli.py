@@ -130,9 +130,9 @@ def _parser() -> argparse.ArgumentParser:
 def _ppl(model, tokenizer, text, seqlen: int, batch_size: int, max_windows=None, streamed: bool = False) -> dict:
     """Perplexity on `text` (a data.Text, read before the model is loaded so that a bad corpus fails fast) of an
     in-memory model or a layer store."""
+    from .data import tokenize
     from .ppl import perplexity
-    from .token_cache import cached_tokenize
-    return {**perplexity(model, cached_tokenize(tokenizer, text.text), seqlen, batch_size, max_windows).to_dict(),
+    return {**perplexity(model, tokenize(tokenizer, text.text), seqlen, batch_size, max_windows).to_dict(),
             "data": text.identity, **({"streamed": True} if streamed else {})}
 
 
@@ -220,11 +220,10 @@ def cmd_prune(a: argparse.Namespace) -> dict:
 
 def _prune_locked(a: argparse.Namespace, cfg, device, dtype, arch) -> dict:
     from .compensation import config_record
-    from .data import Corpus, calibration_windows, load_text
+    from .data import Corpus, calibration_windows, load_text, tokenize
     from .models import load_model
     from .persist import save_pruned, write_streamed
     from .prune import prune
-    from .token_cache import cached_tokenize
     from .units import parse_bytes
     from .validate import check_out_dir, check_structure_options
     budget = parse_bytes(a.memory_budget)
@@ -239,7 +238,7 @@ def _prune_locked(a: argparse.Namespace, cfg, device, dtype, arch) -> dict:
         if arch is None:  # no config at hand before loading (a Hub id, a first conversion): check now
             _warn(check_structure_options(lm.arch, a.structure, a.ratio, a.min_groups, a.min_channels,
                                           a.remove_groups))
-    windows = calibration_windows(cached_tokenize(tok, calib.text), a.nsamples, a.seqlen, a.seed)
+    windows = calibration_windows(tokenize(tok, calib.text), a.nsamples, a.seqlen, a.seed)
     dense_arch = sm.arch if a.stream else lm.arch  # before pruning changes the model's config
     manifest = {"base_model": identity, "settings": cfg.to_dict(),
                 "compensation": config_record(cfg.resolved_compensation()),

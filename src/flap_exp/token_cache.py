@@ -8,6 +8,8 @@ the same in all of them; the quick study runs ~75 such stages. The ids are kept 
 tokens added), the tokenizer's class and special-token flags, and the transformers/tokenizers versions. So a
 hit returns exactly the ids `data.tokenize` would. A tokenizer without a serialized state (a slow, pure-Python
 one) is never cached; a file that cannot be read is recomputed and rewritten; writes are atomic.
+The pipeline's stages use it; the CLI does not: a one-off `flap-exp prune` or `ppl` writes nothing but its --out
+(tests/test_integrity.py), and it tokenizes once per run anyway.
 """
 from __future__ import annotations
 
