@@ -38,13 +38,15 @@ run: $(VENV_OK) $(WARM_SHIM)
 test: $(VENV_OK)
 	# One pytest-xdist worker per core (at most 4); --dist loadfile keeps a file's module fixtures (the tiny
 	# pipeline repository, the real model) on one worker, built once.
+	# --no-loadscope-reorder: files are handed out in tests/conftest.py's order (the longest first); xdist's
+	# default reorders them by test count, which queued the few-test, minutes-long files last.
 	# --durations: the slowest tests are printed at the end, so a run that creeps past ~15 min says where.
-	$(PY) -m pytest -q -p no:cacheprovider -n auto --maxprocesses 4 --dist loadfile --durations=20
+	$(PY) -m pytest -q -p no:cacheprovider -n auto --maxprocesses 4 --dist loadfile --no-loadscope-reorder --durations=20
 
 # The inner loop (a few minutes): units, resident == streamed and the CLI on tiny models; no DVC study
 # (marker `pipeline`) and nothing that loads the real model or a large random one (marker `slow`).
 test-fast: $(VENV_OK)
-	$(PY) -m pytest -q -p no:cacheprovider -n auto --maxprocesses 4 --dist loadfile -m "not slow and not pipeline"
+	$(PY) -m pytest -q -p no:cacheprovider -n auto --maxprocesses 4 --dist loadfile --no-loadscope-reorder -m "not slow and not pipeline"
 
 # Style and static checks (CI runs this before `make test`); the rule sets are in pyproject.toml.
 lint: $(VENV_OK)

@@ -40,12 +40,14 @@ def wikitext_dir() -> Path:
     return WIKITEXT2
 
 
-# The longest files first: under xdist (`--dist loadfile`) each starts at once on its own worker and the
-# short files fill the other workers meanwhile. The order inside a file is kept (test_pipeline's tests
-# run in order on one repository).
-_LONG_FIRST = ("test_pipeline.py", "test_real_model.py", "test_parallel.py", "test_smoke.py", "test_zeroshot.py",
-               "test_stream_study.py", "test_cluster.py", "test_gemma3_embedded.py", "test_kl_search_pipeline.py",
-               "test_integrity.py", "test_fidelity.py")  # by their time in the fresh-clone suite of 2026-12-03
+# The longest files first: `make test` runs xdist with `--dist loadfile --no-loadscope-reorder`, so files are
+# handed out in this order, each long one starting on its own worker while the short files fill the other workers
+# at the end. The order inside a file is kept (test_pipeline's tests run in order on one repository).
+_LONG_FIRST = ("test_real_model.py", "test_pipeline.py", "test_parallel.py", "test_cluster.py", "test_zeroshot.py",
+               "test_stream_study.py", "test_gemma3_embedded.py", "test_fidelity.py", "test_integrity.py",
+               "test_smoke.py", "test_kl_search_pipeline.py", "test_streaming.py")
+# ^ by each file's summed test time in the suite of 2026-12-05 (235, 198, 179, 161, 147, 107, 107, 63, 62, 61, 57,
+# 38 s), docs/development.md
 
 
 def pytest_collection_modifyitems(items):
